@@ -1,0 +1,274 @@
+"""The sequence-parallel layer (dist, sharding, usp) against single-process references.
+
+Multi-process cases run in one spawned gloo job per world size (start-up costs seconds);
+the job returns plain numbers and the tests below assert on them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_utils import run_spawn
+
+from usp_infer.config import ParallelConfig
+from usp_infer.dist import Mesh, init_mesh, layouts, resolve_parallel, shared_seed, validate_layout
+from usp_infer.sharding import SeqShard
+from usp_infer.usp import USPAttention, all_to_all, head_to_seq, seq_to_head
+
+TIMEOUT_S = 60.0  # a broken collective fails the test in a minute instead of hanging for 30
+
+# fp32 attention through a different kernel blocking, the online-softmax merge over ring
+# chunks and the all-to-all permutes: each output element sees a few dozen roundings of
+# ~6e-8, so errors land near 1e-7 relative. 1e-5 leaves ~100x headroom, while a wrong key
+# chunk, a pad used as a key or a mixed-up head gives errors of order 1e-1.
+FP32_RTOL = 1e-5
+# bf16: the kernel rounds each chunk's partial output to bf16 (2^-8 relative) before the
+# fp32 merge, and the result is rounded once more: a few bf16 ulps, 4 of them = 1.6e-2.
+BF16_RTOL = 1.6e-2
+
+WORLD_LAYOUTS = {  # (cfg, ring, ulysses) per world size
+    2: [(1, 1, 2), (1, 2, 1)],
+    4: [(1, 1, 4), (1, 4, 1), (1, 2, 2), (2, 1, 2), (2, 2, 1)],
+}
+# Token counts: even; uneven (18 on 4 -> 5,5,5,3); last rank a single token (13 on 4 -> 4,4,4,1);
+# last rank only pads (9 on 4 -> 3,3,3,0); and fewer tokens than ranks (whole ring chunks of pads).
+WORLD_TOTALS = {2: [8, 7, 1], 4: [16, 18, 13, 9, 2]}
+B, H, D = 2, 4, 8
+
+
+def _parallel(cfg: int, ring: int, ulysses: int, a2a_mode: str = "direct") -> ParallelConfig:
+    return ParallelConfig(cfg=cfg, ring=ring, ulysses=ulysses, a2a_mode=a2a_mode, timeout_s=TIMEOUT_S)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def _qkv(total: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, total, H, D, generator=gen).to(dtype) for _ in range(3))
+
+
+def _usp_vs_full(mesh: Mesh, total: int, a2a_mode: str, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    """USP attention on the shards, gathered, vs SDPA on the full sequence; each cfg rank gets its own data."""
+    shard = SeqShard.for_mesh(total, mesh)
+    q, k, v = _qkv(total, seed=1000 * total + mesh.cfg_rank, dtype=dtype)
+    ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    out = USPAttention(mesh, shard, a2a_mode)(shard.split(q), shard.split(k), shard.split(v))
+    assert out.shape == (B, shard.local, H, D) and out.dtype == dtype
+    return _rel_err(shard.gather(out), ref), out
+
+
+def _attention_job(world: int) -> dict:
+    errors = {}
+    for layout in WORLD_LAYOUTS[world]:
+        mesh = init_mesh(_parallel(*layout), "cpu")
+        for total in WORLD_TOTALS[world]:
+            errors[layout, total] = _usp_vs_full(mesh, total, "direct", torch.float32)[0]
+    mesh = init_mesh(_parallel(1, world // 2, 2), "cpu")
+    _, direct = _usp_vs_full(mesh, 13, "direct", torch.float32)
+    _, functional = _usp_vs_full(mesh, 13, "functional", torch.float32)
+    bf16_err = _usp_vs_full(mesh, 13, "direct", torch.bfloat16)[0]
+    return {"errors": errors, "modes_equal": torch.equal(direct, functional), "bf16_err": bf16_err}
+
+
+def _a2a_job(world: int) -> dict:
+    mesh = init_mesh(_parallel(1, 1, world), "cpu")
+    group, rank = mesh.ulysses_group, mesh.ulysses_rank
+    checks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in [(world, 3), (2 * world, 5, 7)]:
+            sent = [torch.randn(shape, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(world)]
+            want = torch.cat([x.chunk(world)[rank] for x in sent])  # chunk `rank` of every sender, in rank order
+            direct = all_to_all(sent[rank], group, "direct")
+            functional = all_to_all(sent[rank], group, "functional")
+            checks[dtype, shape] = (torch.equal(direct, want), torch.equal(direct, functional),
+                                    type(functional) is torch.Tensor)
+    full = torch.randn(B, 3 * world, 2 * world, D, generator=torch.Generator().manual_seed(7))
+    local = full.chunk(world, dim=1)[rank]  # (B, s/P, H, D)
+    for mode in ("direct", "functional"):
+        heads = seq_to_head(local, group, mode)  # (B, s, H/P, D): all tokens, this rank's heads
+        checks["seq_to_head", mode] = torch.equal(heads, full.chunk(world, dim=2)[rank])
+        checks["round_trip", mode] = torch.equal(head_to_seq(heads, group, mode), local)
+    try:
+        all_to_all(torch.zeros(world, 2), group, "bogus")
+        checks["bad_mode"] = "no error"
+    except ValueError as err:
+        checks["bad_mode"] = str(err)
+    return checks
+
+
+def _shard_job(world: int) -> dict:
+    mesh = init_mesh(_parallel(1, 1, world), "cpu")
+    found = {}
+    for total in WORLD_TOTALS[world]:
+        shard = SeqShard.for_mesh(total, mesh)
+        gen = torch.Generator().manual_seed(total)
+        # Integer values keep every sum exact, so reduction order cannot hide a wrong term.
+        tensors = {  # name: (full tensor, token dim)
+            "latents": (torch.randint(-9, 9, (B, total, 3), generator=gen).float(), 1),
+            "rope": (torch.randint(-9, 9, (1, total, 6), generator=gen).float(), 1),
+            "timestep": (torch.randint(0, 9, (B, total), generator=gen).float(), 1),
+            "channels_first": (torch.randint(-9, 9, (B, 3, total), generator=gen).float(), -1),
+        }
+        for name, (full, dim) in tensors.items():
+            local = shard.split(full, dim)
+            mask = shard.valid_mask("cpu")
+            pads_zero = bool((local.movedim(dim, 0)[~mask] == 0).all())
+            round_trip = torch.equal(shard.gather(local, dim), full)
+            poisoned = local.movedim(dim, 0).clone()
+            poisoned[~mask] = 1e6  # pads must drop out of the sum whatever they hold
+            sum_ok = torch.equal(shard.sum(poisoned.movedim(0, dim), dim), full.sum(dim))
+            found[total, name] = (local.shape[dim] == shard.local, pads_zero, round_trip, sum_ok)
+        found[total, "valid"] = shard.valid
+    return found
+
+
+def _mesh_job(world: int) -> dict:
+    def ranks(group: dist.ProcessGroup | None) -> list[int] | None:
+        return None if group is None else dist.get_process_group_ranks(group)
+
+    found = {}
+    for layout in [(1, 2, 2), (2, 1, 2)] if world == 4 else [(1, 2, 1)]:
+        m = init_mesh(_parallel(*layout), "cpu")
+        found[layout] = ((m.cfg_rank, m.ring_rank, m.ulysses_rank, m.seq_rank),
+                         ranks(m.cfg_group), ranks(m.ring_group), ranks(m.ulysses_group), ranks(m.seq_group))
+    found["seed"] = (shared_seed(None, m), shared_seed(7, m))
+    return found
+
+
+def _job(world: int) -> dict:
+    return {"attention": _attention_job(world), "a2a": _a2a_job(world),
+            "shard": _shard_job(world), "mesh": _mesh_job(world)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def spawned(request: pytest.FixtureRequest) -> tuple[int, list[dict]]:
+    return request.param, run_spawn(_job, request.param, request.param)
+
+
+def test_usp_attention_matches_full_sdpa(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    for rank, result in enumerate(results):
+        errors = result["attention"]["errors"]
+        assert set(errors) == {(layout, total) for layout in WORLD_LAYOUTS[world] for total in WORLD_TOTALS[world]}
+        bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
+        assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
+        assert result["attention"]["modes_equal"], "direct and functional a2a gave different attention outputs"
+        assert result["attention"]["bf16_err"] <= BF16_RTOL
+
+
+def test_all_to_all_modes_bitwise(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    for rank, result in enumerate(results):
+        checks = result["a2a"]
+        assert checks.pop("bad_mode") == "a2a mode 'bogus' is unknown; use one of direct, functional"
+        failed = [case for case, ok in checks.items() if not (all(ok) if isinstance(ok, tuple) else ok)]
+        assert not failed, f"rank {rank} of {world}: {failed}"
+
+
+def test_seq_shard_split_gather_sum(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    for rank, result in enumerate(results):
+        found = result["shard"]
+        failed = [case for case, ok in found.items() if case[1] != "valid" and not all(ok)]
+        assert not failed, f"rank {rank} of {world}: (local shape, pads zero, round trip, sum) failed for {failed}"
+    valid = {total: [r["shard"][total, "valid"] for r in results] for total in WORLD_TOTALS[world]}
+    expected = {
+        2: {8: [4, 4], 7: [4, 3], 1: [1, 0]},
+        4: {16: [4, 4, 4, 4], 18: [5, 5, 5, 3], 13: [4, 4, 4, 1], 9: [3, 3, 3, 0], 2: [1, 1, 0, 0]},
+    }
+    assert valid == expected[world]
+
+
+def test_mesh_rank_order_and_seed(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    if world == 4:
+        # (cfg_rank, ring_rank, ulysses_rank, seq_rank), cfg / ring / ulysses / seq group members
+        expected = {
+            (1, 2, 2): [((0, 0, 0, 0), None, [0, 2], [0, 1], [0, 1, 2, 3]),
+                        ((0, 0, 1, 1), None, [1, 3], [0, 1], [0, 1, 2, 3]),
+                        ((0, 1, 0, 2), None, [0, 2], [2, 3], [0, 1, 2, 3]),
+                        ((0, 1, 1, 3), None, [1, 3], [2, 3], [0, 1, 2, 3])],
+            (2, 1, 2): [((0, 0, 0, 0), [0, 2], None, [0, 1], [0, 1]),
+                        ((0, 0, 1, 1), [1, 3], None, [0, 1], [0, 1]),
+                        ((1, 0, 0, 0), [0, 2], None, [2, 3], [2, 3]),
+                        ((1, 0, 1, 1), [1, 3], None, [2, 3], [2, 3])],
+        }
+    else:
+        expected = {(1, 2, 1): [((0, 0, 0, 0), None, [0, 1], None, [0, 1]),
+                                ((0, 1, 0, 1), None, [0, 1], None, [0, 1])]}
+    for layout, per_rank in expected.items():
+        assert [r["mesh"][layout] for r in results] == per_rank, layout
+    seeds = [r["mesh"]["seed"] for r in results]
+    assert len(set(seeds)) == 1 and seeds[0][1] == 7, seeds
+
+
+def _single_process_mesh(monkeypatch: pytest.MonkeyPatch) -> Mesh:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return init_mesh(ParallelConfig(), "cpu")
+
+
+def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    mesh = _single_process_mesh(monkeypatch)
+    assert not dist.is_initialized()
+    assert (mesh.world_size, mesh.seq_degree, mesh.seq_rank, mesh.is_main) == (1, 1, 0, True)
+    assert (mesh.cfg_group, mesh.ring_group, mesh.ulysses_group, mesh.seq_group) == (None, None, None, None)
+    shard = SeqShard.for_mesh(5, mesh)
+    q, k, v = _qkv(5, seed=0, dtype=torch.float32)
+    # Same SDPA call on the same tensors: bitwise equal.
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert torch.equal(USPAttention(mesh, shard, "direct")(q, k, v), want)
+    assert torch.equal(shard.gather(shard.split(q)), q)
+    assert torch.equal(shard.sum(q), q.sum(1))
+    assert shared_seed(3, mesh) == 3 and 0 <= shared_seed(None, mesh) < 2**32
+    with pytest.raises(ValueError, match="= 2 but the world size is 1"):
+        init_mesh(ParallelConfig(ulysses=2), "cpu")
+
+
+def test_seq_shard_rejects_wrong_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = SeqShard.for_mesh(5, _single_process_mesh(monkeypatch))
+    with pytest.raises(ValueError, match="has 4 tokens along dim 1 .* expects 5"):
+        shard.split(torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="0 tokens"):
+        SeqShard(total=0, degree=1, rank=0, group=None)
+
+
+def test_validate_layout_messages() -> None:
+    with pytest.raises(ValueError) as err:
+        validate_layout(ParallelConfig(ulysses=3), 3, num_heads=32)
+    assert str(err.value) == "--ulysses-degree 3 does not divide 32 attention heads; use one of 1, 2, 4, 8, 16, 32"
+    with pytest.raises(ValueError) as err:
+        validate_layout(ParallelConfig(ulysses=2), 4, num_heads=32)
+    assert str(err.value) == (
+        "cfg 1 x ring 1 x ulysses 2 = 2 but the world size is 4; for 4 processes try --ulysses-degree 4, "
+        "or --ring-degree 2 --ulysses-degree 2, or --ring-degree 4"
+    )
+    with pytest.raises(ValueError, match=r"try --cfg-degree 2 --ulysses-degree 2, or --cfg-degree 2 --ring-degree 2$"):
+        validate_layout(ParallelConfig(cfg=2, ring=3), 4, num_heads=2)
+    with pytest.raises(ValueError, match="--ring-degree 0 must be at least 1"):
+        validate_layout(ParallelConfig(ring=0), 1, None)
+    with pytest.raises(ValueError, match="--a2a-mode 'fast' is unknown; use one of direct, functional"):
+        validate_layout(ParallelConfig(a2a_mode="fast"), 1, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout 0 s must be positive"):
+        validate_layout(ParallelConfig(timeout_s=0), 1, None)
+    validate_layout(ParallelConfig(cfg=2, ring=2, ulysses=2), 8, num_heads=2)  # fits: no error
+
+
+def test_layouts() -> None:
+    assert layouts(4, 32, 2) == [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
+    assert layouts(4, 2, 1) == [(1, 2, 2), (1, 4, 1)]  # 2 heads: Ulysses at most 2; one branch: no cfg split
+    assert layouts(6, 3, 3) == [(1, 2, 3), (1, 6, 1), (3, 2, 1)]
+    assert layouts(1, 1, 1) == [(1, 1, 1)]
+
+
+def test_resolve_parallel() -> None:
+    assert resolve_parallel(ParallelConfig(), 4).ulysses == 4
+    assert resolve_parallel(ParallelConfig(), 1) == ParallelConfig()
+    assert resolve_parallel(ParallelConfig(ring=2), 8) == ParallelConfig(ring=2, ulysses=4)
+    assert resolve_parallel(ParallelConfig(cfg=2, ring=2), 4) == ParallelConfig(cfg=2, ring=2)
+    assert resolve_parallel(ParallelConfig(ulysses=2), 4) == ParallelConfig(ulysses=2)  # given: left to validation
+    assert resolve_parallel(ParallelConfig(ring=3), 4) == ParallelConfig(ring=3)  # does not fit: left to validation

@@ -1,0 +1,79 @@
+"""Frozen configuration objects, validated once at the CLI edge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .guidance import GuidanceConfig
+
+A2AMode = Literal["direct", "functional"]
+A2A_MODES: tuple[str, ...] = ("direct", "functional")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees of the (cfg, ring, ulysses) mesh; their product is the world size."""
+
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    a2a_mode: A2AMode = "direct"
+    timeout_s: float = 600.0  # collective timeout: a dead rank must not hang the others forever
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ring * self.ulysses
+
+    @property
+    def seq_degree(self) -> int:
+        return self.ring * self.ulysses
+
+
+BRANCH_MODES: tuple[str, ...] = ("batched", "sequential")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: everything that decides the video, after presets and defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 480
+    width: int = 704
+    num_frames: int = 121
+    fps: float = 25.0
+    steps: int = 40
+    seed: int = 0
+    max_sequence_length: int = 128
+    decode_timestep: float = 0.05
+    decode_noise_scale: float = 0.025
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    image: str | None = None
+    image_strength: float = 1.0
+    branches: str = "batched"
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.height % 32:
+            raise ValueError(f"--height {self.height} is not a positive multiple of 32; try {max(32, round(self.height / 32) * 32)}")
+        if self.width <= 0 or self.width % 32:
+            raise ValueError(f"--width {self.width} is not a positive multiple of 32; try {max(32, round(self.width / 32) * 32)}")
+        if self.num_frames < 1 or (self.num_frames - 1) % 8:
+            near = max(1, round((self.num_frames - 1) / 8) * 8 + 1)
+            raise ValueError(f"--num-frames {self.num_frames} is not of the form 8k+1; try {near}")
+        if self.steps <= 0:
+            raise ValueError(f"--steps {self.steps} must be at least 1")
+        if not math.isfinite(self.fps) or self.fps <= 0:
+            raise ValueError(f"--fps {self.fps} must be a positive number")
+        if self.max_sequence_length <= 0:
+            raise ValueError(f"--max-sequence-length {self.max_sequence_length} must be at least 1")
+        for flag, value in (("--decode-timestep", self.decode_timestep), ("--decode-noise-scale", self.decode_noise_scale)):
+            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{flag} {value} is invalid; use a value in [0, 1]")
+        if not math.isfinite(self.image_strength) or not 0.0 <= self.image_strength <= 1.0:
+            raise ValueError(f"--image-strength {self.image_strength} is invalid; use a value in [0, 1]")
+        if self.branches not in BRANCH_MODES:
+            raise ValueError(f"--branches {self.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed} is out of range; use 0 <= seed < 2**63")

@@ -1,0 +1,202 @@
+"""Process groups for the (cfg, ring, ulysses) mesh, shared seeds and teardown.
+
+torchrun's RANK / WORLD_SIZE / LOCAL_RANK are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from usp_infer.config import A2A_MODES, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This process's place in the (cfg, ring, ulysses) mesh.
+
+    Groups are None where their degree is 1: callers skip the communication then.
+    """
+
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    cfg_degree: int
+    ring_degree: int
+    ulysses_degree: int
+    cfg_rank: int
+    ring_rank: int
+    ulysses_rank: int
+    cfg_group: ProcessGroup | None
+    ring_group: ProcessGroup | None
+    ulysses_group: ProcessGroup | None
+    seq_group: ProcessGroup | None  # ring x ulysses: every rank that holds a piece of one sequence
+    a2a_mode: str
+
+    @property
+    def seq_degree(self) -> int:
+        return self.ring_degree * self.ulysses_degree
+
+    @property
+    def seq_rank(self) -> int:
+        # Ulysses ranks hold neighbouring chunks, so one all-to-all yields a contiguous run of tokens.
+        return self.ring_rank * self.ulysses_degree + self.ulysses_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(world_size: int, num_heads: int | None, num_branches: int | None) -> list[tuple[int, int, int]]:
+    """Every (cfg, ring, ulysses) whose product is world_size and that the model can run.
+
+    Ulysses splits heads, so it must divide num_heads; cfg ranks run equal shares of the
+    guidance branches, so it must divide num_branches. None leaves that degree unconstrained.
+    """
+    return [
+        (cfg, ring, world_size // (cfg * ring))
+        for cfg in _divisors(world_size)
+        if num_branches is None or num_branches % cfg == 0
+        for ring in _divisors(world_size // cfg)
+        if num_heads is None or num_heads % (world_size // (cfg * ring)) == 0
+    ]
+
+
+def _flags(layout: tuple[int, int, int]) -> str:
+    names = ("--cfg-degree", "--ring-degree", "--ulysses-degree")
+    parts = [f"{name} {degree}" for name, degree in zip(names, layout) if degree != 1]
+    return " ".join(parts) or "no degree flags (all 1)"
+
+
+def validate_layout(parallel: ParallelConfig, world_size: int, num_heads: int | None) -> None:
+    """Raise a one-line ValueError naming the bad value and layouts that would work."""
+    for flag, degree in (("--cfg-degree", parallel.cfg), ("--ring-degree", parallel.ring),
+                         ("--ulysses-degree", parallel.ulysses)):
+        if degree < 1:
+            raise ValueError(f"{flag} {degree} must be at least 1")
+    if parallel.a2a_mode not in A2A_MODES:
+        raise ValueError(f"--a2a-mode {parallel.a2a_mode!r} is unknown; use one of {', '.join(A2A_MODES)}")
+    if parallel.timeout_s <= 0:
+        raise ValueError(f"timeout {parallel.timeout_s} s must be positive")
+    if num_heads is not None and num_heads % parallel.ulysses != 0:
+        ok = ", ".join(str(d) for d in _divisors(num_heads))
+        raise ValueError(
+            f"--ulysses-degree {parallel.ulysses} does not divide {num_heads} attention heads; use one of {ok}"
+        )
+    if parallel.world_size != world_size:
+        fits = layouts(world_size, num_heads, None)
+        same_cfg = [layout for layout in fits if layout[0] == parallel.cfg]
+        hints = ", or ".join(_flags(layout) for layout in (same_cfg or fits))
+        raise ValueError(
+            f"cfg {parallel.cfg} x ring {parallel.ring} x ulysses {parallel.ulysses} = {parallel.world_size} "
+            f"but the world size is {world_size}; for {world_size} process{'es' * (world_size > 1)} try {hints}"
+        )
+
+
+def resolve_parallel(parallel: ParallelConfig, world_size: int) -> ParallelConfig:
+    """Let Ulysses take the processes that cfg and ring leave, when the user left it at 1.
+
+    `torchrun --nproc_per_node 4` with no degree flags thus runs Ulysses 4. A layout that
+    still does not fit is returned as it is, for validate_layout to report.
+    """
+    rest, leftover = divmod(world_size, parallel.cfg * parallel.ring)
+    if parallel.ulysses == 1 and leftover == 0 and rest > 1:
+        return replace(parallel, ulysses=rest)
+    return parallel
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced (1 for a plain process): the CLI resolves degrees with it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _my_group(members: list[list[int]], rank: int, timeout: timedelta) -> ProcessGroup:
+    """Create every group in `members` (all ranks must, in the same order) and keep the one holding rank."""
+    mine = None
+    for ranks in members:
+        group = dist.new_group(ranks, timeout=timeout)  # a new group does not inherit the default timeout
+        if rank in ranks:
+            mine = group
+    assert mine is not None, f"rank {rank} is in none of {members}"
+    return mine
+
+
+def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
+    """Join the process group (if there is more than one process) and build the mesh groups.
+
+    Rank order is rank = (cfg_rank * ring + ring_rank) * ulysses + ulysses_rank: Ulysses runs
+    over neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
+    """
+    world_size = env_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    validate_layout(parallel, world_size, None)
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+        place = torch.device("cuda", local_rank)
+    else:
+        place = torch.device(device)
+    timeout = timedelta(seconds=parallel.timeout_s)
+    # An already joined default group is reused, so one job can build several meshes over it.
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo", rank=rank, world_size=world_size, timeout=timeout,
+            device_id=place if on_cuda else None,
+        )
+
+    cfg, ring, uly = parallel.cfg, parallel.ring, parallel.ulysses
+    cfg_rank, ring_rank, ulysses_rank = rank // (ring * uly), rank // uly % ring, rank % uly
+
+    def at(c: int, r: int, u: int) -> int:
+        return (c * ring + r) * uly + u
+
+    # A degree of 1 gets no group at all (no communicator to create, nothing to call).
+    ulysses_group = ring_group = cfg_group = None
+    if uly > 1:
+        ulysses_group = _my_group(
+            [[at(c, r, u) for u in range(uly)] for c in range(cfg) for r in range(ring)], rank, timeout)
+    if ring > 1:
+        ring_group = _my_group(
+            [[at(c, r, u) for r in range(ring)] for c in range(cfg) for u in range(uly)], rank, timeout)
+    if cfg > 1:
+        cfg_group = _my_group(
+            [[at(c, r, u) for c in range(cfg)] for r in range(ring) for u in range(uly)], rank, timeout)
+    if ring > 1 and uly > 1:
+        seq_group = _my_group([[at(c, 0, 0) + i for i in range(ring * uly)] for c in range(cfg)], rank, timeout)
+    else:  # the sequence group is the Ulysses or the ring group: reuse it rather than open a twin
+        seq_group = ulysses_group if uly > 1 else ring_group
+    return Mesh(
+        world_size=world_size, rank=rank, local_rank=local_rank, device=place,
+        cfg_degree=cfg, ring_degree=ring, ulysses_degree=uly,
+        cfg_rank=cfg_rank, ring_rank=ring_rank, ulysses_rank=ulysses_rank,
+        cfg_group=cfg_group, ring_group=ring_group, ulysses_group=ulysses_group, seq_group=seq_group,
+        a2a_mode=parallel.a2a_mode,
+    )
+
+
+def teardown() -> None:
+    """Leave the process group; safe to call twice and without one (finally-blocks call it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shared_seed(seed: int | None, mesh: Mesh) -> int:
+    """The given seed, or one drawn on rank 0 and broadcast, so every rank draws the same noise."""
+    if seed is not None:
+        return seed
+    drawn = torch.tensor([secrets.randbelow(2**32)], dtype=torch.int64, device=mesh.device)
+    if mesh.world_size > 1:
+        dist.broadcast(drawn, src=0)
+    return int(drawn.item())

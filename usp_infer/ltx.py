@@ -1,0 +1,380 @@
+"""LTX-Video transformer in pure torch, weight-compatible with diffusers' `LTXVideoTransformer3DModel`.
+
+Same state_dict keys and the same math as diffusers 0.42 (transformer_ltx.py with AdaLayerNormSingle,
+PixArtAlphaTextProjection, FeedForward and RMSNorm). Self-attention goes through an injected `AttnFn`
+so the sequence-parallel layer can swap it; nothing here knows about process groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+# Config keys diffusers stores whose only supported value is the one LTX-Video uses.
+_FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
+
+
+@dataclass(frozen=True)
+class LTXConfig:
+    """Transformer shape; field names are the keys of a diffusers `transformer/config.json`."""
+
+    in_channels: int = 128
+    out_channels: int = 128
+    patch_size: int = 1
+    patch_size_t: int = 1
+    num_attention_heads: int = 32
+    attention_head_dim: int = 64
+    cross_attention_dim: int = 2048
+    num_layers: int = 28
+    caption_channels: int = 4096
+    norm_eps: float = 1e-6
+    norm_elementwise_affine: bool = False
+    attention_bias: bool = True
+    attention_out_bias: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"LTXConfig.{f.name}={value!r}: must be a positive integer")
+        if self.inner_dim % 2:
+            raise ValueError(f"heads x head_dim = {self.inner_dim} is odd: RoPE rotates channel pairs, make it even")
+        if self.cross_attention_dim != self.inner_dim:
+            # Text is projected to inner_dim before attn2, so its key/value input width must be inner_dim.
+            raise ValueError(
+                f"cross_attention_dim={self.cross_attention_dim} must equal heads x head_dim = {self.inner_dim}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LTXConfig:
+        """Build from a diffusers config dict; `_`-prefixed bookkeeping keys are ignored."""
+        for key, supported in _FIXED_KEYS.items():
+            if d.get(key, supported) != supported:
+                raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} (LTX-Video's) is")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in known and k not in _FIXED_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}: not an LTXVideoTransformer3DModel config?")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "out_channels" in kwargs and not kwargs["out_channels"]:  # diffusers: out_channels or in_channels
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+        return cls(**kwargs)
+
+
+SHAPES: dict[str, LTXConfig] = {
+    "ltx-video-2b": LTXConfig(),
+    "ltx-video-13b": LTXConfig(num_layers=48, attention_head_dim=128, cross_attention_dim=4096),
+}
+
+
+def rope_tables(
+    cfg: LTXConfig,
+    num_frames: int,
+    height: int,
+    width: int,
+    rope_interpolation_scale: tuple[float, float, float],
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (1, F*H*W, inner_dim) fp32, tokens in f, h, w raster order.
+
+    The ops and their order are those of diffusers' LTXVideoRotaryPosEmbed, so the tables are bit-identical.
+    """
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in (num_frames, height, width)]
+    f, h, w = torch.meshgrid(*axes, indexing="ij")
+    f = f * rope_interpolation_scale[0] * cfg.patch_size_t / 20
+    h = h * rope_interpolation_scale[1] * cfg.patch_size / 2048
+    w = w * rope_interpolation_scale[2] * cfg.patch_size / 2048
+    grid = torch.stack([f, h, w], dim=-1).flatten(0, 2)[None]  # (1, S, 3)
+    dim, theta = cfg.inner_dim, 10000.0
+    exponents = torch.linspace(
+        math.log(1.0, theta), math.log(theta, theta), dim // 6, device=device, dtype=torch.float32
+    )
+    freqs = theta**exponents * math.pi / 2.0
+    freqs = freqs * (grid.unsqueeze(-1) * 2 - 1)  # (1, S, 3, dim // 6)
+    freqs = freqs.transpose(-1, -2).flatten(2)  # (1, S, dim // 6 * 3), the 3 axes interleaved per frequency
+    cos, sin = freqs.cos().repeat_interleave(2, dim=-1), freqs.sin().repeat_interleave(2, dim=-1)
+    if pad := dim % 6:  # channels without a frequency are left unrotated, at the front
+        cos = torch.cat([torch.ones_like(cos[:, :, :pad]), cos], dim=-1)
+        sin = torch.cat([torch.zeros_like(sin[:, :, :pad]), sin], dim=-1)
+    return cos, sin
+
+
+def _apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, S, C) by their angle, in fp32 like diffusers.
+
+    Pure elementwise on views (one stack), so a compiler fuses it into a single kernel.
+    """
+    cos, sin = rope
+    pairs = x.unflatten(-1, (-1, 2))  # (B, S, C/2, 2)
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked attention, (B, S, H, D) in and out: the default, single-process AttnFn."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+STG_MODES = ("values", "skip", "residual", "block")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing a Tensor field would raise, identity is what is meant
+class Perturbation:
+    """Spatio-temporal guidance (Lightricks LTX-Video's SkipLayerStrategy) in `blocks`, for batch `rows` only.
+
+    values:   self-attention output (before to_out) replaced by V                (AttentionValues)
+    skip:     self-attention output (before to_out) replaced by its input        (AttentionSkip)
+    residual: the block adds no self-attention output (Lightricks' Residual only acts on attention layers
+              built with residual_connection=True, which LTX's are not, so there it is a no-op)
+    block:    the whole block returns its input                                  (TransformerBlock)
+    """
+
+    blocks: tuple[int, ...]
+    mode: str
+    rows: Tensor  # (B,) bool, True on the perturbed branch
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.mode not in STG_MODES:
+            raise ValueError(f"perturbation mode {self.mode!r}: choose one of {STG_MODES}")
+        if self.rows.dtype != torch.bool or self.rows.ndim != 1:
+            got = f"{self.rows.dtype} {tuple(self.rows.shape)}"
+            raise ValueError(f"perturbation rows: need a 1-D bool tensor (one flag per batch row), got {got}")
+
+
+class Attention(nn.Module):
+    """diffusers' LTXAttention: q/k RMS-normed across all heads; to_out.0 is the output projection."""
+
+    def __init__(self, cfg: LTXConfig) -> None:
+        super().__init__()
+        d, bias = cfg.inner_dim, cfg.attention_bias
+        self.heads = cfg.num_attention_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(d, d, bias=cfg.attention_out_bias)])  # index 1 was a dropout
+        # diffusers fixes eps=1e-5 and learned weights here, whatever the config's norm_eps says.
+        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
+
+    def self_attention(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], attn_fn: AttnFn, rows: Tensor | None, mode: str | None
+    ) -> Tensor:
+        q = _apply_rope(self.norm_q(self.to_q(x)), rope)
+        k = _apply_rope(self.norm_k(self.to_k(x)), rope)
+        v = self.to_v(x)
+        heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
+        out = attn_fn(q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)).flatten(2)
+        if mode == "values":
+            out = torch.where(rows, v, out)
+        elif mode == "skip":
+            out = torch.where(rows, x, out)
+        return self.to_out[0](out)
+
+    def cross_attention(self, x: Tensor, context: Tensor, text_bias: Tensor | None) -> Tensor:
+        def heads(t: Tensor) -> Tensor:
+            return t.unflatten(2, (self.heads, -1)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
+
+        q, k, v = heads(self.norm_q(self.to_q(x))), heads(self.norm_k(self.to_k(context))), heads(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_bias)  # (B, H, S, D)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward with gelu-approximate: keys net.0.proj and net.2 (net.1 was a dropout)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        gelu_proj = nn.Module()
+        gelu_proj.proj = nn.Linear(dim, 4 * dim)
+        self.net = nn.ModuleList([gelu_proj, nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](_gelu_tanh(self.net[0].proj(x)))
+
+
+class TwoLayerMLP(nn.Module):
+    """linear_1 -> activation -> linear_2: diffusers' TimestepEmbedding (silu) and PixArtAlphaTextProjection."""
+
+    def __init__(self, d_in: int, d_out: int, act: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.linear_1, self.linear_2, self.act = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out), act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' LTXVideoTransformerBlock; `rows` (B, 1, 1) bool and `mode` set this block's STG, if any."""
+
+    def __init__(self, cfg: LTXConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
+        self.attn1 = Attention(cfg)
+        self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
+        self.attn2 = Attention(cfg)
+        self.ff = FeedForward(d)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        temb: Tensor,
+        rope: tuple[Tensor, Tensor],
+        text_bias: Tensor | None,
+        attn_fn: AttnFn,
+        rows: Tensor | None = None,
+        mode: str | None = None,
+    ) -> Tensor:
+        ada = self.scale_shift_table + temb.unflatten(2, (6, -1))  # (B, 1|S, 6*D) -> (B, 1|S, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(2)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        out = x + self.attn1.self_attention(h, rope, attn_fn, rows, mode) * gate_msa
+        if mode == "residual":
+            out = torch.where(rows, x, out)
+        out = out + self.attn2.cross_attention(out, context, text_bias)  # un-normed queries, no gate: as diffusers
+        out = out + self.ff(self.norm2(out) * (1 + scale_mlp) + shift_mlp) * gate_mlp
+        return torch.where(rows, x, out) if mode == "block" else out
+
+
+def _timestep_features(t: Tensor) -> Tensor:
+    """diffusers' get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0): (N,) -> (N, 256)."""
+    half = 128
+    exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class LTXTransformer(nn.Module):
+    def __init__(self, cfg: LTXConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.inner_dim
+        self.proj_in = nn.Linear(cfg.in_channels, d)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.time_embed = nn.Module()  # diffusers' AdaLayerNormSingle: emb.timestep_embedder, then linear
+        self.time_embed.emb = nn.ModuleDict({"timestep_embedder": TwoLayerMLP(256, d, F.silu)})
+        self.time_embed.linear = nn.Linear(d, 6 * d)
+        self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, _gelu_tanh)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.proj_out = nn.Linear(d, cfg.out_channels)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_attention_mask: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        attn_fn: AttnFn = sdpa_attention,
+        perturbation: Perturbation | None = None,
+    ) -> Tensor:
+        """(B, S, in_channels) -> (B, S, out_channels); S may be a shard if rope and timestep match it."""
+        B, S, _ = hidden_states.shape
+        self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation)
+        text_bias = None
+        if encoder_attention_mask is not None:  # diffusers: keep -> 0, pad -> -10000, broadcast over heads/queries
+            text_bias = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0)[:, None, None, :]
+        x = self.proj_in(hidden_states)
+        embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep.flatten()).to(x.dtype))
+        temb = self.time_embed.linear(F.silu(embedded)).view(B, -1, 6 * x.shape[-1])  # (B, 1|S, 6*D)
+        embedded = embedded.view(B, -1, x.shape[-1])  # (B, 1|S, D)
+        context = self.caption_projection(encoder_hidden_states)
+        rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
+        for i, block in enumerate(self.transformer_blocks):
+            perturbed = perturbation is not None and i in perturbation.blocks
+            mode = perturbation.mode if perturbed else None
+            x = block(x, context, temb, rope, text_bias, attn_fn, rows if perturbed else None, mode)
+        shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(2)  # (B, 1|S, 2, D)
+        x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
+        return self.proj_out(x)
+
+    def _check_inputs(
+        self,
+        B: int,
+        S: int,
+        context: Tensor,
+        timestep: Tensor,
+        mask: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        perturbation: Perturbation | None,
+    ) -> None:
+        if context.ndim != 3 or context.shape[0] != B:
+            raise ValueError(f"encoder_hidden_states {tuple(context.shape)}: expected ({B}, T, caption_channels)")
+        if tuple(timestep.shape) not in ((B,), (B, S)):
+            raise ValueError(f"timestep {tuple(timestep.shape)}: expected ({B},) or per token ({B}, {S})")
+        if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"encoder_attention_mask {tuple(mask.shape)}: expected {tuple(context.shape[:2])}")
+        for table in rope:
+            if table.ndim != 3 or table.shape[0] not in (1, B) or table.shape[1:] != (S, self.cfg.inner_dim):
+                raise ValueError(
+                    f"rope table {tuple(table.shape)}: expected (1 or {B}, {S}, {self.cfg.inner_dim}); "
+                    "slice rope_tables() with the same plan as the hidden states"
+                )
+        if perturbation is not None:
+            bad = [i for i in perturbation.blocks if not 0 <= i < self.cfg.num_layers]
+            if bad:
+                raise ValueError(f"perturbed blocks {bad} out of range: the model has {self.cfg.num_layers} blocks")
+            if perturbation.rows.shape[0] != B:
+                raise ValueError(f"perturbation rows has {perturbation.rows.shape[0]} entries for a batch of {B}")
+
+
+def load_transformer(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> LTXTransformer:
+    """Load a diffusers `transformer/` folder (config.json + one or sharded safetensors) onto `device`.
+
+    The model is built on the meta device and its parameters are the loaded tensors themselves
+    (assign=True): each is read straight to `device` and cast there, so weights are never held twice.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: pass a diffusers `transformer/` folder")
+    cfg = LTXConfig.from_dict(json.loads(config_path.read_text()))
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index_path.is_file():
+        files = sorted({folder / name for name in json.loads(index_path.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) > 1:
+            raise ValueError(f"{folder} holds {[f.name for f in files]} but no {index_path.name}: keep one file")
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    with torch.device("meta"):
+        model = LTXTransformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{index_path} lists {path.name}, which is not in {folder}")
+        for key, tensor in load_file(path, device=str(torch.device(device))).items():
+            if key not in expected:
+                raise ValueError(f"{path}: unexpected key {key!r}; is this an LTX-Video transformer checkpoint?")
+            if tensor.shape != expected[key]:
+                raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(expected[key])}")
+            state[key] = tensor.to(dtype)
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise ValueError(f"{folder}: key {missing[0]!r} is in none of {[f.name for f in files]} "
+                         f"({len(missing)} missing)")
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)

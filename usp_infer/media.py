@@ -1,0 +1,240 @@
+"""Media in and out: the conditioning image, video outputs (mp4 / png frames / npz) and the JSON sidecar.
+
+Every output is written atomically: into a hidden temp file (or directory) beside the target,
+then renamed into place, so an interrupted run never leaves a half-written video under the
+name the user asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_OUTPUTS = "a .mp4 file, a .npz file, a .png name or %d pattern (frames/%04d.png), or a directory"
+FRAME_NAME = "frame_%05d.png"  # frame names inside a png output directory
+_FIELD = re.compile(r"%0?\d*d")  # the printf-style frame-number field of a png pattern
+
+
+def output_kind(path: Path | str) -> str:
+    """'mp4', 'npz' or 'png' for an output path; ValueError for anything else."""
+    text = str(path)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if text.endswith(("/", os.sep)):  # Path() drops a trailing slash, so look at the text for it
+        return "png"
+    if suffix in (".mp4", ".npz"):
+        return suffix[1:]
+    if suffix == ".png":
+        if len(_FIELD.findall(path.name)) > 1:
+            raise ValueError(f"png pattern {text!r} has more than one %d field; use one, as in frames/%04d.png")
+        return "png"
+    if suffix == "" and path.is_file():
+        raise ValueError(f"output {text!r} is an existing file, not a directory: use {SUPPORTED_OUTPUTS}")
+    if suffix == "" or path.is_dir():
+        return "png"
+    raise ValueError(f"unsupported output {text!r}: use {SUPPORTED_OUTPUTS}")
+
+
+def sidecar_path(output: Path | str) -> Path:
+    """Where the JSON metadata of an output goes.
+
+    "x.mp4" -> "x.mp4.json" (likewise .npz and a plain "x.png"); a png directory "d" -> "d.json"
+    beside it; a %d pattern "frames/%04d.png" -> "frames.json" beside the frames' directory.
+    """
+    kind = output_kind(output)
+    output = Path(output)
+    if kind != "png" or (output.suffix.lower() == ".png" and not _FIELD.search(output.name)):
+        return output.with_name(output.name + ".json")
+    directory = output if output.suffix.lower() != ".png" else output.parent
+    directory = directory.absolute() if directory.name == "" else directory  # "%04d.png" in the cwd
+    return directory.with_name(directory.name + ".json")
+
+
+def write_video(
+    path: Path | str,
+    frames: np.ndarray,
+    *,
+    fps: float,
+    latents: np.ndarray | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write float frames (F, H, W, 3) in [0, 1] as mp4, png frames or npz; returns the paths written.
+
+    Refuses to replace existing outputs unless `overwrite` (FileExistsError).
+    """
+    kind = output_kind(path)  # before Path(): a trailing slash means a directory
+    path = Path(path)
+    frames = _check_frames(frames)
+    if kind == "mp4":
+        return [_write_mp4(path, frames, fps, overwrite)]
+    if kind == "npz":
+        return [_write_npz(path, frames, latents, overwrite)]
+    return _write_pngs(path, frames, overwrite)
+
+
+def write_json_atomic(path: Path, data: dict, overwrite: bool = True) -> None:
+    """Write `data` as indented JSON through a temp file and a rename."""
+    text = json.dumps(data, indent=2) + "\n"
+    with _atomic_file(Path(path), overwrite) as tmp:
+        tmp.write_text(text)
+
+
+def load_image(path: Path, height: int, width: int) -> torch.Tensor:
+    """Read a PNG/JPEG as float32 (3, height, width) in [-1, 1], resized to cover and center-cropped.
+
+    An image already of the target size is not resampled, so the result then equals diffusers'
+    `VideoProcessor.preprocess(img, height, width)[0]` (which stretches other sizes instead of cropping).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")  # forces the full decode, so a truncated file fails here
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist; pass an existing PNG or JPEG file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read {path} as an image ({err}); pass a PNG or JPEG file") from None
+    if image.size != (width, height):
+        # Lanczos, as diffusers resamples; cover then crop keeps the aspect ratio.
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    # Same operations and order as diffusers (uint8 -> /255 in numpy -> 2x - 1 in torch), bit for bit.
+    pixels = torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
+    return (2.0 * pixels - 1.0).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+    if not np.isfinite(frames).all():
+        raise ValueError("frames contain NaN or inf; the generation diverged, nothing was written")
+    return frames.astype(np.float32, copy=False)
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden and tagged .tmp so a crash leaves something obviously disposable; random so
+    # concurrent writers of the same name do not collide.
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on any error."""
+    _refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: float, overwrite: bool) -> Path:
+    import av  # only the mp4 writer needs PyAV
+
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    with _atomic_file(path, overwrite) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:  # format: the temp name ends .tmp
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for rgb in _to_uint8(frames):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
+    return path
+
+
+def _write_npz(path: Path, frames: np.ndarray, latents: np.ndarray | None, overwrite: bool) -> Path:
+    if latents is None or latents.ndim != 4:
+        got = None if latents is None else latents.shape
+        raise ValueError(f"npz output stores latents (C, F', H', W') with the frames; got {got}")
+    with _atomic_file(path, overwrite) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, frames=frames, latents=latents.astype(np.float32, copy=False))
+    return path
+
+
+def _frame_layout(path: Path) -> tuple[Path, str]:
+    """(directory, printf name pattern) of a png output."""
+    if path.suffix.lower() != ".png":
+        return path, FRAME_NAME
+    if _FIELD.search(path.name):
+        return path.parent, path.name
+    return path.parent, f"{path.stem}_%05d{path.suffix}"  # "out.png" -> out_00000.png, out_00001.png, ...
+
+
+def _write_pngs(path: Path, frames: np.ndarray, overwrite: bool) -> list[Path]:
+    directory, pattern = _frame_layout(path)
+    # Substitute only the field, so other "%" characters in a name stay literal.
+    names = [_FIELD.sub(lambda field: field.group(0) % i, pattern) for i in range(len(frames))]
+    images = [Image.fromarray(rgb) for rgb in _to_uint8(frames)]  # uint8 (H, W, 3) -> RGB
+    if not directory.exists():
+        # A new directory appears whole or not at all: fill a hidden sibling, then rename it.
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = _temp_name(directory)
+        try:
+            tmp_dir.mkdir()
+            for name, image in zip(names, images):
+                image.save(tmp_dir / name, format="PNG")
+            os.rename(tmp_dir, directory)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        return [directory / name for name in names]
+    return _replace_frames(directory, pattern, names, images, overwrite)
+
+
+def _replace_frames(
+    directory: Path, pattern: str, names: list[str], images: list[Image.Image], overwrite: bool
+) -> list[Path]:
+    """Write frames into an existing directory: all to temp files first, then rename them in.
+
+    A failure while encoding leaves the directory as it was; only a failing rename (rare) could
+    leave a mix of old and new frames, since a directory of many files cannot be swapped in one step.
+
+    Frames of an earlier, longer video under the same naming scheme count as existing output:
+    refused without `overwrite`, removed with it, so the directory holds exactly one video.
+    """
+    prefix, suffix = _FIELD.split(pattern)
+    ours = re.compile(re.escape(prefix) + r"\d+" + re.escape(suffix))
+    existing = sorted(p for p in directory.iterdir() if ours.fullmatch(p.name))
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    targets = [directory / name for name in names]
+    temps: list[Path] = []
+    try:
+        for target, image in zip(targets, images):
+            temps.append(_temp_name(target))
+            image.save(temps[-1], format="PNG")
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for stale in set(existing) - set(targets):
+        stale.unlink()
+    return targets

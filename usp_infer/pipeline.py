@@ -1,0 +1,289 @@
+"""Text encode -> latents (+ image condition) -> sharded denoising loop -> gather -> decode.
+
+Noise is drawn for the global latent with a CPU generator in the order diffusers' LTX pipelines
+draw it (image latent sample, then noise, then decode noise), so a seed gives the same video here
+and there, on any number of processes. Latents stay sharded for the whole loop: the Euler step is
+elementwise, so it runs on each rank's shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import GenerateRequest
+from .dist import Mesh
+from .guidance import Guider, StepScales
+from .ltx import LTXTransformer, Perturbation, load_transformer, rope_tables, sdpa_attention
+from .sharding import SeqShard
+from .usp import USPAttention
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; the model folder must be in diffusers layout (see models/README.md)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_model_configs(model_dir: Path) -> dict[str, dict]:
+    """Read and cross-check a diffusers-format LTX folder's configs, before any weights load."""
+    if not model_dir.is_dir():
+        raise ValueError(f"--model {model_dir} is not a directory; pass a diffusers-format LTX folder (see models/README.md)")
+    for name in COMPONENTS:
+        if not (model_dir / name).is_dir():
+            raise ValueError(f"--model {model_dir} has no {name}/ folder; it must be a diffusers-format LTX pipeline")
+    configs = {
+        "transformer": _read_json(model_dir / "transformer" / "config.json"),
+        "vae": _read_json(model_dir / "vae" / "config.json"),
+        "text_encoder": _read_json(model_dir / "text_encoder" / "config.json"),
+        "scheduler": _read_json(model_dir / "scheduler" / "scheduler_config.json"),
+    }
+    if not any((model_dir / "transformer").glob("*.safetensors")):
+        raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
+    t, v, te = configs["transformer"], configs["vae"], configs["text_encoder"]
+    if v.get("latent_channels") != t.get("in_channels") or t.get("in_channels") != t.get("out_channels", t.get("in_channels")):
+        raise ValueError(
+            f"configs disagree in {model_dir}: vae latent_channels {v.get('latent_channels')} vs transformer "
+            f"in_channels {t.get('in_channels')} / out_channels {t.get('out_channels')}; use a matching checkpoint"
+        )
+    if te.get("d_model") != t.get("caption_channels"):
+        raise ValueError(
+            f"configs disagree in {model_dir}: text_encoder d_model {te.get('d_model')} vs transformer "
+            f"caption_channels {t.get('caption_channels')}; use a matching checkpoint"
+        )
+    if t.get("patch_size", 1) != 1 or t.get("patch_size_t", 1) != 1:
+        raise ValueError(f"{model_dir}: transformer patch sizes other than 1 are not supported")
+    return configs
+
+
+@dataclass
+class Components:
+    model_dir: Path
+    transformer: LTXTransformer
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Components:
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    transformer = load_transformer(model_dir / "transformer", device, dtype).eval()
+    vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
+    text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
+    return Components(model_dir, transformer, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+
+
+@dataclass
+class Result:
+    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1]; main rank only
+    latents: np.ndarray | None  # (C, F', H', W') float32, exactly what the VAE decodes; main rank only
+    step_times: list[float] = field(default_factory=list)
+    decode_time: float = 0.0
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def encode_text(c: Components, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 embeddings (1, L, D) and their attention mask (1, L), as LTXPipeline computes them."""
+    tokens = c.tokenizer(
+        [prompt], padding="max_length", max_length=max_length, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    )
+    embeds = c.text_encoder(tokens.input_ids.to(c.device))[0].to(c.dtype)
+    return embeds, tokens.attention_mask.bool().to(c.device)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    # (B, C, F, H, W) -> (B, F*H*W, C): tokens in f, h, w raster order (patch size 1)
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    # (B, F*H*W, C) -> (B, C, F, H, W)
+    return tokens.transpose(1, 2).unflatten(2, (frames, height, width))
+
+
+def _latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    return vae.latents_mean.view(1, -1, 1, 1, 1).float().cpu(), vae.latents_std.view(1, -1, 1, 1, 1).float().cpu()
+
+
+def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) for `steps` steps, dynamic shift from the global token count, as LTXPipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    mu = calculate_shift(
+        tokens,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
+    return scheduler.timesteps, scheduler.sigmas
+
+
+class BranchRunner:
+    """Runs the transformer for a step's branches: batched, one at a time, or spread over the cfg mesh dim."""
+
+    def __init__(self, c: Components, req: GenerateRequest, mesh: Mesh, text: dict, rope, attn_fn):
+        self.c, self.req, self.mesh, self.text, self.rope, self.attn_fn = c, req, mesh, text, rope, attn_fn
+
+    def _forward(self, names: tuple[str, ...], latents, timestep, scales: StepScales) -> list[torch.Tensor]:
+        b = len(names)
+        embeds = torch.cat([self.text["uncond" if n == "uncond" else "cond"][0] for n in names])
+        mask = torch.cat([self.text["uncond" if n == "uncond" else "cond"][1] for n in names])
+        perturbation = None
+        if "perturbed" in names:
+            rows = torch.tensor([n == "perturbed" for n in names], device=latents.device)
+            perturbation = Perturbation(scales.stg_blocks, self.req.guidance.stg_mode, rows)
+        out = self.c.transformer(
+            latents.to(self.c.dtype).expand(b, -1, -1), embeds, timestep.expand(b, *timestep.shape[1:]),
+            mask, self.rope, attn_fn=self.attn_fn, perturbation=perturbation,
+        )
+        return list(out.float().split(1))
+
+    def _run(self, names, latents, timestep, scales) -> list[torch.Tensor]:
+        if not names:
+            return []
+        if self.req.branches == "sequential":
+            return [p for n in names for p in self._forward((n,), latents, timestep, scales)]
+        return self._forward(names, latents, timestep, scales)
+
+    def __call__(self, names: tuple[str, ...], latents, timestep, scales) -> dict[str, torch.Tensor]:
+        m = self.mesh
+        if m.cfg_degree == 1:
+            return dict(zip(names, self._run(names, latents, timestep, scales)))
+        # Branch j runs on cfg rank j % cfg_degree; every rank then holds every prediction.
+        mine = self._run(names[m.cfg_rank :: m.cfg_degree], latents, timestep, scales)
+        slots = math.ceil(len(names) / m.cfg_degree)
+        local = torch.zeros(slots, *latents.shape[1:], device=latents.device)
+        for i, p in enumerate(mine):
+            local[i] = p[0]
+        gathered = [torch.empty_like(local) for _ in range(m.cfg_degree)]
+        dist.all_gather(gathered, local, group=m.cfg_group)
+        return {n: gathered[j % m.cfg_degree][j // m.cfg_degree].unsqueeze(0) for j, n in enumerate(names)}
+
+
+def _any_nonfinite(x: torch.Tensor, mesh: Mesh) -> bool:
+    # Reduced over the world so that every rank stops at the same step instead of hanging in a collective.
+    bad = (~torch.isfinite(x)).any().float().reshape(1)
+    if mesh.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+@torch.no_grad()
+def generate(c: Components, req: GenerateRequest, mesh: Mesh, progress: bool = True) -> Result:
+    from tqdm import tqdm
+
+    from .media import load_image
+
+    t_cfg = c.transformer.cfg
+    if req.guidance.max_block() >= t_cfg.num_layers:
+        raise ValueError(
+            f"--stg-blocks {req.guidance.max_block()} is out of range: the model has {t_cfg.num_layers} blocks "
+            f"(0..{t_cfg.num_layers - 1})"
+        )
+    s_ratio, t_ratio = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
+    frames, height, width = (req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio
+    tokens, channels = frames * height * width, t_cfg.in_channels
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, tokens)
+    schedule = [req.guidance.at(float(s)) for s in sigmas[:-1]]
+
+    text = {"cond": encode_text(c, req.prompt, req.max_sequence_length)}
+    if any("uncond" in s.branches for s in schedule):
+        text["uncond"] = encode_text(c, req.negative_prompt, req.max_sequence_length)
+
+    # Global initial latent, drawn exactly as diffusers draws it; then each rank keeps its shard.
+    mean, std = _latent_stats(c.vae)
+    level = None  # per-token noise level that conditioned tokens never go above
+    if req.image is not None:
+        image = load_image(Path(req.image), req.height, req.width).to(c.device, c.dtype)
+        encoded = c.vae.encode(image[None, :, None]).latent_dist.sample(generator).float().cpu()
+        encoded = (encoded - mean) / std
+        noise = torch.randn((1, channels, frames, height, width), generator=generator)
+        cond_mask = torch.zeros((1, 1, frames, height, width))
+        cond_mask[:, :, 0] = req.image_strength
+        latents = encoded.repeat(1, 1, frames, 1, 1) * cond_mask + noise * (1 - cond_mask)
+        level = 1.0 - pack(cond_mask)
+    else:
+        latents = torch.randn((1, channels, frames, height, width), generator=generator)
+
+    shard = SeqShard.for_mesh(tokens, mesh)
+    latents = shard.split(pack(latents)).to(c.device)
+    if level is not None:
+        # Pads get level 0: they are never stepped and stay exactly zero.
+        level = shard.split(level).to(c.device)
+    rope = tuple(shard.split(r) for r in rope_tables(t_cfg, frames, height, width, (t_ratio / req.fps, s_ratio, s_ratio), c.device))
+    attn_fn = USPAttention(mesh, shard, mesh.a2a_mode) if mesh.seq_degree > 1 else sdpa_attention
+    run_branches = BranchRunner(c, req, mesh, text, rope, attn_fn)
+    guider = Guider(stats=shard, count=tokens * channels)
+    sigmas = sigmas.to(c.device)
+
+    step_times = []
+    bar = tqdm(total=req.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    for i, t in enumerate(timesteps.to(c.device)):
+        start = time.perf_counter()
+        scales = schedule[i]
+        # Conditioned tokens see the timestep of their own (lower) noise level, like LTXImageToVideoPipeline.
+        timestep = t.expand(1) if level is None else torch.minimum(t, level[..., 0] * 1000.0)
+        preds = run_branches(scales.branches, latents, timestep, scales)
+        pred = guider.combine(preds, scales)
+        if level is None:
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * pred
+        else:
+            latents = latents + (torch.minimum(sigmas[i + 1], level) - torch.minimum(sigmas[i], level)) * pred
+        if _any_nonfinite(latents, mesh):
+            raise NonFiniteError(
+                f"non-finite values in the latents at step {i + 1}/{req.steps}; try --dtype float32 or lower guidance scales"
+            )
+        step_times.append(time.perf_counter() - start)
+        bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
+        bar.update()
+    bar.close()
+
+    latents = shard.gather(latents)
+    if not mesh.is_main:
+        return Result(None, None, step_times)
+    start = time.perf_counter()
+    latents = unpack(latents.float().cpu(), frames, height, width)
+    latents = (latents * std / c.vae.config.scaling_factor + mean).to(c.dtype)
+    decode_t = None
+    if c.vae.config.timestep_conditioning:
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        latents = (1 - req.decode_noise_scale) * latents + req.decode_noise_scale * noise
+        decode_t = torch.tensor([req.decode_timestep], device=c.device, dtype=latents.dtype)
+    latents = latents.to(c.device)
+    video = c.vae.decode(latents.to(c.vae.dtype), decode_t, return_dict=False)[0]
+    frames_np = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+    return Result(frames_np, latents[0].float().cpu().numpy(), step_times, time.perf_counter() - start)
