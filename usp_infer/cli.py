@@ -12,10 +12,13 @@ import json
 import math
 import os
 import re
-import sys
+import signal
+import threading
+import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -25,23 +28,40 @@ from .guidance import PRESETS, GuidanceConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "ltx-tiny"
 
+
+def _help(summary: str, *examples: str) -> str:
+    """A command's help text. Click rewraps paragraphs; a paragraph opened by a \\b line stays as written."""
+    return summary + "\n\nExamples:\n\n" + "\n\n".join("\b\n" + example for example in examples)
+
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     no_args_is_help=True,
-    help="Generate LTX-style videos on one or many GPUs, the sequence sharded with USP "
-    "(Ulysses all-to-all + ring attention).\n\n"
-    "Examples:\n\n"
-    "  usp-infer generate --prompt 'a red fox in snow' --height 64 --width 96 --num-frames 9 --steps 4 --output fox.mp4\n\n"
-    "  torchrun --nproc_per_node 4 -m usp_infer generate --model models/ltx-video --prompt 'a red fox' --output fox.mp4\n\n"
-    "  usp-infer batch prompts.jsonl --output-dir outputs --resume\n\n"
-    "  usp-infer info models/ltx-tiny --gpus 4",
+    help=_help(
+        "Generate LTX-style videos on one or many GPUs, the sequence sharded with USP "
+        "(Ulysses all-to-all + ring attention). Run a command with --help for its options.",
+        "  # one small video on CPU with the embedded tiny model\n"
+        "  usp-infer generate --prompt 'a red fox in snow' --height 64 --width 96 \\\n"
+        "      --num-frames 9 --steps 4 --output fox.mp4",
+        "  # the same on 4 GPUs (Ulysses 4)\n"
+        "  torchrun --nproc_per_node 4 -m usp_infer generate --model models/ltx-video \\\n"
+        "      --prompt 'a red fox in snow' --output fox.mp4",
+        "  # many prompts, model loaded once; rerun with --resume after an interruption\n"
+        "  usp-infer batch prompts.jsonl --output-dir outputs --resume",
+        "  # what a checkpoint is, and the layouts that fit 4 GPUs\n"
+        "  usp-infer info models/ltx-tiny --gpus 4",
+    ),
 )
 
 
 class UsageError(Exception):
     """A bad flag or input: exit code 2, nothing written."""
+
+
+class ItemError(RuntimeError):
+    """A failure of one item, already put in words for the user (which item, and why)."""
 
 
 # --- option parsing -----------------------------------------------------------------------------
@@ -120,7 +140,7 @@ class Item:
     index: int
     request: GenerateRequest
     output: Path
-    where: str  # for messages: "line 3 of prompts.jsonl" or "generate"
+    where: str = ""  # for messages in a batch: "line 3 of prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -135,53 +155,104 @@ class Session:
     quiet: bool = False
     json_summary: bool = False
     debug: bool = False
+    batch: bool = False  # print the "done: ..." line
 
 
-def _fail(code: int, message: str) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+def _one_line(message: object) -> str:
+    """Library messages can span lines (PyAV, safetensors); the CLI promises one line per error."""
+    return "; ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+def _at(item: Item, message: str) -> str:
+    return f"{item.where}: {message}" if item.where else message
+
+
+def _close_progress() -> None:
+    """End a progress bar that an exception left open, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    from .dist import env_rank, env_world_size
+
+    _close_progress()
+    rank = env_rank()
     if code == 2 and rank != 0:
         raise typer.Exit(code)  # every rank finds the same usage error; one line is enough
-    prefix = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and code != 2 else ""
-    typer.echo(f"error: {prefix}{message}", err=True)
+    prefix = f"rank {rank}: " if env_world_size() > 1 and code != 2 else ""
+    typer.echo(f"error: {prefix}{_one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
-def _check_output(item: Item, s: Session) -> bool:
-    """Validate an item's output path; False means 'complete already, skip' (--resume)."""
-    from .media import output_kind, sidecar_path
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
+
+def _finished(item: Item) -> bool:
+    """A sidecar is written only after its output is in place, so a readable one marks a finished item."""
+    from .media import sidecar_path
+
+    # A frames/%04d.png pattern names no file itself; its frames live in the directory.
+    if not (item.output.exists() or "%" in item.output.name and item.output.parent.is_dir()):
+        return False
     try:
-        output_kind(item.output)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    parent = item.output.parent if item.output.suffix else item.output.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"output directory {parent} is not writable; choose another --output")
-    if item.output.exists():
-        if s.resume and sidecar_path(item.output).exists():
-            return False
-        if not s.overwrite and not s.resume:
-            raise UsageError(f"{item.output} exists; pass --overwrite to replace it (or --resume in batch mode)")
+        record = json.loads(sidecar_path(item.output).read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("request") != json.loads(json.dumps(asdict(item.request))):
+        raise UsageError(
+            f"{_at(item, str(item.output))} was made with other settings than this line asks for; "
+            "pass --overwrite to redo it, or give the line another 'output'"
+        )
     return True
 
 
-def _check_image(path: str) -> None:
+def _check_output(item: Item, s: Session) -> bool:
+    """Validate an item's output path; False means 'finished already, skip it' (--resume)."""
+    from .media import output_kind, sidecar_path
+
+    try:
+        kind = output_kind(item.output)
+    except ValueError as e:
+        raise UsageError(_at(item, str(e))) from None
+    # Where files will be created: a png directory output is filled itself, everything else lands beside.
+    folder = item.output if kind == "png" and item.output.suffix.lower() != ".png" else item.output.parent
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise UsageError(_at(item, f"cannot create output directory {folder}: {existing} is a file; choose another output path"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(_at(item, f"output directory {existing} is not writable; choose another output path"))
+    present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
+    if present:
+        if s.resume and not s.overwrite and _finished(item):
+            return False
+        if not s.overwrite and not s.resume:
+            hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")
+            raise UsageError(_at(item, f"{present[0]} exists; {hint}"))
+    return True
+
+
+def _check_image(item: Item) -> None:
     from PIL import Image, UnidentifiedImageError
 
+    path = item.request.image
     try:
         with Image.open(path) as img:
             img.verify()
     except FileNotFoundError:
-        raise UsageError(f"--image {path} does not exist") from None
+        raise UsageError(_at(item, f"--image {path} does not exist; pass an existing PNG or JPEG file")) from None
     except (UnidentifiedImageError, OSError, SyntaxError):
-        raise UsageError(f"--image {path} is not a readable PNG or JPEG image") from None
+        raise UsageError(_at(item, f"--image {path} is not a readable PNG or JPEG image; pass a PNG or JPEG file")) from None
 
 
-def _validate(items: list[Item], s: Session) -> tuple[dict, ParallelConfig, list[Item]]:
-    from .dist import resolve_parallel, validate_layout, env_world_size
+def _validate(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item]]:
+    """Every check that needs no weights, for every item, before anything loads or is written."""
+    from .dist import env_world_size, resolve_parallel, validate_layout
     from .pipeline import read_model_configs
 
     try:
@@ -192,20 +263,32 @@ def _validate(items: list[Item], s: Session) -> tuple[dict, ParallelConfig, list
     except ValueError as e:
         raise UsageError(str(e)) from None
     layers = configs["transformer"].get("num_layers", 0)
-    todo = []
-    for item in items:
-        blocks = item.request.guidance.max_block()
-        if blocks >= layers:
-            raise UsageError(f"{item.where}: --stg-blocks {blocks} is out of range: the model has {layers} blocks (0..{layers - 1})")
-        if item.request.image is not None:
-            _check_image(item.request.image)
-        if _check_output(item, s):
-            todo.append(item)
     outputs = [i.output.resolve() for i in items]
     if len(set(outputs)) != len(outputs):
         dup = next(o for o in outputs if outputs.count(o) > 1)
         raise UsageError(f"two items write the same output {dup}; give each its own 'output'")
-    return configs, parallel, todo
+    todo = []
+    for item in items:
+        blocks = item.request.guidance.max_block()
+        if blocks >= layers:
+            raise UsageError(_at(item, f"--stg-blocks {blocks} is out of range: the model has {layers} blocks (0..{layers - 1})"))
+        if item.request.image is not None:
+            _check_image(item)
+        if _check_output(item, s):
+            todo.append(item)
+    return parallel, todo
+
+
+def _check_weights(model: Path) -> None:
+    """Open every safetensors header, so a truncated or corrupted file is named instead of failing deep in a loader."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise RuntimeError(f"{path} is truncated or corrupted ({_one_line(e)}); copy or download it again") from None
 
 
 def _versions() -> dict:
@@ -225,16 +308,26 @@ def _config_hash(model: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _sidecar(item: Item, s: Session, mesh, result, seconds: float, peak_gb: float) -> dict:
-    request = asdict(item.request)
+def _peak_memory(device) -> dict:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "peak_memory_of": "cuda max_memory_allocated, this item"}
+    # On CPU the only honest number is the process's high-water mark (ru_maxrss is in KiB on Linux).
+    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_of": "process max RSS, whole run so far"}
+
+
+def _sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float) -> dict:
     return {
         "output": str(item.output),
-        "request": request,
+        "request": asdict(item.request),
         "seed": item.request.seed,
-        "model": {"path": str(s.model), "config_sha256": _config_hash(s.model)},
+        "model": {"path": str(s.model.resolve()), "config_sha256": _config_hash(s.model)},
         "parallel": {
             "world_size": mesh.world_size, "cfg": mesh.cfg_degree, "ring": mesh.ring_degree,
-            "ulysses": mesh.ulysses_degree, "a2a_mode": mesh.a2a_mode,
+            "ulysses": mesh.ulysses_degree, "a2a_mode": mesh.a2a_mode, "dist_timeout_s": s.parallel.timeout_s,
         },
         "device": str(mesh.device),
         "dtype": s.dtype,
@@ -243,83 +336,141 @@ def _sidecar(item: Item, s: Session, mesh, result, seconds: float, peak_gb: floa
             "denoise_s": round(sum(result.step_times), 4),
             "decode_s": round(result.decode_time, 4),
             "step_s": [round(t, 4) for t in result.step_times],
+            "model_load_s": round(load_s, 4),  # once per run, shared by its items
         },
-        "peak_memory_gb": round(peak_gb, 3),
+        **_peak_memory(mesh.device),
         "versions": _versions(),
     }
 
 
-def _peak_memory_gb(device) -> float:
-    import resource
+def _may_continue(error: Exception, s: Session, world_size: int) -> bool:
+    """--keep-going, except where the ranks could disagree about moving on (which would hang them)."""
+    from .pipeline import NonFiniteError
 
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    # Every rank sees the same non-finite check (it is all-reduced); any other error may be one rank's alone.
+    return s.keep_going and (world_size == 1 or isinstance(error, NonFiniteError))
 
 
-def run_session(items: list[Item], s: Session) -> None:
+def _in_collective(error: Exception) -> bool:
+    """Whether `error` is a communication failure. gloo raises plain RuntimeErrors when a peer dies, and an
+    async collective raises from the `.wait()` in our own code, so the backend's name in the message counts too."""
+    import torch.distributed as dist
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        isinstance(error, dist.DistError)
+        or any("torch/distributed/" in frame.filename.replace(os.sep, "/") for frame in frames)
+        or re.search(r"\bgloo\b|\bNCCL\b", str(error), re.IGNORECASE) is not None
+    )
+
+
+def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
+    """One line for an error that ends a run (or, with --keep-going, an item)."""
+    if not isinstance(error, (ValueError, RuntimeError, OSError)):
+        return f"{type(error).__name__}: {error}"
+    if world_size > 1 and _in_collective(error):
+        first = _one_line(error).split(". ")[0]  # gloo/NCCL append paragraphs of generic advice
+        return (
+            f"lost contact with another rank in a collective ({first}); that rank failed, was killed or hangs: "
+            f"see its error. A rank that stops answering is given up on after --dist-timeout {timeout_s:g} s"
+        )
+    return str(error)
+
+
+def _run(items: list[Item], s: Session) -> None:
     """Validate everything, then load once and run the items in order. Raises typer.Exit."""
-    import time
-
     try:
-        _, parallel, todo = _validate(items, s)
+        parallel, todo = _validate(items, s)
     except UsageError as e:
         _fail(2, str(e))
-    skipped = len(items) - len(todo)
 
     import torch
 
-    from .dist import init_mesh, teardown
-    from .media import sidecar_path, write_json_atomic, write_video
+    from .dist import env_rank, init_mesh, teardown
+    from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
     from .pipeline import generate, load_components
 
-    ran, failed, records = 0, 0, []
+    records, failures = [], []
+    if not todo:  # everything is finished (--resume): no process group, no weights
+        return _summarize(items, todo, records, failures, s, env_rank() == 0)
     mesh = None
     try:
         device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         mesh = init_mesh(parallel, device)
         dtype_name = s.dtype or ("bfloat16" if mesh.device.type == "cuda" else "float32")
         s = replace(s, dtype=dtype_name)
-        components = load_components(s.model, mesh.device, getattr(torch, dtype_name))
+        start = time.perf_counter()
+        _check_weights(s.model)
+        try:
+            components = load_components(s.model, mesh.device, getattr(torch, dtype_name))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"cannot load the model in {s.model}: {_one_line(e)}") from e
+        load_s = time.perf_counter() - start
         for item in todo:
             start = time.perf_counter()
+            if mesh.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(mesh.device)
             try:
                 result = generate(components, item.request, mesh, progress=mesh.is_main and not s.quiet)
                 if mesh.is_main:
+                    remove_stale_temps(item.output)  # left by a run that was killed while writing this item
                     written = write_video(
                         item.output, result.frames, fps=item.request.fps, latents=result.latents,
                         overwrite=s.overwrite or s.resume,
                     )
-                    record = _sidecar(item, s, mesh, result, time.perf_counter() - start, _peak_memory_gb(mesh.device))
+                    record = _sidecar(item, s, mesh, result, time.perf_counter() - start, load_s)
                     write_json_atomic(sidecar_path(item.output), record)
                     records.append(record)
                     if not s.quiet and not s.json_summary:
-                        typer.echo(f"wrote {written[0] if len(written) == 1 else item.output} ({item.where})", err=True)
-                ran += 1
+                        shown = written[0] if len(written) == 1 else item.output
+                        typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
             except (ValueError, RuntimeError, OSError) as e:
-                if not s.keep_going or mesh.world_size > 1:
-                    raise
-                failed += 1
-                typer.echo(f"error: {item.where}: {e}", err=True)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
-    except Exception as e:  # noqa: BLE001 - the edge: one line, full traceback only with --debug
+                if not _may_continue(e, s, mesh.world_size):
+                    raise ItemError(_at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
+                failures.append({"item": item.where, "error": _one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
+                if mesh.is_main:
+                    _close_progress()
+                    typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
+    except Exception as e:  # noqa: BLE001 - the edge: one line, the full traceback only with --debug
         if s.debug:
             raise
-        _fail(1, f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, RuntimeError, OSError)) else str(e))
+        _fail(1, str(e) if isinstance(e, ItemError) else _explain(e, mesh.world_size if mesh is not None else 1, s.parallel.timeout_s))
     finally:
         teardown()
-    if mesh is not None and mesh.is_main:
-        summary = {"ran": ran, "skipped": skipped, "failed": failed, "outputs": records}
+    _summarize(items, todo, records, failures, s, mesh.is_main)
+
+
+def _summarize(items: list[Item], todo: list[Item], records: list[dict], failures: list[dict], s: Session, is_main: bool) -> None:
+    """The closing line (or JSON on stdout); exit 1 if any item failed (--keep-going)."""
+    if is_main:
+        summary = {"ran": len(records), "skipped": len(items) - len(todo), "failed": len(failures), "outputs": records, "failures": failures}
         if s.json_summary:
             typer.echo(json.dumps(summary, indent=2))
-        elif len(items) > 1 and not s.quiet:
-            typer.echo(f"done: {ran} ran, {skipped} skipped, {failed} failed", err=True)
-    if failed:
+        elif s.batch and not s.quiet:
+            typer.echo(f"done: {summary['ran']} ran, {summary['skipped']} skipped, {summary['failed']} failed", err=True)
+    if failures:
         raise typer.Exit(1)
+
+
+def run_session(items: list[Item], s: Session) -> None:
+    """Run the items; Ctrl-C (or the SIGTERM torchrun sends when a peer dies) exits 130, writes discarded."""
+    from .dist import env_rank
+
+    # SIGTERM would otherwise kill the process on the spot, skipping the cleanup of a half-written temp file.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
+    try:
+        _run(items, s)
+    except KeyboardInterrupt:
+        if s.debug:
+            traceback.print_exc()
+        _close_progress()
+        if env_rank() == 0:
+            typer.echo("error: interrupted; finished outputs are kept, the one in progress was discarded", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -355,14 +506,14 @@ SESSION_OPTIONS = {
     "model": (Path, _opt(DEFAULT_MODEL, help="Diffusers-format LTX folder; default: the embedded tiny model.")),
     "ulysses_degree": (Optional[int], _opt(None, help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")),
     "ring_degree": (Optional[int], _opt(None, help="Ring-attention degree [default: 1].")),
-    "cfg_parallel": (Optional[int], _opt(None, help="Spread guidance branches over this many rank groups [default: 1].")),
+    "cfg_parallel": (Optional[int], _opt(None, "--cfg-parallel", "--cfg-degree", help="Spread guidance branches over this many rank groups [default: 1].")),
     "a2a_mode": (str, _opt("direct", help="direct (all_to_all_single into a preallocated buffer) | functional.")),
     "dist_timeout": (float, _opt(600.0, help="Seconds a collective may wait before the run fails.")),
     "device": (str, _opt("auto", help="auto | cpu | cuda.")),
     "dtype": (Optional[str], _opt(None, help="float32 | bfloat16 | float16 [default: bfloat16 on CUDA, float32 on CPU].")),
     "overwrite": (bool, _opt(False, help="Replace existing outputs.")),
-    "quiet": (bool, _opt(False, help="No progress bar or messages.")),
-    "json_summary": (bool, _opt(False, "--json", help="Print a machine-readable summary to stdout.")),
+    "quiet": (bool, _opt(False, help="No progress bar or messages (errors still go to stderr).")),
+    "json_summary": (bool, _opt(False, "--json", help="Print a JSON summary (outputs, sidecars, failures) to stdout; nothing else goes there.")),
     "debug": (bool, _opt(False, help="Show full tracebacks.")),
 }
 
@@ -404,11 +555,18 @@ def _session_from(flags: dict, **extra) -> Session:
 
 
 @app.command(
-    help="Generate one video.\n\n"
-    "Examples:\n\n"
-    "  usp-infer generate --prompt 'a red fox' --height 64 --width 96 --num-frames 9 --steps 4 --output fox.mp4\n\n"
-    "  usp-infer generate --prompt 'waves' --image beach.png --preset ltx-video-2b --model models/ltx-video -o waves.mp4\n\n"
-    "  torchrun --nproc_per_node 4 -m usp_infer generate --prompt 'a red fox' --a2a-mode functional -o fox.npz",
+    help=_help(
+        "Generate one video. Exit codes: 0 done, 1 runtime failure, 2 bad input (nothing written), 130 interrupted.",
+        "  # text to video, tiny model on CPU\n"
+        "  usp-infer generate --prompt 'a red fox' --height 64 --width 96 --num-frames 9 \\\n"
+        "      --steps 4 --output fox.mp4",
+        "  # image to video with LTX-Video 2B's guidance preset\n"
+        "  usp-infer generate --prompt 'waves' --image beach.png --preset ltx-video-2b \\\n"
+        "      --model models/ltx-video -o waves.mp4",
+        "  # 4 processes, Ulysses 2 x ring 2, frames and latents as .npz\n"
+        "  torchrun --nproc_per_node 4 -m usp_infer generate --prompt 'a red fox' \\\n"
+        "      --ulysses-degree 2 --ring-degree 2 --a2a-mode functional -o fox.npz",
+    ),
 )
 @_with_options
 def generate(
@@ -421,7 +579,7 @@ def generate(
         request = build_request({"prompt": prompt, **flags})
     except UsageError as e:
         _fail(2, str(e))
-    run_session([Item(0, request, output, "generate")], s)
+    run_session([Item(0, request, output)], s)
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -463,22 +621,32 @@ def read_batch(path: Path, flags: dict, output_dir: Path) -> list[Item]:
 
 
 @app.command(
-    help="Generate many videos from a JSON Lines file, loading the model once.\n\n"
-    "Each line is an object with \"prompt\" and optionally \"negative_prompt\", \"image\", \"seed\", \"output\" "
-    "and any generate option (snake_case, e.g. \"guidance_scale\", \"steps\"); flags give the shared values.\n\n"
-    "Examples:\n\n"
-    "  usp-infer batch prompts.jsonl --output-dir outputs --height 64 --width 96 --num-frames 9 --steps 4\n\n"
-    "  usp-infer batch prompts.jsonl --resume --keep-going      # after an interruption: finish the rest",
+    help=_help(
+        "Generate many videos from a JSON Lines file, loading the model once.\n\n"
+        "Each line is an object with \"prompt\" and optionally \"negative_prompt\", \"image\", \"seed\", \"output\" "
+        "and any generate option (snake_case, e.g. \"guidance_scale\", \"steps\"); flags give the shared values. "
+        "An item without \"output\" goes to OUTPUT_DIR/<index>-<prompt slug>-s<seed>.mp4; relative paths "
+        "(\"image\", \"output\") are taken from the current directory. "
+        "At the end a line says how many items ran, were skipped and failed.",
+        "  # prompts.jsonl:\n"
+        '  {"prompt": "a red fox in snow", "seed": 1}\n'
+        '  {"prompt": "waves at dusk", "image": "beach.png", "steps": 8, "output": "waves.mp4"}',
+        "  usp-infer batch prompts.jsonl --output-dir outputs --height 64 --width 96 \\\n"
+        "      --num-frames 9 --steps 4",
+        "  # after an interruption (even kill -9): finish the rest, keep what is done\n"
+        "  usp-infer batch prompts.jsonl --output-dir outputs --height 64 --width 96 \\\n"
+        "      --num-frames 9 --steps 4 --resume --keep-going",
+    ),
 )
 @_with_options
 def batch(
     file: Path = typer.Argument(..., help="JSON Lines file, one generation per line."),
     output_dir: Path = _opt(Path("outputs"), help="Where items without an 'output' go."),
-    resume: bool = _opt(False, help="Skip items whose output and sidecar already exist."),
+    resume: bool = _opt(False, help="Skip items whose output and sidecar already exist (made with the same settings)."),
     keep_going: bool = _opt(False, help="Continue past a failed item; exit 1 at the end if any failed."),
     **flags,
 ) -> None:
-    s = _session_from(flags, resume=resume, keep_going=keep_going)
+    s = _session_from(flags, resume=resume, keep_going=keep_going, batch=True)
     try:
         items = read_batch(file, flags, output_dir)
     except UsageError as e:
@@ -486,7 +654,7 @@ def batch(
     run_session(items, s)
 
 
-@app.command("make-tiny", help="Write a deterministic tiny random-weight LTX pipeline (diffusers layout).\n\nExample:\n\n  usp-infer make-tiny models/ltx-tiny")
+@app.command("make-tiny", help=_help("Write a deterministic tiny random-weight LTX pipeline (diffusers layout).", "  usp-infer make-tiny /tmp/ltx-tiny --seed 1"))
 def make_tiny(directory: Path = typer.Argument(..., help="Folder to create."), seed: int = _opt(0, help="Weight seed.")) -> None:
     from .tiny import make_tiny as _make
 
@@ -506,8 +674,11 @@ def _count_parameters(folder: Path) -> int:
     return total
 
 
-@app.command(help="Describe a checkpoint: configs, parameter counts, valid sizes, and the layouts that fit N GPUs.\n\n"
-             "Examples:\n\n  usp-infer info\n\n  usp-infer info models/ltx-video --gpus 8 --json")
+@app.command(help=_help(
+    "Describe a checkpoint: configs, parameter counts, valid sizes, and the layouts that fit N GPUs.",
+    "  usp-infer info",
+    "  usp-infer info models/ltx-video --gpus 8 --json",
+))
 def info(
     model: Path = typer.Argument(DEFAULT_MODEL, help="Diffusers-format LTX folder [default: the embedded tiny model]."),
     gpus: int = _opt(1, help="Number of processes to list (cfg, ring, ulysses) layouts for."),
@@ -524,6 +695,10 @@ def info(
         _fail(2, str(e))
     t = configs["transformer"]
     heads = t["num_attention_heads"]
+    try:
+        _check_weights(model)
+    except RuntimeError as e:
+        _fail(1, str(e))
     params = {name: _count_parameters(model / name) for name in ("transformer", "vae", "text_encoder")}
     summary = {
         "model": str(model),

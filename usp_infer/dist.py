@@ -121,6 +121,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    """The rank torchrun announced (0 for a plain process): the CLI prints errors from it before any mesh exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _my_group(members: list[list[int]], rank: int, timeout: timedelta) -> ProcessGroup:
     """Create every group in `members` (all ranks must, in the same order) and keep the one holding rank."""
     mine = None

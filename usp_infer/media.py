@@ -135,6 +135,38 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
+def _temps_of(path: Path) -> list[Path]:
+    """Temp files (or directories) that _temp_name made for `path`."""
+    if not path.parent.is_dir():
+        return []
+    mine = re.compile(re.escape(f".{path.name}.") + r"[0-9a-f]{8}\.tmp")
+    return [p for p in path.parent.iterdir() if mine.fullmatch(p.name)]
+
+
+def remove_stale_temps(output: Path | str) -> list[Path]:
+    """Delete the temp files an earlier, killed write of `output` (or its sidecar) left; returns what went.
+
+    A write cleans up after itself on any exception or Ctrl-C, but SIGKILL (or a power cut) gives it
+    no chance; the CLI calls this before it writes an output, so a rerun (batch --resume) clears them.
+    """
+    output = Path(output)
+    stale = _temps_of(output) + _temps_of(sidecar_path(output))
+    if output_kind(output) == "png":
+        directory, pattern = _frame_layout(output)
+        if directory != output:  # a pattern's frames live in a directory of their own
+            stale += _temps_of(directory)
+        if directory.is_dir():
+            prefix, suffix = _FIELD.split(pattern)
+            frame = re.compile(re.escape("." + prefix) + r"\d+" + re.escape(suffix) + r"\.[0-9a-f]{8}\.tmp")
+            stale += [p for p in directory.iterdir() if frame.fullmatch(p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 @contextmanager
 def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` on success, delete it on any error."""

@@ -1,0 +1,416 @@
+"""The command line end to end: every bad input, batch runs, sidecars, info, help, --quiet/--json, examples.
+
+Most cases run in-process through typer's CliRunner (stdout and stderr apart, no start-up cost); a few run
+`python -m usp_infer` for real, to see exactly what a user's terminal gets. Every size is the smallest the
+tiny model takes, so the whole file stays within seconds of start-up time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import usp_infer
+from usp_infer import pipeline
+from usp_infer.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "ltx-tiny"
+IMAGE = ROOT / "tests" / "data" / "first_frame.png"
+# 64x96 pixels, 9 frames -> 2 latent frames of 2x3 tokens; 2 steps; 16 text tokens: a run takes ~0.2 s.
+FAST = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", "--max-sequence-length", "16"]
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    # Anything but SystemExit would have been a traceback in a terminal.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under root (hidden ones too), with size and mtime: 'nothing written' compares these."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def model_copy(tmp: Path) -> Path:
+    shutil.copytree(MODEL, tmp / "model")
+    return tmp / "model"
+
+
+def error_line(stderr: str) -> str:
+    """Our errors are exactly one line, starting 'error:'."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+# --- bad input: exit code, one line naming the value and the fix, nothing written -----------------
+
+
+def _no_weights(tmp: Path) -> list:
+    model = model_copy(tmp)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    return ["--model", model]
+
+
+def _truncated(tmp: Path) -> list:
+    model = model_copy(tmp)
+    path = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)  # a download cut off half way
+    return ["--model", model]
+
+
+def _garbled_header(tmp: Path) -> list:
+    model = model_copy(tmp)
+    path = model / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\x00" * 32  # the JSON header right after its 8-byte length
+    path.write_bytes(bytes(data))
+    return ["--model", model]
+
+
+def _configs_disagree(tmp: Path) -> list:
+    model = model_copy(tmp)
+    path = model / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    config["latent_channels"] = 16  # the transformer has 8 in/out channels
+    path.write_text(json.dumps(config))
+    return ["--model", model]
+
+
+def _not_an_image(tmp: Path) -> list:
+    (tmp / "notes.png").write_text("not pixels")
+    return ["--image", "notes.png"]
+
+
+def _parent_is_file(tmp: Path) -> list:
+    (tmp / "file.txt").write_text("x")
+    return ["-o", tmp / "file.txt" / "out.mp4"]
+
+
+def _output_exists(tmp: Path) -> list:
+    (tmp / "old.mp4").write_bytes(b"an earlier video")
+    return ["-o", "old.mp4"]
+
+
+BAD_INPUTS = {
+    # id: (make the situation -> extra args, exit code, what stderr must name)
+    "model-missing": (lambda t: ["--model", t / "nope"], 2, ["--model", "nope", "is not a directory", "diffusers-format"]),
+    "no-transformer-weights": (_no_weights, 2, ["model/transformer holds no *.safetensors"]),
+    "truncated-safetensors": (_truncated, 1, ["transformer/diffusion_pytorch_model.safetensors is truncated or corrupted", "copy or download it again"]),
+    "corrupted-safetensors": (_garbled_header, 1, ["vae/diffusion_pytorch_model.safetensors is truncated or corrupted"]),
+    "configs-disagree": (_configs_disagree, 2, ["configs disagree", "vae latent_channels 16 vs transformer in_channels 8", "matching checkpoint"]),
+    "image-missing": (lambda t: ["--image", "nope.png"], 2, ["--image nope.png does not exist", "PNG or JPEG"]),
+    "image-not-an-image": (_not_an_image, 2, ["--image notes.png is not a readable PNG or JPEG image"]),
+    "frames-not-8k+1": (lambda t: ["--num-frames", "10"], 2, ["--num-frames 10 is not of the form 8k+1; try 9"]),
+    "height-not-32x": (lambda t: ["--height", "100"], 2, ["--height 100 is not a positive multiple of 32; try 96"]),
+    "width-not-32x": (lambda t: ["--width", "50"], 2, ["--width 50 is not a positive multiple of 32; try 64"]),
+    "steps-zero": (lambda t: ["--steps", "0"], 2, ["--steps 0 must be at least 1"]),
+    "steps-negative": (lambda t: ["--steps", "-3"], 2, ["--steps -3 must be at least 1"]),
+    "scale-nan": (lambda t: ["--guidance-scale", "nan"], 2, ["--guidance-scale nan is invalid; use a finite value >= 0"]),
+    "scale-inf": (lambda t: ["--stg-scale", "inf"], 2, ["--stg-scale inf is invalid; use a finite value >= 0"]),
+    "scale-negative": (lambda t: ["--guidance-scale", "-1"], 2, ["--guidance-scale -1.0 is invalid; use a finite value >= 0"]),
+    "rescale-negative": (lambda t: ["--guidance-rescale", "-0.5"], 2, ["--guidance-rescale -0.5 is invalid"]),
+    "ulysses-not-dividing-heads": (lambda t: ["--ulysses-degree", "3"], 2, ["--ulysses-degree 3 does not divide 4 attention heads; use one of 1, 2, 4"]),
+    "degrees-not-world-size": (lambda t: ["--ulysses-degree", "2"], 2, ["ulysses 2 = 2 but the world size is 1", "no degree flags"]),
+    "output-dir-not-creatable": (_parent_is_file, 2, ["cannot create output directory", "file.txt is a file", "choose another output path"]),
+    "output-exists": (_output_exists, 2, ["old.mp4 exists; pass --overwrite to replace it"]),
+    "output-kind": (lambda t: ["-o", "out.avi"], 2, ["unsupported output 'out.avi'", ".mp4"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_one_line_right_code_nothing_written(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make, code, needles = BAD_INPUTS[case]
+    extra = make(tmp_path)
+    before = snapshot(tmp_path)
+    result = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "out" / "video.mp4", *extra)
+    assert result.exit_code == code, result.output
+    line = error_line(result.stderr)
+    for needle in needles:
+        assert needle in line
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == before  # no output, no sidecar, no temp file, no directory
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; the file-as-parent case covers root")
+def test_output_dir_not_writable(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result = cli("generate", "--prompt", "a fox", *FAST, "-o", locked / "video.mp4")
+    assert result.exit_code == 2
+    assert f"output directory {locked} is not writable" in error_line(result.stderr)
+    assert list(locked.iterdir()) == []
+
+
+def test_framework_usage_error_for_unparsable_value(tmp_path):
+    result = cli("generate", "--prompt", "a fox", "--height", "abc", "-o", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    assert "Invalid value for '--height'" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD_BATCHES = {
+    "invalid-json": ('{"prompt": "a"}\n{"prompt": "b",\n', "line 2 of prompts.jsonl is not valid JSON"),
+    "not-an-object": ('["a fox"]\n', 'line 1 of prompts.jsonl needs a "prompt" string'),
+    "unknown-key": ('{"prompt": "a"}\n\n{"prompt": "b", "stepz": 3}\n', "line 3 of prompts.jsonl has unknown keys ['stepz']"),
+    "bad-value": ('{"prompt": "a"}\n{"prompt": "b", "num_frames": 10}\n', "line 2 of prompts.jsonl: --num-frames 10 is not of the form 8k+1"),
+    "missing-image": ('{"prompt": "a"}\n{"prompt": "b", "image": "gone.png"}\n', "line 2 of prompts.jsonl: --image gone.png does not exist"),
+    "same-output": ('{"prompt": "a", "output": "x.mp4"}\n{"prompt": "b", "output": "x.mp4"}\n', "two items write the same output"),
+    "empty": ("\n\n", "batch file prompts.jsonl has no items"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BATCHES, ids=list(BAD_BATCHES))
+def test_malformed_batch_names_the_line(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text, needle = BAD_BATCHES[case]
+    Path("prompts.jsonl").write_text(text)
+    before = snapshot(tmp_path)
+    result = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
+    assert result.exit_code == 2
+    assert needle in error_line(result.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_missing_batch_file(tmp_path):
+    result = cli("batch", tmp_path / "nope.jsonl", *FAST)
+    assert result.exit_code == 2
+    assert "nope.jsonl cannot be read" in error_line(result.stderr)
+
+
+def test_real_process_one_line_and_debug_traceback(tmp_path):
+    """What a terminal shows: one line and the exit code; --debug adds the traceback."""
+    model = _truncated(tmp_path)[1]
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "usp_infer", "generate", "--prompt", "a fox", *FAST, "-o", str(tmp_path / "v.mp4"), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    usage = run("--num-frames", "10")
+    assert usage.returncode == 2 and usage.stdout == ""
+    assert error_line(usage.stderr) == "error: --num-frames 10 is not of the form 8k+1; try 9"
+    broken = run("--model", str(model))
+    assert broken.returncode == 1 and "truncated or corrupted" in error_line(broken.stderr)
+    debug = run("--model", str(model), "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert not (tmp_path / "v.mp4").exists() and not list(tmp_path.glob(".*"))
+
+
+# --- batch -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    loads = []
+    real = pipeline.load_components
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_components", counting)
+    return loads
+
+
+def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_loads):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text(
+        '{"prompt": "A red Fox, in snow!", "seed": 5}\n'
+        "\n"  # blank lines are allowed and still counted in line numbers
+        '{"prompt": "waves", "steps": 3, "num_frames": 17, "guidance_scale": 4.5, "negative_prompt": "blurry"}\n'
+        f'{{"prompt": "from an image", "image": "{IMAGE}", "output": "custom/one.npz"}}\n'
+    )
+    result = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
+    assert result.exit_code == 0, result.output
+    assert count_loads == [MODEL]  # three items, one load
+    names = ["out/0000-a-red-fox-in-snow-s5.mp4", "out/0001-waves-s0.mp4", "custom/one.npz"]
+    for name in names:
+        assert Path(name).is_file() and Path(name + ".json").is_file()
+    assert "line 3 of prompts.jsonl" in result.stderr
+    assert result.stderr.strip().endswith("done: 3 ran, 0 skipped, 0 failed")
+    first, second, third = (json.loads(Path(n + ".json").read_text())["request"] for n in names)
+    assert (first["seed"], first["steps"], first["num_frames"], first["guidance"]["cfg"]) == (5, 2, 9, [3.0])
+    assert (second["steps"], second["num_frames"], second["guidance"]["cfg"], second["negative_prompt"]) == (3, 17, [4.5], "blurry")
+    assert third["image"] == str(IMAGE)
+    assert np.load("custom/one.npz")["frames"].shape == (9, 64, 96, 3)
+
+    before = snapshot(tmp_path)
+    again = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume")
+    assert again.exit_code == 0 and again.stderr.strip() == "done: 0 ran, 3 skipped, 0 failed"
+    assert count_loads == [MODEL]  # nothing to do: nothing loaded
+    assert snapshot(tmp_path) == before
+
+    # Half-finished items are redone: an output without its sidecar (killed between the two renames),
+    # a sidecar whose output was deleted.
+    Path(names[0] + ".json").unlink()
+    Path(names[1]).unlink()
+    redo = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume")
+    assert redo.exit_code == 0 and redo.stderr.strip().endswith("done: 2 ran, 1 skipped, 0 failed")
+    assert all(Path(n).is_file() and Path(n + ".json").is_file() for n in names)
+    assert Path(names[2]).stat().st_mtime_ns == before[names[2]][1]
+    before = snapshot(tmp_path)
+
+    # A finished output made with other settings is not silently kept (nor replaced) by --resume.
+    changed = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", "--seed", "9")
+    assert changed.exit_code == 2 and "was made with other settings" in error_line(changed.stderr)
+    without = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
+    assert without.exit_code == 2 and "pass --overwrite to replace it, or --resume" in error_line(without.stderr)
+    assert snapshot(tmp_path) == before
+
+
+# A scale of 1e300 passes validation (finite, >= 0) but overflows float32 at the first step: the honest
+# stand-in for an item that diverges at run time, which only shows once the item runs.
+DIVERGING = '{"prompt": "too much", "guidance_scale": 1e300}'
+
+
+@pytest.mark.parametrize("keep_going", [True, False])
+def test_batch_failed_item(keep_going, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text(f'{{"prompt": "one"}}\n{DIVERGING}\n{{"prompt": "three"}}\n')
+    flags = ["--keep-going"] if keep_going else []
+    result = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", *flags)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2; try --dtype float32 or lower guidance scales"]
+    made = sorted(p.name for p in Path("out").iterdir())
+    if keep_going:
+        assert made == ["0000-one-s0.mp4", "0000-one-s0.mp4.json", "0002-three-s0.mp4", "0002-three-s0.mp4.json"]
+        assert result.stderr.strip().endswith("done: 2 ran, 0 skipped, 1 failed")
+    else:
+        assert made == ["0000-one-s0.mp4", "0000-one-s0.mp4.json"]
+
+
+def test_json_summary_is_all_of_stdout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text(f'{{"prompt": "one"}}\n{DIVERGING}\n')
+    result = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going", "--json", "--quiet")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert (summary["ran"], summary["skipped"], summary["failed"]) == (1, 0, 1)
+    assert summary["outputs"][0]["output"] == "out/0000-one-s0.mp4"
+    assert summary["failures"][0]["item"] == "line 2 of prompts.jsonl"
+    assert "non-finite" in summary["failures"][0]["error"]
+
+
+def test_quiet_silences_progress(tmp_path):
+    loud = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "a.mp4")
+    assert loud.exit_code == 0 and "step" in loud.stderr and "wrote" in loud.stderr
+    quiet = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "b.mp4", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
+# --- the sidecar --------------------------------------------------------------------------------
+
+
+def test_sidecar_fields(tmp_path):
+    out = tmp_path / "fox.mp4"
+    result = cli("generate", "--prompt", "a fox", *FAST, "--seed", "11", "--stg-scale", "1", "--stg-blocks", "1",
+                 "--guidance-rescale", "0.5", "--a2a-mode", "functional", "--dist-timeout", "77", "-o", out)
+    assert result.exit_code == 0, result.output
+    side = json.loads((tmp_path / "fox.mp4.json").read_text())
+    req = side["request"]
+    # Every resolved parameter, the ones given and the defaults alike.
+    assert req["prompt"] == "a fox" and req["seed"] == side["seed"] == 11
+    assert (req["height"], req["width"], req["num_frames"], req["steps"], req["max_sequence_length"]) == (64, 96, 9, 2, 16)
+    assert (req["fps"], req["decode_timestep"], req["decode_noise_scale"], req["image"], req["branches"]) == (25.0, 0.05, 0.025, None, "batched")
+    assert req["guidance"] == {"cfg": [3.0], "stg": [1.0], "rescale": [0.5], "stg_blocks": [[1]], "stg_mode": "values",
+                               "cfg_star": False, "timesteps": []}
+    assert side["model"]["path"] == str(MODEL) and len(side["model"]["config_sha256"]) == 16
+    assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0}
+    assert (side["device"], side["dtype"]) == ("cpu", "float32")
+    t = side["timings"]
+    assert len(t["step_s"]) == 2 and all(s > 0 for s in t["step_s"])
+    assert t["total_s"] >= t["denoise_s"] + t["decode_s"] > 0 and t["model_load_s"] > 0
+    assert side["peak_memory_gb"] > 0 and side["peak_memory_of"] == "process max RSS, whole run so far"
+    assert side["versions"] == {"usp_infer": usp_infer.__version__, "torch": torch.__version__,
+                                "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def test_config_hash_follows_the_configs(tmp_path):
+    model = model_copy(tmp_path)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+
+    def run(name):
+        assert cli("generate", "--prompt", "a", *FAST, "--model", model, "-o", tmp_path / name, "--quiet").exit_code == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())["model"]["config_sha256"]
+
+    first, same = run("a.npz"), run("b.npz")
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "max_shift": 2.0}))
+    assert first == same != run("c.npz")
+
+
+# --- info and help ------------------------------------------------------------------------------
+
+
+def test_info_text_and_json(tmp_path):
+    text = cli("info", MODEL, "--gpus", "4")
+    assert text.exit_code == 0
+    assert "num_layers 2, num_attention_heads 4" in text.stdout and "8k+1" in text.stdout
+    for flags in ("--ring-degree 1 --ulysses-degree 4", "--ring-degree 2 --ulysses-degree 2", "--ring-degree 4 --ulysses-degree 1"):
+        assert f"--cfg-parallel 1 {flags}" in text.stdout
+    data = json.loads(cli("info", "--gpus", "4", "--json").stdout)  # the default model
+    assert data["model"] == str(MODEL) and data["transformer"]["num_attention_heads"] == 4
+    assert data["layouts"] == [{"cfg": 1, "ring": 1, "ulysses": 4}, {"cfg": 1, "ring": 2, "ulysses": 2}, {"cfg": 1, "ring": 4, "ulysses": 1}]
+    assert all(n > 0 for n in data["parameters"].values())
+    # 3 processes: Ulysses 3 does not divide 4 heads, so only ring 3 or cfg-parallel 3 (3 guidance branches) fit.
+    assert json.loads(cli("info", "--gpus", "3", "--json").stdout)["layouts"] == [{"cfg": 1, "ring": 3, "ulysses": 1}, {"cfg": 3, "ring": 1, "ulysses": 1}]
+    assert cli("info", tmp_path / "nope").exit_code == 2
+    assert cli("info", "--gpus", "0").exit_code == 2
+    broken = cli("info", _truncated(tmp_path)[1])
+    assert broken.exit_code == 1 and "truncated or corrupted" in error_line(broken.stderr)
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["info"], ["make-tiny"]])
+def test_help_shows_examples_unwrapped(command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.stdout
+    examples = result.stdout.split("Examples:")[1].split("Options:")[0].split("Arguments:")[0]
+    lines = [line.rstrip() for line in examples.splitlines() if line.strip()]
+    assert any(line.strip().startswith(("usp-infer ", "torchrun ")) for line in lines)
+    # Click rewraps plain paragraphs ("--num-" / "frames 9"); the examples must come through as written:
+    # a flag starts a line only after a shell continuation, and no word is split at a hyphen.
+    for previous, line in zip(lines, lines[1:]):
+        assert not line.strip().startswith("--") or previous.endswith("\\"), line
+    assert not any(line.endswith("-") for line in lines), lines
+
+
+# --- the example scripts -------------------------------------------------------------------------
+
+EXAMPLES = {
+    "generate_single.sh": ["fox.mp4", "fox.mp4.json", "fox.npz", "fox.summary.json"],
+    "image_to_video.sh": ["i2v.mp4", "i2v.mp4.json"],
+    "usp_4gpu.sh": ["fox_usp4.mp4", "fox_usp4.mp4.json"],
+    "batch_resume.sh": ["0000-a-red-fox-running-through-fresh-snow-s1.mp4", "0003-the-scene-comes-alive-s4.mp4.json"],
+    "a2a_compare.sh": ["a2a_direct.npz", "a2a_functional.npz"],
+}
+
+
+@pytest.mark.parametrize("script", EXAMPLES)
+def test_example_runs_as_is(script, tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", f"examples/{script}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in EXAMPLES[script]:
+        assert (tmp_path / name).is_file(), name
+    if script == "batch_resume.sh":
+        assert "done: 4 ran, 0 skipped, 0 failed" in run.stderr and "done: 0 ran, 4 skipped, 0 failed" in run.stderr
+    if script == "a2a_compare.sh":
+        assert "identical frames and latents" in run.stdout
+    if script == "generate_single.sh":
+        assert json.loads((tmp_path / "fox.summary.json").read_text())["ran"] == 1

@@ -1,0 +1,302 @@
+"""Faults: a killed or hung rank, Ctrl-C, non-finite latents, and a batch killed with SIGKILL then resumed.
+
+The multi-process cases launch real `torchrun ... -m usp_infer` jobs on the CPU (gloo) and signal the
+processes themselves, so what is tested is what a user's job does, start-up and all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from usp_infer import media, pipeline
+from usp_infer.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", "--max-sequence-length", "16"]
+# A run that would take minutes (3000 steps of 7 x 8 x 12 = 672 tokens) so that it is surely mid-loop when
+# signalled; it never runs to the end.
+LONG = ["--height", "256", "--width", "384", "--num-frames", "49", "--steps", "3000", "--max-sequence-length", "16"]
+BOUND_S = 60  # the issue's promise: every process gone within a minute of a rank's death
+
+
+class Job:
+    """A process tree (torchrun or a single process) in its own session, stderr collected as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.err = b""
+        self.workers: set[int] = set()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
+            self.err += chunk
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}):\n{self.stderr[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{self.stderr[-3000:]}"
+            time.sleep(0.05)
+
+    def _children(self) -> list[int]:
+        pid = self.proc.pid
+        return [int(c) for task in os.listdir(f"/proc/{pid}/task") for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+
+    def ranks(self) -> dict[int, int]:
+        """rank -> pid of torchrun's worker processes (read from their environment)."""
+        found = {}
+        for pid in self._children():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            found[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = pid
+        self.workers.update(found.values())
+        return found
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return rc
+
+    def kill_all(self) -> None:
+        """Leave nothing running, whatever the test did. torchrun starts each worker in a session of its own,
+        so they are signalled one by one; a stopped one gets SIGCONT so that it can die of SIGKILL at once."""
+        if self.proc.poll() is None:
+            try:
+                self.workers.update(self._children())
+            except OSError:  # torchrun exited between the poll and the read
+                pass
+        for pid in self.workers:
+            try:
+                if b"usp_infer" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue  # gone, and the pid already reused by someone else's process
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie counts as gone: it has exited and only waits for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "usp_infer", *args]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_rank_stops_every_process(victim, tmp_path):
+    job = Job(torchrun(2, "generate", "--prompt", "a fox", *LONG, "--dist-timeout", "30", "-o", "out/fox.mp4"), tmp_path)
+    try:
+        job.wait_for("ms/step]")  # rank 0's progress bar: both ranks are inside the denoising loop
+        pids = job.ranks()
+        start = time.monotonic()
+        os.kill(pids[victim], signal.SIGKILL)
+        rc = job.wait(timeout=BOUND_S)
+        assert time.monotonic() - start < BOUND_S
+    finally:
+        job.kill_all()
+    assert rc != 0
+    assert not any(alive(pid) for pid in pids.values())
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []  # no output, sidecar or temp file
+    if victim == 1:  # rank 0 lives long enough to say what happened (unless torchrun's SIGTERM comes first)
+        said = [line for line in job.stderr.splitlines() if line.startswith("error: ")]
+        assert len(said) == 1, job.stderr[-3000:]
+        lost = (said[0].startswith("error: rank 0: lost contact with another rank in a collective (")
+                and said[0].count("lost contact") == 1 and said[0].endswith("--dist-timeout 30 s"))
+        assert lost or said[0] == "error: interrupted; finished outputs are kept, the one in progress was discarded", said
+
+
+def test_hung_rank_times_out_after_dist_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP) is given up on after --dist-timeout, not the 10-minute default."""
+    job = Job(torchrun(2, "generate", "--prompt", "a fox", *LONG, "--dist-timeout", "5", "-o", "out/fox.mp4"), tmp_path)
+    try:
+        job.wait_for("ms/step]")
+        pids = job.ranks()
+        start = time.monotonic()
+        os.kill(pids[1], signal.SIGSTOP)
+        while alive(pids[0]):
+            assert time.monotonic() - start < 5 + 25, "rank 0 still waits well past --dist-timeout 5"
+            time.sleep(0.1)
+        job.wait_for("--dist-timeout 5 s", timeout=10)
+    finally:
+        job.kill_all()  # torchrun would SIGKILL the stopped rank only after a 30 s grace period
+    said = [line for line in job.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith("error: rank 0: lost contact with another rank") and "Timed out" in said[0], said
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_exits_130_without_output(signum, tmp_path):
+    job = Job([sys.executable, "-m", "usp_infer", "generate", "--prompt", "a fox", *LONG, "-o", "out/fox.mp4"], tmp_path)
+    try:
+        job.wait_for("ms/step]")
+        os.kill(job.proc.pid, signum)
+        rc = job.wait(timeout=30)
+    finally:
+        job.kill_all()
+    assert rc == 130
+    assert job.stderr.strip().splitlines()[-1] == "error: interrupted; finished outputs are kept, the one in progress was discarded"
+    assert "Traceback" not in job.stderr and not (tmp_path / "out").exists()
+
+
+def test_interrupt_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of encoding: the temp file goes, nothing appears under the final name."""
+
+    def interrupted(frames):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(media, "_to_uint8", interrupted)  # called while the mp4 is being written to its temp file
+    result = CliRunner().invoke(app, ["generate", "--prompt", "a fox", *FAST, "-o", str(tmp_path / "fox.mp4")])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert leftovers(tmp_path) == []
+
+
+class NaNAtCall:
+    """The transformer, except that its n-th call returns NaN: a model that diverges at a known step."""
+
+    def __init__(self, inner, bad_call: int):
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        out = self.inner(*args, **kwargs)
+        return out * float("nan") if self.calls == self.bad_call else out
+
+
+def test_non_finite_latents_name_the_step(tmp_path, monkeypatch):
+    real = pipeline.load_components
+
+    def diverging(*args, **kwargs):
+        components = real(*args, **kwargs)
+        components.transformer = NaNAtCall(components.transformer, bad_call=2)  # CFG batched: one call per step
+        return components
+
+    monkeypatch.setattr(pipeline, "load_components", diverging)
+    result = CliRunner().invoke(app, ["generate", "--prompt", "a fox", *FAST, "--steps", "4", "-o", str(tmp_path / "fox.mp4")])
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: non-finite values in the latents at step 2/4; try --dtype float32 or lower guidance scales"]
+    assert leftovers(tmp_path) == []
+
+
+# --- batch: resume after SIGKILL, and batch under torchrun ---------------------------------------
+
+# Each item takes ~1-2 s on 2 cores (denoise + decode + mp4), so a kill right after the first output lands
+# while the second item runs.
+SLOW_ITEM = ["--height", "256", "--width", "384", "--num-frames", "49", "--steps", "40", "--max-sequence-length", "16"]
+
+
+def test_batch_resume_after_sigkill(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n" for i, p in enumerate(["fox", "owl", "elk"])))
+    out = tmp_path / "out"
+    names = [f"000{i}-{p}-s{i}.mp4" for i, p in enumerate(["fox", "owl", "elk"])]
+    command = [sys.executable, "-m", "usp_infer", "batch", str(prompts), *SLOW_ITEM, "--output-dir", str(out)]
+
+    job = Job(command, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / f"{names[0]}.json").exists():
+            assert job.proc.poll() is None and time.monotonic() < deadline, job.stderr[-3000:]
+            time.sleep(0.02)
+        os.kill(job.proc.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+    finally:
+        job.kill_all()
+    finished = {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns, (out / f"{n}.json").stat().st_mtime_ns)
+                for n in names if (out / f"{n}.json").exists()}
+    assert names[0] in finished and len(finished) < len(names), "the kill must land mid-batch for this test to mean anything"
+    # What a SIGKILL during a write leaves: a temp file beside the output it was becoming.
+    stale = out / f".{names[-1]}.0badf00d.tmp"
+    stale.write_bytes(b"half a video")
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    skipped = len(finished)
+    assert resumed.stderr.strip().splitlines()[-1] == f"done: {len(names) - skipped} ran, {skipped} skipped, 0 failed"
+    for name, (data, mtime, side_mtime) in finished.items():  # untouched: same bytes, same mtimes
+        assert (out / name).read_bytes() == data and (out / name).stat().st_mtime_ns == mtime
+        assert (out / f"{name}.json").stat().st_mtime_ns == side_mtime
+    assert leftovers(out) == sorted(names + [f"{n}.json" for n in names])  # the rest done, no temp files
+    assert json.loads((out / f"{names[-1]}.json").read_text())["request"]["prompt"] == "elk"
+
+
+def test_remove_stale_temps_only_touches_its_output(tmp_path):
+    ours = [tmp_path / ".a.mp4.0123abcd.tmp", tmp_path / ".a.mp4.json.89abcdef.tmp"]
+    others = [tmp_path / ".b.mp4.0123abcd.tmp", tmp_path / ".a.mp4.notours.tmp", tmp_path / "a.mp4"]
+    for path in ours + others:
+        path.write_bytes(b"x")
+    assert sorted(media.remove_stale_temps(tmp_path / "a.mp4")) == sorted(ours)
+    assert leftovers(tmp_path) == sorted(p.name for p in others)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / ".frame_00003.png.00000000.tmp").write_bytes(b"x")
+    (tmp_path / ".frames.11111111.tmp").mkdir()
+    assert len(media.remove_stale_temps(frames)) == 2 and list(frames.iterdir()) == []
+
+
+def test_batch_under_torchrun_keep_going(tmp_path):
+    """Batch runs under torchrun like generate; a diverging item (all ranks agree on it) is skipped by every rank."""
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "one"}\n{"prompt": "too much", "guidance_scale": 1e300}\n{"prompt": "three", "output": "three.npz"}\n'
+    )
+    job = Job(torchrun(2, "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going", "--dist-timeout", "60"), tmp_path)
+    try:
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill_all()
+    assert rc != 0  # an item failed
+    assert job.stderr.count("done: 2 ran, 0 skipped, 1 failed") == 1  # rank 0 alone reports
+    assert job.stderr.count("error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2") == 1
+    assert leftovers(tmp_path / "out") == ["0000-one-s0.mp4", "0000-one-s0.mp4.json"]
+    side = json.loads((tmp_path / "three.npz.json").read_text())
+    assert side["parallel"]["world_size"] == side["parallel"]["ulysses"] == 2
+    assert np.isfinite(np.load(tmp_path / "three.npz")["frames"]).all()
+
+
+def test_layout_error_under_torchrun(tmp_path):
+    """Degrees whose product is not the world size: a usage error before anything loads, said once."""
+    job = Job(torchrun(2, "generate", "--prompt", "a fox", *FAST, "--ulysses-degree", "4", "-o", "fox.mp4"), tmp_path)
+    try:
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill_all()
+    assert rc != 0
+    expected = ("error: cfg 1 x ring 1 x ulysses 4 = 4 but the world size is 2; "
+                "for 2 processes try --ulysses-degree 2, or --ring-degree 2")
+    assert job.stderr.count(expected) == 1, job.stderr[-3000:]
+    assert leftovers(tmp_path) == []
+
