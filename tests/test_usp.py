@@ -276,3 +276,36 @@ def test_resolve_parallel() -> None:
     assert resolve_parallel(ParallelConfig(cfg=2, ring=2), 4) == ParallelConfig(cfg=2, ring=2)
     assert resolve_parallel(ParallelConfig(ulysses=2), 4) == ParallelConfig(ulysses=2)  # given: left to validation
     assert resolve_parallel(ParallelConfig(ring=3), 4) == ParallelConfig(ring=3)  # does not fit: left to validation
+
+
+# --- 8 ranks (issue 7's CPU part): the layouts an 8-GPU node runs --------------------------------------------
+
+WORLD8_LAYOUTS = [(1, 1, 8), (2, 1, 4), (1, 2, 4)]  # Ulysses 8 needs 8 heads; cfg 2 x Ulysses 4; Ulysses 4 x ring 2
+WORLD8_TOTALS = [16, 13]  # even, and uneven with the last rank holding pads only (13 on 8 -> 2 x 6 + 1 + pads)
+H8 = 8
+
+
+def _world8_job() -> dict:
+    errors = {}
+    for layout in WORLD8_LAYOUTS:
+        mesh = init_mesh(_parallel(*layout), "cpu")
+        for total in WORLD8_TOTALS:
+            shard = SeqShard.for_mesh(total, mesh)
+            gen = torch.Generator().manual_seed(100 * total + mesh.cfg_rank)  # each cfg group its own data
+            q, k, v = (torch.randn(B, total, H8, D, generator=gen) for _ in range(3))
+            ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            ref = ref.transpose(1, 2)
+            # chunks=2 with no size floor pipelines the exchange over 2 head groups wherever 2 heads stay local
+            for mode, chunks in (("direct", 1), ("functional", 1), ("direct", 2)):
+                attn = USPAttention(mesh, shard, mode, chunks=chunks, min_chunk_bytes=0)
+                out = shard.gather(attn(shard.split(q), shard.split(k), shard.split(v)))
+                errors[layout, total, mode, chunks] = _rel_err(out, ref)
+    return errors
+
+
+def test_world8_layouts_match_full_sdpa() -> None:
+    results = run_spawn(_world8_job, 8)
+    for rank, errors in enumerate(results):
+        assert len(errors) == len(WORLD8_LAYOUTS) * len(WORLD8_TOTALS) * 3
+        bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
+        assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"

@@ -724,5 +724,20 @@ def info(
         typer.echo(f"  --cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}")
 
 
+def _register_bench() -> None:
+    from .bench import bench_command  # torch + typer only: runs where diffusers is not installed
+
+    app.command(
+        "bench",
+        help="Time denoising steps of a full-size LTX transformer (random bf16 weights) on 1..N GPUs.\n\n"
+        "\b\nExamples:\n"
+        "  usp-infer bench --shape ltx-video-13b --height 512 --width 768 --num-frames 121\n"
+        "  torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json",
+    )(bench_command)
+
+
+_register_bench()
+
+
 def main() -> None:
     app()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Config keys diffusers stores whose only supported value is the one LTX-Video uses.
 _FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
@@ -76,6 +77,9 @@ class LTXConfig:
 SHAPES: dict[str, LTXConfig] = {
     "ltx-video-2b": LTXConfig(),
     "ltx-video-13b": LTXConfig(num_layers=48, attention_head_dim=128, cross_attention_dim=4096),
+    # models/ltx-tiny's transformer: the shape CPU tests of the benchmark run.
+    "ltx-tiny": LTXConfig(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8,
+                          cross_attention_dim=32, num_layers=2, caption_channels=48),
 }
 
 
@@ -114,21 +118,40 @@ def rope_tables(
 def _apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate channel pairs (2i, 2i+1) of x (B, S, C) by their angle, in fp32 like diffusers.
 
-    Pure elementwise on views (one stack), so a compiler fuses it into a single kernel.
+    diffusers' formula, x * cos + (-b, a) * sin, is pure elementwise on views, so under torch.compile
+    it fuses into one kernel. Run eagerly it is ~16 passes over fp32 copies; there the same product as
+    a complex multiply, (a + ib)(cos + i sin), takes 3 kernels (cos and sin repeat each angle twice).
     """
     cos, sin = rope
-    pairs = x.unflatten(-1, (-1, 2))  # (B, S, C/2, 2)
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    if torch.compiler.is_compiling():
+        pairs = x.unflatten(-1, (-1, 2))  # (B, S, C/2, 2)
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    turn = torch.complex(cos[..., ::2], sin[..., ::2])  # (1|B, S, C/2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, C/2) complex: a + ib
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+# torch tries flash first; cuDNN's kernel uses Hopper's own instructions and ran faster on an H200
+# (bf16, 64- and 128-dim heads; bench/NOTES.md). The others stay as fallbacks for shapes cuDNN refuses.
+_CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """F.scaled_dot_product_attention on (B, H, S, D), preferring cuDNN's kernel on CUDA."""
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Unmasked attention, (B, S, H, D) in and out: the default, single-process AttnFn."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 STG_MODES = ("values", "skip", "residual", "block")
@@ -189,7 +212,7 @@ class Attention(nn.Module):
             return t.unflatten(2, (self.heads, -1)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
 
         q, k, v = heads(self.norm_q(self.to_q(x))), heads(self.norm_k(self.to_k(context))), heads(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_bias)  # (B, H, S, D)
+        out = sdpa(q, k, v, attn_mask=text_bias)  # (B, H, S, D)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
@@ -247,13 +270,30 @@ class TransformerBlock(nn.Module):
     ) -> Tensor:
         ada = self.scale_shift_table + temb.unflatten(2, (6, -1))  # (B, 1|S, 6*D) -> (B, 1|S, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(2)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        out = x + self.attn1.self_attention(h, rope, attn_fn, rows, mode) * gate_msa
+        # addcmul(a, b, c) = a + b * c in one pass instead of two over the (B, S, D) activations.
+        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
+        out = torch.addcmul(x, self.attn1.self_attention(h, rope, attn_fn, rows, mode), gate_msa)
         if mode == "residual":
             out = torch.where(rows, x, out)
         out = out + self.attn2.cross_attention(out, context, text_bias)  # un-normed queries, no gate: as diffusers
-        out = out + self.ff(self.norm2(out) * (1 + scale_mlp) + shift_mlp) * gate_mlp
+        out = torch.addcmul(out, self.ff(torch.addcmul(shift_mlp, self.norm2(out), 1 + scale_mlp)), gate_mlp)
         return torch.where(rows, x, out) if mode == "block" else out
+
+
+def _drop_trailing_pads(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Cut the text positions after the last one any row keeps: (B, L, C), (B, L) -> (B, L', C), (B, L').
+
+    A masked key gets a -10000 bias, so its attention weight is exactly 0 whenever its row keeps at
+    least one key: dropping it changes only the work (T5 pads a ~20-token prompt to 128 positions, and
+    every block projects and attends to all of them). A row that keeps nothing attends evenly over its
+    pads, so then nothing is cut.
+    """
+    kept = mask.bool()
+    positions = torch.arange(1, kept.shape[1] + 1, device=kept.device)
+    length, every_row_keeps = torch.stack([(kept.any(0) * positions).max(), kept.any(1).all()]).tolist()
+    if not every_row_keeps:
+        return text, mask
+    return text[:, :length], mask[:, :length]
 
 
 def _timestep_features(t: Tensor) -> Tensor:
@@ -292,7 +332,10 @@ class LTXTransformer(nn.Module):
         B, S, _ = hidden_states.shape
         self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation)
         text_bias = None
-        if encoder_attention_mask is not None:  # diffusers: keep -> 0, pad -> -10000, broadcast over heads/queries
+        if encoder_attention_mask is not None:
+            encoder_hidden_states, encoder_attention_mask = _drop_trailing_pads(encoder_hidden_states,
+                                                                               encoder_attention_mask)
+            # diffusers: keep -> 0, pad -> -10000, broadcast over heads and queries
             text_bias = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0)[:, None, None, :]
         x = self.proj_in(hidden_states)
         embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep.flatten()).to(x.dtype))

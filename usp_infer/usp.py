@@ -6,38 +6,84 @@ The transformer calls `USPAttention` as its attention function with q, k, v of l
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from usp_infer.config import A2A_MODES
 from usp_infer.dist import Mesh
+from usp_infer.ltx import sdpa
 from usp_infer.sharding import SeqShard
 
 
-def all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
-    """Exchange equal chunks of dim 0: chunk i goes to group rank i, and arrives as chunk `rank`.
+Pending = Callable[[], Tensor]  # waits for an exchange started earlier and returns what arrived
+MIN_CHUNK_BYTES = 8 * 2**20  # smallest q/k/v message worth pipelining (see USPAttention._chunk_count)
 
-    `direct` writes into a preallocated output; `functional` goes through the functional
-    collective (allocation, group lookup, AsyncCollectiveTensor): same bytes, more overhead
-    per call, which is why the mode is a choice (see REFERENCE.md).
+
+def start_all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Pending:
+    """Start exchanging equal chunks of dim 0 (chunk i goes to group rank i, and arrives as chunk `rank`).
+
+    Returns a function that waits for the exchange and gives the result: until it is called the
+    caller's stream runs on, so computation issued in between overlaps the transfer. `direct`
+    writes into a preallocated output; `functional` goes through the functional collective
+    (allocation, group lookup, AsyncCollectiveTensor): same bytes, more overhead per call, which
+    is why the mode is a choice (see REFERENCE.md).
     """
     assert x.shape[0] % dist.get_world_size(group) == 0, f"dim 0 of {tuple(x.shape)} does not split evenly"
     x = x.contiguous()  # the direct call rejects strided input
     if mode == "direct":
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
+        work = dist.all_to_all_single(out, x, group=group, async_op=True)
+
+        def wait_direct() -> Tensor:
+            work.wait()  # the caller's stream waits for the transfer; the host does not
+            return out
+
+        return wait_direct
     if mode == "functional":
-        return funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group))
+        pending = funcol.all_to_all_single(x, None, None, group)
+        return lambda: funcol.wait_tensor(pending)
     raise ValueError(f"a2a mode {mode!r} is unknown; use one of {', '.join(A2A_MODES)}")
 
 
+def all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
+    """start_all_to_all, waited for at once."""
+    return start_all_to_all(x, group, mode)()
+
+
+def _as_words(x: Tensor) -> Tensor | None:
+    """The same memory as 16-byte words along the last dim, or None where the layout does not allow it."""
+    ratio = 16 // x.element_size()
+    if x.stride(-1) != 1 or x.shape[-1] % ratio or x.storage_offset() % ratio:
+        return None
+    if any(stride % ratio for stride in x.stride()[:-1]):
+        return None
+    return x.view(torch.complex128)  # the one 16-byte dtype; only its bytes matter here
+
+
+def _copy(dst: Tensor, src: Tensor) -> None:
+    """dst.copy_(src) for the permuted layout copies around an exchange, moved as 16-byte words if it can.
+
+    PyTorch's strided copy kernel computes an index per element, so on bf16 (2 bytes) it is index-bound:
+    ~1 TB/s on an H200 at these shapes. Per 16-byte word the same bytes move several times faster
+    (bench/NOTES.md); the rows being moved (heads x head_dim) are contiguous either way.
+    """
+    dst_words, src_words = _as_words(dst), _as_words(src)
+    if dst_words is None or src_words is None:
+        dst.copy_(src)
+    else:
+        dst_words.copy_(src_words)
+
+
 def seq_to_head(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
-    """(B, s/P, H, D) -> (B, s, H/P, D): trade a sequence shard for a head shard."""
+    """(B, s/P, H, D) -> (B, s, H/P, D): trade a sequence shard for a head shard.
+
+    The plain exchange; USPAttention runs the same layout in head chunks to overlap it with attention.
+    """
     return seq_to_head_many([x], group, mode)[0]
 
 
@@ -79,8 +125,8 @@ def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor
         return out, lse
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16):
-            # cuDNN first, as F.scaled_dot_product_attention chooses: on an H200 it ran 1.6x faster
-            # than the flash kernel (bf16, 128-dim heads); flash where cuDNN cannot take the shape.
+            # cuDNN first, as ltx.sdpa orders the backends: on an H200 it ran faster than the flash
+            # kernel (bf16, 128-dim heads; bench/NOTES.md); flash where cuDNN cannot take the shape.
             params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
             if torch.backends.cuda.can_use_cudnn_attention(params):
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
@@ -99,13 +145,24 @@ class USPAttention:
     Ulysses (mesh.ulysses_group) turns the sequence shard into a head shard of a longer
     sequence; ring attention (mesh.ring_group) then visits the other rings' keys and values.
     Pads sit at the tail of the global sequence and are cut from the keys, never masked.
+
+    With chunks > 1 the Ulysses exchange is pipelined over that many groups of heads: every
+    group's q/k/v exchange is started at once, and attention on group j runs while group j+1
+    is still in flight and group j-1's output travels back. On 4 x H200 (NVLink) the exchanges
+    cost only ~4% of a 13B step and splitting the attention cost as much as it hid, so the
+    default is one exchange each way (bench/NOTES.md has the numbers).
     """
 
-    def __init__(self, mesh: Mesh, shard: SeqShard, a2a_mode: str) -> None:
+    def __init__(self, mesh: Mesh, shard: SeqShard, a2a_mode: str, chunks: int = 1,
+                 min_chunk_bytes: int = MIN_CHUNK_BYTES) -> None:
         assert (shard.degree, shard.rank) == (mesh.seq_degree, mesh.seq_rank), "shard and mesh disagree"
+        if chunks < 1:
+            raise ValueError(f"overlap chunks {chunks} must be at least 1 (1 = no pipelining)")
         self.mesh = mesh
         self.shard = shard
         self.a2a_mode = a2a_mode
+        self.chunks = chunks
+        self.min_chunk_bytes = min_chunk_bytes
         # After Ulysses each ring rank holds `chunk` consecutive tokens; the real keys among them:
         chunk = shard.local * mesh.ulysses_degree
         self._kv_valid = [min(max(shard.total - j * chunk, 0), chunk) for j in range(mesh.ring_degree)]
@@ -114,22 +171,60 @@ class USPAttention:
             self._next = dist.get_global_rank(mesh.ring_group, (mesh.ring_rank + 1) % ring)
             self._prev = dist.get_global_rank(mesh.ring_group, (mesh.ring_rank - 1) % ring)
 
+    # Dynamo would rewrite the direct collective into the functional one and could not keep the
+    # exchanges in flight across the attention calls: under torch.compile this stays eager.
+    @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(B, s_local, H, D) x3 -> (B, s_local, H, D); rows at pad positions hold junk, cut by the gather."""
         assert q.shape[1] == self.shard.local, f"q has {q.shape[1]} tokens, the shard {self.shard.local}"
         group = self.mesh.ulysses_group
-        if group is not None:
-            q, k, v = seq_to_head_many([q, k, v], group, self.a2a_mode)  # (B, s, H/U, D) each
-        if self.mesh.ring_group is None:
-            n = self._kv_valid[0]
-            out = F.scaled_dot_product_attention(  # (B, H, s, D) views in, (B, H, s, D) out
-                q.transpose(1, 2), k[:, :n].transpose(1, 2), v[:, :n].transpose(1, 2)
-            ).transpose(1, 2)  # (B, s, H, D)
-        else:
-            out = self._ring(q, k, v)
-        if group is not None:
-            out = head_to_seq(out, group, self.a2a_mode)  # (B, s/U, H, D)
-        return out
+        if group is None:
+            return self._attend(q, k, v)
+        p = self.mesh.ulysses_degree
+        b, s_local, h, d = q.shape
+        assert h % p == 0, f"{h} heads do not split over {p} ranks (validate_layout should have said so)"
+        c = self._chunk_count(q, h // p)
+        hc = h // (p * c)  # heads per rank and chunk; head index = (rank * c + chunk) * hc + i
+        send = q.new_empty(c, p, s_local, 3, b, hc, d)  # send[j] is chunk j's message, dim 1 = destination rank
+        for i, x in enumerate((q, k, v)):  # (B, s/P, H, D) -> (B, s/P, P, c, hc, D) -> (c, P, s/P, B, hc, D)
+            _copy(send[:, :, :, i], x.reshape(b, s_local, p, c, hc, d).permute(3, 2, 1, 0, 4, 5))
+        inbound = [self._start(send[j], group) for j in range(c)]
+        outbound = []
+        for j in range(c):
+            qkv = inbound[j]()  # (P, s/P, 3, B, hc, D): dim 0 = source rank = its sequence chunk
+            qkv = qkv.permute(2, 3, 0, 1, 4, 5).reshape(3, b, p * s_local, hc, d)  # (3, B, s, hc, D), a view
+            out = self._attend(*qkv.unbind(0))  # (B, s, hc, D)
+            back = out.new_empty(p, s_local, b, hc, d)  # dim 0 = destination rank
+            _copy(back, out.unflatten(1, (p, s_local)).permute(1, 2, 0, 3, 4))  # (B, P, s/P, hc, D) -> (P, s/P, B, hc, D)
+            outbound.append(self._start(back, group))
+        result = q.new_empty(b, s_local, h, d)
+        heads = result.view(b, s_local, p, c, hc, d)  # head index = (source rank * c + chunk) * hc + i
+        for j, wait in enumerate(outbound):  # one copy per chunk, straight into place
+            _copy(heads[:, :, :, j], wait().permute(2, 1, 0, 3, 4))  # (P, s/P, B, hc, D) -> (B, s/P, P, hc, D)
+        return result
+
+    def _chunk_count(self, q: Tensor, local_heads: int) -> int:
+        """Head groups to pipeline over: at most `chunks`, dividing the local heads, each message at least
+        `min_chunk_bytes` (below ~8 MiB an exchange is dominated by its fixed cost: splitting it adds calls
+        without hiding more). min_chunk_bytes=0 lifts the size limit.
+        """
+        limit = min(self.chunks, local_heads)
+        if self.min_chunk_bytes:
+            limit = min(limit, 3 * q.numel() * q.element_size() // self.min_chunk_bytes)  # q, k, v together
+        limit = max(limit, 1)
+        return max(n for n in range(1, limit + 1) if local_heads % n == 0)
+
+    def _start(self, x: Tensor, group: ProcessGroup) -> Pending:
+        """One Ulysses exchange; bench overrides it with a local copy to estimate the exchanges' time share."""
+        return start_all_to_all(x, group, self.a2a_mode)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of this rank's queries over the whole sequence's keys: (B, s, h, D) -> (B, s, h, D)."""
+        if self.mesh.ring_group is not None:
+            return self._ring(q, k, v)
+        n = self._kv_valid[0]
+        out = sdpa(q.transpose(1, 2), k[:, :n].transpose(1, 2), v[:, :n].transpose(1, 2))  # (B, h, s, D)
+        return out.transpose(1, 2)
 
     def _ring(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Exact attention over every ring rank's keys: (B, s, H, D) -> (B, s, H, D).

@@ -1,0 +1,148 @@
+"""Single-GPU timings of the levers inside one block, each against what it replaced (one JSON file out).
+
+    python bench/microbench.py --out micro.json
+
+SDPA backends (flash / cuDNN / memory-efficient) at the attention shapes of the benchmark, checked
+against each other; cuDNN on the strided views USPAttention passes vs contiguous inputs, and the
+layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs; RoPE as
+diffusers writes it vs the complex-multiply form ltx.py runs eagerly; modulation and gates as two
+passes vs one addcmul; RMS-norm against its bandwidth floor. Each is the median of 20 CUDA-event
+timings after 3 warm-ups, on random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from usp_infer.ltx import _apply_rope
+from usp_infer.usp import _copy
+
+
+def timed_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+    marks[0].record()
+    for mark in marks[1:]:
+        fn()
+        mark.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+
+
+def rope_diffusers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The RoPE ltx.py ran eagerly before (diffusers' formula), kept here to time the lever against."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def sdpa_backends(results: dict) -> None:
+    shapes = {  # (B, H, S, D): what one rank's SDPA sees
+        "13b-6144-1gpu": (3, 32, 6144, 128), "13b-6144-u4": (3, 8, 6144, 128),
+        "13b-6144-u4-chunk2": (3, 4, 6144, 128), "13b-27588-u4": (3, 8, 27588, 128),
+        "2b-640-seq": (1, 32, 640, 64),
+    }
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for name, (b, h, s, d) in shapes.items():
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * b * h * s * s * d
+        row, ref = {}, None
+        for label, backend in backends.items():
+            try:
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    ms = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError as e:
+                row[label] = {"error": str(e).splitlines()[0][:200]}
+                continue
+            ref = out if ref is None else ref
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            row[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_flash": err}
+        results[f"sdpa/{name}"] = row
+
+
+def usp_layouts(results: dict, tokens: int = 6144, batch: int = 3, heads: int = 32, d: int = 128) -> None:
+    """cuDNN attention on the views USPAttention hands it (q, k, v interleaved in the received buffer) vs
+    contiguous inputs, and the layout copies around the exchange, at the per-rank sizes of 2 and 4 GPUs."""
+    for p in (2, 4):
+        hp, s_local = heads // p, tokens // p
+        recv = torch.randn(p, s_local, 3, batch, hp, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v = recv.permute(2, 3, 0, 1, 4, 5).reshape(3, batch, tokens, hp, d).unbind(0)  # (B, s, h, D) views
+        strided = [t.transpose(1, 2) for t in (q, k, v)]  # (B, h, s, D) as USPAttention passes them
+        dense = [t.contiguous() for t in strided]
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            row = {"strided_ms": timed_ms(lambda: F.scaled_dot_product_attention(*strided)),
+                   "contiguous_ms": timed_ms(lambda: F.scaled_dot_product_attention(*dense))}
+        x = torch.randn(batch, s_local, heads, d, device="cuda", dtype=torch.bfloat16)
+        view = x.reshape(batch, s_local, p, 1, hp, d).permute(3, 2, 1, 0, 4, 5)  # (1, P, s/P, B, hp, D)
+        send = x.new_empty(1, p, s_local, 3, batch, hp, d)
+        row["pack_qkv_stack_ms"] = timed_ms(lambda: torch.stack([view, view, view], dim=3))  # the first version
+        row["pack_qkv_copy_ms"] = timed_ms(lambda: [send[:, :, :, i].copy_(view) for i in range(3)])
+        row["pack_qkv_words_ms"] = timed_ms(lambda: [_copy(send[:, :, :, i], view) for i in range(3)])  # usp.py now
+        back = torch.randn(p, s_local, batch, hp, d, device="cuda", dtype=torch.bfloat16)
+        into = x.new_empty(batch, s_local, heads, d).view(batch, s_local, p, 1, hp, d)[:, :, :, 0]
+        row["unpack_copy_ms"] = timed_ms(lambda: into.copy_(back.permute(2, 1, 0, 3, 4)))
+        row["unpack_words_ms"] = timed_ms(lambda: _copy(into, back.permute(2, 1, 0, 3, 4)))
+        row["floor_ms_per_copy_of_q"] = 2 * x.numel() * 2 / 4.3e12 * 1e3
+        results[f"usp_layout/p{p}"] = row
+
+
+def gemms(results: dict, d: int = 4096) -> None:
+    """nn.Linear (bias) TFLOP/s at the token counts one rank sees with 1, 2 and 4 GPUs (3 x 6,144 tokens)."""
+    for m in (18432, 9216, 4608):
+        x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(m, 4 * d, device="cuda", dtype=torch.bfloat16)
+        row = {}
+        for name, (inp, k, n) in {"d_to_d": (x, d, d), "d_to_4d": (x, d, 4 * d), "4d_to_d": (h, 4 * d, d)}.items():
+            layer = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+            row[name] = 2 * m * k * n / timed_ms(lambda: layer(inp)) / 1e9
+        results[f"gemm_tflops/m{m}"] = row
+
+
+def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
+    x = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16)
+    angles = torch.rand(1, tokens, d // 2, device="cuda") * 6.28
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    floor_ms = 2 * x.numel() * 2 / 4.3e12 * 1e3  # read and write bf16 once at ~4.3 TB/s
+    old, new = rope_diffusers(x, cos, sin), _apply_rope(x, (cos, sin))
+    results["rope"] = {
+        "diffusers_ms": timed_ms(lambda: rope_diffusers(x, cos, sin)),
+        "complex_ms": timed_ms(lambda: _apply_rope(x, (cos, sin))),
+        "floor_ms": floor_ms, "rel_diff": ((old.float() - new.float()).norm() / old.float().norm()).item(),
+    }
+    shift, scale = (torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    results["modulation"] = {
+        "two_pass_ms": timed_ms(lambda: x * (1 + scale) + shift),
+        "addcmul_ms": timed_ms(lambda: torch.addcmul(shift, x, 1 + scale)),
+        "floor_ms": floor_ms,
+    }
+    norm = torch.nn.RMSNorm(d, eps=1e-6, elementwise_affine=False, device="cuda", dtype=torch.bfloat16)
+    results["rms_norm"] = {"ms": timed_ms(lambda: norm(x)), "floor_ms": floor_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cudnn": torch.backends.cudnn.version(), "sdp_priority_default": torch._C._get_sdp_priority_order()}
+    with torch.no_grad():
+        elementwise(results)
+        gemms(results)
+        usp_layouts(results)
+        sdpa_backends(results)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

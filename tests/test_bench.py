@@ -1,0 +1,167 @@
+"""`usp-infer bench` on CPU: the tiny shape in one process and in a 2-process gloo job, the FLOP formula,
+and the transformer changes the benchmark measures (compiled RoPE path, dropped text pads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from dist_utils import run_spawn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from usp_infer.bench import bench_command, latent_grid, random_transformer, step_flops
+from usp_infer.ltx import SHAPES, LTXConfig, _apply_rope, _drop_trailing_pads, rope_tables
+
+TINY = ["--shape", "ltx-tiny", "--height", "64", "--width", "96", "--num-frames", "17", "--device", "cpu",
+        "--dtype", "float32", "--warmup", "1", "--steps", "2", "--dist-timeout", "60"]
+TOKENS = 3 * 2 * 3  # 17 frames -> 3 latent frames; 64 x 96 pixels -> 2 x 3 tokens
+FIELDS = {"world_size", "cfg", "ring", "ulysses", "a2a_mode", "shape", "tokens", "branches", "ms_per_step",
+          "tflops_per_gpu", "peak_mem_gb", "peak_mem_gb_per_rank", "gpu", "gpu_count", "torch", "nccl", "command",
+          "flops_per_step", "flops_parts", "matmul_tflops", "fraction_of_matmul_rate"}
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(bench_command)  # one command: invoked without its name
+    return app
+
+
+def _bench(args: list[str]) -> list[dict]:
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(Path(args[args.index("--json-out") + 1]).read_text())
+
+
+def test_step_flops_by_hand() -> None:
+    cfg = SHAPES["ltx-tiny"]  # d = 32, 2 layers, 8 channels in and out, captions of 48
+    n, t, d, layers = 18, 24, 32, 2
+    by_hand = {
+        "self_attn_proj": 4 * (2 * n * d * d) * layers,  # q, k, v, out: 2 FLOPs per multiply-add
+        "self_attn_sdpa": 2 * (2 * n * n * d) * layers,  # QK^T and PV
+        "cross_attn_proj": (2 * (2 * n * d * d) + 2 * (2 * t * d * d)) * layers,  # q, out on video; k, v on text
+        "cross_attn_sdpa": 2 * (2 * n * t * d) * layers,
+        "ffn": (2 * n * d * 4 * d + 2 * n * 4 * d * d) * layers,
+        "embed_out": 2 * n * 8 * d + 2 * n * d * 8 + 2 * t * (48 * d + d * d) + 2 * (256 * d + d * d + d * 6 * d),
+    }
+    assert step_flops(cfg, n, 1, t) == by_hand
+    assert step_flops(cfg, n, 3, t) == {part: 3 * flops for part, flops in by_hand.items()}
+    assert sum(by_hand.values()) == 294912 + 82944 + 344064 + 110592 + 589824 + 172032  # the arithmetic, spelled out
+
+
+def test_step_flops_match_flop_counter() -> None:
+    """The formula against torch's own count of one forward (math SDPA, so attention is counted as matmuls)."""
+    cfg = SHAPES["ltx-tiny"]
+    model = random_transformer(cfg, torch.device("cpu"), torch.float32)
+    f, h, w = latent_grid(64, 96, 17)
+    n = f * h * w
+    mask = torch.arange(40)[None] < 24  # 24 kept text positions: the trailing 16 pads are dropped
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, n, 8), torch.randn(1, 40, 48), torch.tensor([500.0]), mask,
+              rope_tables(cfg, f, h, w, (0.32, 32.0, 32.0)))
+    assert counter.get_total_flops() == sum(step_flops(cfg, n, 1, 24).values())
+
+
+def test_bench_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    records = _bench([*TINY, "--branch-mode", "sequential", "--baseline", "diffusers", "--json-out", str(out)])
+    ours, theirs = records
+    assert FIELDS <= ours.keys() and FIELDS <= theirs.keys()
+    assert (ours["implementation"], theirs["implementation"]) == ("usp-infer", "diffusers")
+    assert (ours["world_size"], ours["cfg"], ours["ring"], ours["ulysses"], ours["tokens"]) == (1, 1, 1, 1, TOKENS)
+    assert (ours["branches"], ours["branch_mode"], ours["text_tokens"], theirs["text_tokens"]) == (3, "sequential", 24, 128)
+    assert ours["flops_per_step"] == sum(step_flops(SHAPES["ltx-tiny"], TOKENS, 3, 24).values())
+    assert ours["ms_per_step"] > 0 and len(ours["ms_per_step_all"]) == 2 and ours["finite"]
+    assert ours["gpu"] is None and ours["gpu_count"] == 0 and ours["torch"] == torch.__version__
+    assert "with it: ok" in theirs["note"]  # one process: diffusers takes the mask; it fails only under Ulysses
+
+
+def _two_process_job(out: str) -> None:
+    torch.set_num_threads(1)
+    result = CliRunner().invoke(_app(), [*TINY, "--layouts", "all", "--a2a-mode", "both", "--comm-share",
+                                         "--json-out", out])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_bench_two_processes_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    run_spawn(_two_process_job, 2, str(out))
+    records = json.loads(out.read_text())
+    found = {(r["cfg"], r["ring"], r["ulysses"], r["a2a_mode"]) for r in records}
+    assert found == {(1, 1, 2, "direct"), (1, 1, 2, "functional"), (1, 2, 1, "direct"), (1, 2, 1, "functional"),
+                     (2, 1, 1, "direct")}  # cfg 2 exchanges nothing: one mode is enough
+    for r in records:
+        assert FIELDS <= r.keys() and r["world_size"] == 2 and len(r["peak_mem_gb_per_rank"]) == 2
+        if r["ring"] * r["ulysses"] > 1:
+            # fp32 on CPU: a few roundings of ~6e-8 per element; a misplaced chunk gives errors of order 1
+            assert r["attention_check_rel_err"] <= 1e-5
+    shares = [r for r in records if "a2a_share" in r]
+    assert [(r["ulysses"], r["a2a_mode"]) for r in shares] == [(2, "direct")]  # Ulysses only, first mode only
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "ltx-video-7b"], "--shape 'ltx-video-7b' is unknown"),
+    (["--height", "100"], "--height 100 is not a positive multiple of 32"),
+    (["--layouts", "1x2x1"], "cfg 1 x ring 2 x ulysses 1 = 2 but the world size is 1"),
+    (["--layouts", "1x1x3"], "--ulysses-degree 3 does not divide 4 attention heads"),
+    (["--layouts", "2-2"], "'2-2' is not CxRxU"),
+    (["--overlap-chunks", "0"], "each value must be at least 1"),
+    (["--a2a-mode", "fast"], "--a2a-mode 'fast' is unknown"),
+])
+def test_bench_rejects_bad_flags(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(_app(), [*TINY, *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_compiled_rope_path_matches_eager() -> None:
+    """Under torch.compile, _apply_rope takes diffusers' elementwise form (it fuses); eagerly the complex product."""
+    x = torch.randn(2, 7, 16)
+    cfg = LTXConfig(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16)
+    cos, sin = rope_tables(cfg, 7, 1, 1, (1.0, 1.0, 1.0))  # (1, 7, 16) each
+    traced = torch.compile(_apply_rope, backend="eager", fullgraph=True)(x, (cos, sin))  # no inductor: fast
+    eager = _apply_rope(x, (cos, sin))
+    # fp32: the two forms round differently by an ulp or two (1e-7); a wrong pairing is off by order 1
+    assert ((traced - eager).norm() / eager.norm()).item() <= 1e-6
+    assert ((eager - x).norm() / x.norm()).item() > 1e-2  # the rotation did something
+
+
+def test_drop_trailing_pads() -> None:
+    text = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    cut_text, cut_mask = _drop_trailing_pads(text, mask)
+    assert torch.equal(cut_text, text[:, :5]) and torch.equal(cut_mask, mask[:, :5])  # last kept position: 4
+    empty_row = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    kept_text, kept_mask = _drop_trailing_pads(text, empty_row)  # that row attends evenly over its pads: keep all
+    assert kept_text is text and kept_mask is empty_row
+
+
+def test_dropped_pads_change_nothing() -> None:
+    """Extra masked text positions at the tail leave the transformer's output as it was."""
+    cfg = SHAPES["ltx-tiny"]
+    model = random_transformer(cfg, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    f, h, w = latent_grid(64, 96, 17)
+    x, text = torch.randn(2, f * h * w, 8, generator=gen), torch.randn(2, 5, 48, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    rope, t = rope_tables(cfg, f, h, w, (0.32, 32.0, 32.0)), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        base = model(x, text, t, mask, rope)
+        padded = model(x, torch.cat([text, torch.randn(2, 3, 48, generator=gen)], 1),
+                       t, torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1), rope)
+    # The pads are cut before any arithmetic; only the text's memory layout differs (a slice of a longer
+    # tensor), which can change how a matmul kernel blocks its sums: fp32 roundings of ~1e-7. A pad that
+    # reached the attention would move the output by order 1e-2.
+    assert ((padded - base).norm() / base.norm()).item() <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    args = [a for a in TINY if a not in ("cpu", "float32")]
+    args = [a for a in args if a not in ("--device", "--dtype")]
+    (record,) = _bench([*args, "--device", "cuda", "--json-out", str(out)])
+    assert record["gpu"] and record["nccl"] and record["gpu_count"] == 1 and record["matmul_tflops"] > 0

@@ -1,0 +1,595 @@
+"""`usp-infer bench`: time denoising steps of a full-size LTX transformer on any layout; write JSON records.
+
+The transformer is built from a named shape with random weights made on the device (no checkpoint).
+A step is what the pipeline does per denoising step: the guidance branches' forward(s) through
+`pipeline.BranchRunner` (batched, sequential, or spread over the cfg mesh dimension), the guidance
+combine, the Euler update and the non-finite check. One launch (torchrun for N processes) builds the
+model once and times every configuration asked for (layouts x a2a modes x overlap chunks x eager /
+compiled), so the ratios between them come from the same run. Rank 0 prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import typer
+from torch import Tensor, nn
+
+from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig
+from .dist import Mesh, env_rank, env_world_size, init_mesh, teardown, validate_layout
+from .dist import layouts as fitting_layouts
+from .guidance import GuidanceConfig, Guider, LocalStats, StepScales
+from .ltx import SHAPES, LTXConfig, LTXTransformer, rope_tables, sdpa_attention
+from .pipeline import BranchRunner, Components
+from .sharding import SeqShard
+from .usp import Pending, USPAttention
+
+TEXT_TOKENS = 128  # T5 length LTXPipeline pads the prompt to
+PROMPT_TOKENS = 24  # real tokens under the text mask; the rest is padding, as for a short prompt
+FPS = 25.0
+SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
+
+
+def latent_grid(height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    """(frames, height, width) in latent tokens, as the pipeline computes them (VAE: 8x in time, 32x in space)."""
+    return (num_frames - 1) // 8 + 1, height // 32, width // 32
+
+
+def step_flops(cfg: LTXConfig, tokens: int, branches: int, text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
+    """Model FLOPs of one step (2 per multiply-add), by part: what any implementation must compute.
+
+    Per branch and layer, with d = heads x head_dim, n video tokens and t text tokens:
+    self-attention q, k, v, out projections 8nd^2; its QK^T and PV 4n^2d; cross-attention q and out on
+    the video 4nd^2, k and v on the text 4td^2, its QK^T and PV 4ntd; FFN d -> 4d -> d 16nd^2. Once per
+    branch: proj_in, proj_out, the caption projection and the timestep embedding. Pads are not counted.
+    """
+    d, n, t, layers = cfg.inner_dim, tokens, text_tokens, cfg.num_layers
+    per_branch = {
+        "self_attn_proj": 8 * n * d * d * layers,
+        "self_attn_sdpa": 4 * n * n * d * layers,
+        "cross_attn_proj": (4 * n + 4 * t) * d * d * layers,
+        "cross_attn_sdpa": 4 * n * t * d * layers,
+        "ffn": 16 * n * d * d * layers,
+        "embed_out": 2 * n * d * (cfg.in_channels + cfg.out_channels)
+        + 2 * t * d * (cfg.caption_channels + d)
+        + 2 * d * (256 + d + 6 * d),
+    }
+    return {part: flops * branches for part, flops in per_branch.items()}
+
+
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Fill every parameter in place with draws that keep activations O(1) through the blocks.
+
+    Never zeros: a matmul on zeros runs faster than on real data. The same seed gives every rank the
+    same weights, as a loaded checkpoint would.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # RMS-norm gains
+                p.fill_(1.0)
+            elif "scale_shift_table" in name:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            elif p.ndim == 2:  # weights: unit-variance outputs for unit-variance inputs
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+            else:  # biases
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def random_transformer(cfg: LTXConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LTXTransformer:
+    """The transformer with random weights allocated once, directly on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = LTXTransformer(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    _randomize(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+class LocalExchangeAttention(USPAttention):
+    """USPAttention whose Ulysses exchanges are local copies of the same bytes: its outputs are wrong, but
+    its step time, subtracted from the real one, is the time the exchanges add to a step."""
+
+    def _start(self, x: Tensor, group: dist.ProcessGroup) -> Pending:
+        out = x.clone(memory_format=torch.contiguous_format)
+        return lambda: out
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What stays fixed in one launch."""
+
+    shape: str
+    height: int
+    width: int
+    num_frames: int
+    branches: int
+    branch_mode: str
+    warmup: int
+    steps: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def cfg(self) -> LTXConfig:
+        return SHAPES[self.shape]
+
+    @property
+    def tokens(self) -> int:
+        f, h, w = latent_grid(self.height, self.width, self.num_frames)
+        return f * h * w
+
+    def guidance(self) -> GuidanceConfig:
+        """1 branch: cond; 2: + uncond (CFG 3); 3: + STG-perturbed (LTX-2B's defaults, its block 19 or the last)."""
+        block = min(19, self.cfg.num_layers - 1)
+        return GuidanceConfig(cfg=(3.0 if self.branches > 1 else 1.0,), stg=(1.0 if self.branches > 2 else 0.0,),
+                              rescale=(0.7,), stg_blocks=((block,),))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration."""
+
+    layout: tuple[int, int, int]  # cfg, ring, ulysses
+    a2a_mode: str
+    chunks: int
+    compiled: bool
+    exchange: bool = True  # False: Ulysses exchanges replaced by local copies (the share estimate)
+
+
+def _timed(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    """ms per call of `step`: CUDA events on a GPU (no host sync inside the loop), the host clock on CPU."""
+    if device.type == "cuda":
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        marks[0].record()
+        for mark in marks[1:]:
+            step()
+            mark.record()
+        torch.cuda.synchronize(device)
+        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    stamps = [time.perf_counter()]
+    for _ in range(n):
+        step()
+        stamps.append(time.perf_counter())
+    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+
+
+def _gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's list (all the same length), in rank order."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if not dist.is_initialized():
+        return [values]
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
+def _sync(device: torch.device) -> None:
+    """Start a timed region together: every rank's queued work done, then a barrier."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _peak_and_reset(device: torch.device, reset: bool) -> float:
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def matmul_tflops(device: torch.device) -> tuple[float, float]:
+    """(burst, sustained) bf16 matmul rate of this device; model FLOP/s is compared with the burst rate.
+
+    8192^3 on random data, median of 10. Burst: after 3 warm-ups, the usual ceiling. Sustained: after a
+    second of back-to-back products, for the record: that load throttles the clock more than a mixed
+    denoising step does (on an H200 the step's own GEMMs ran faster than it; bench/NOTES.md).
+    """
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    burst = statistics.median(_timed(lambda: a @ b, 10, device))
+    loaded = time.perf_counter() + 1.0
+    while time.perf_counter() < loaded:
+        _timed(lambda: a @ b, 10, device)  # each call ends in a sync, so this is a second of GPU work
+    sustained = statistics.median(_timed(lambda: a @ b, 10, device))
+    return tuple(2 * n**3 / (ms / 1e3) / 1e12 for ms in (burst, sustained))
+
+
+def _measure(step: Callable[[], None], s: Setup) -> tuple[list[float], list[float]]:
+    """(per-step ms, the slowest rank's, for each timed step; peak GiB of each rank)."""
+    _peak_and_reset(s.device, reset=True)
+    for _ in range(s.warmup):
+        step()
+    _sync(s.device)
+    per_rank = _gather_floats(_timed(step, s.steps, s.device), s.device)
+    peaks = [row[0] for row in _gather_floats([_peak_and_reset(s.device, reset=False)], s.device)]
+    return [max(column) for column in zip(*per_rank)], peaks
+
+
+def _check_finite(x: Tensor) -> bool:
+    # As the pipeline does after each step: reduced over the world, a host sync per step.
+    bad = (~torch.isfinite(x)).any().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def attention_check(mesh: Mesh, shard: SeqShard, case: Case, s: Setup) -> float:
+    """Relative error of this layout's USP attention against one-device SDPA over the whole sequence.
+
+    Every rank draws the same q, k, v (B=1, all heads), so each timing comes with evidence that its
+    exchanges put every token and head where it belongs (a misplaced chunk gives errors of order 1).
+    """
+    cfg, device = s.cfg, s.device
+    gen = torch.Generator(device).manual_seed(2)
+    q, k, v = (torch.randn(1, s.tokens, cfg.num_attention_heads, cfg.attention_head_dim, generator=gen,
+                           device=device).to(s.dtype) for _ in range(3))
+    out = shard.gather(USPAttention(mesh, shard, case.a2a_mode, chunks=case.chunks)(*map(shard.split, (q, k, v))))
+    ref = sdpa_attention(q, k, v).float()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _profile(step: Callable[[], None], path: Path) -> None:
+    """One more step under torch.profiler; this rank's kernels by device time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
+def _run_case(model: LTXTransformer, s: Setup, case: Case, mesh: Mesh,
+              profile_to: Path | None = None) -> tuple[list[float], list[float], bool]:
+    cfg, device = s.cfg, s.device
+    shard = SeqShard.for_mesh(s.tokens, mesh)
+    gen = torch.Generator(device).manual_seed(1)  # the same global inputs on every rank
+    latents = shard.split(torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device))
+    rope = tuple(shard.split(t) for t in rope_tables(cfg, *latent_grid(s.height, s.width, s.num_frames),
+                                                     (8 / FPS, 32.0, 32.0), device))
+    attn_fn: Callable = sdpa_attention
+    if mesh.seq_degree > 1:
+        attn_cls = USPAttention if case.exchange else LocalExchangeAttention
+        attn_fn = attn_cls(mesh, shard, case.a2a_mode, chunks=case.chunks)
+    mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None]  # (1, L)
+    text = {name: (torch.randn(1, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype), mask)
+            for name in ("cond", "uncond")}
+    request = GenerateRequest(prompt="bench", height=s.height, width=s.width, num_frames=s.num_frames,
+                              branches=s.branch_mode, guidance=s.guidance())
+    components = Components(Path("."), model, None, None, None, {}, device, s.dtype)
+    run_branches = BranchRunner(components, request, mesh, text, rope, attn_fn)
+    scales: StepScales = request.guidance.at(SIGMA)
+    guider = Guider(stats=shard, count=s.tokens * cfg.in_channels)
+    timestep = torch.full((1,), SIGMA * 1000.0, device=device)
+    state = {"latents": latents, "finite": True}
+
+    def step() -> None:
+        pred = guider.combine(run_branches(scales.branches, state["latents"], timestep, scales), scales)
+        state["latents"] = state["latents"] + DT * pred
+        state["finite"] &= _check_finite(state["latents"])
+
+    times, peaks = _measure(step, s)
+    if profile_to is not None:
+        _profile(step, profile_to)
+    return times, peaks, state["finite"]
+
+
+def _diffusers_case(s: Setup, world: int, seed: int) -> tuple[list[float], list[float], bool, str, Callable[[], str]]:
+    """diffusers' LTXVideoTransformer3DModel, Ulysses over every rank (`enable_parallelism`), branches batched.
+
+    It is timed without the text mask: given one, its Ulysses path fails (REFERENCE.md). The returned
+    function tries that once and says what happened; call it last, since a failure may leave ranks apart.
+    """
+    import diffusers  # the baseline only: the rest of bench needs nothing beyond torch
+    from diffusers import ContextParallelConfig, LTXVideoTransformer3DModel
+
+    cfg, device = s.cfg, s.device
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(**asdict(cfg))
+    model = model.to(s.dtype).to_empty(device=device)
+    _randomize(model, seed)
+    model.eval().requires_grad_(False)
+    if world > 1:
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    frames, height, width = latent_grid(s.height, s.width, s.num_frames)
+    gen = torch.Generator(device).manual_seed(1)
+    b = s.branches
+    latents = torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device)
+    text = torch.randn(b, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype)
+    scales = s.guidance().at(SIGMA)
+    guider = Guider(stats=LocalStats(), count=s.tokens * cfg.in_channels)  # its output is gathered: all tokens
+    timestep = torch.full((b,), SIGMA * 1000.0, device=device)
+    state = {"latents": latents, "finite": True}
+
+    def forward(mask: Tensor | None) -> Tensor:
+        return model(hidden_states=state["latents"].to(s.dtype).expand(b, -1, -1), encoder_hidden_states=text,
+                     timestep=timestep, encoder_attention_mask=mask, num_frames=frames, height=height, width=width,
+                     rope_interpolation_scale=(8 / FPS, 32.0, 32.0), return_dict=False)[0]
+
+    def step() -> None:
+        preds = dict(zip(scales.branches, forward(None).float().split(1)))
+        state["latents"] = state["latents"] + DT * guider.combine(preds, scales)
+        state["finite"] &= _check_finite(state["latents"])
+
+    def try_mask() -> str:
+        mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None].expand(b, -1).to(s.dtype)
+        try:
+            with torch.no_grad():
+                forward(mask)
+            return "ok"
+        except Exception as e:  # noqa: BLE001 - recorded: the baseline table depends on this fact
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+    times, peaks = _measure(step, s)
+    return times, peaks, state["finite"], f"diffusers {diffusers.__version__}", try_mask
+
+
+def _command_line() -> str:
+    """How this process was started, as a user would type it (torchrun's own flags are not visible here)."""
+    args = shlex.join(sys.argv[1:])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    prefix = f"CUDA_VISIBLE_DEVICES={visible} " if visible is not None else ""
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun sets it
+        return f"{prefix}torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']} -m usp_infer {args}"
+    return f"{prefix}usp-infer {args}"
+
+
+def _environment(device: torch.device, world: int, matmul: list[list[float]]) -> dict:
+    """Versions, the GPU, the command and the matmul ceilings (`matmul`: each rank's (burst, sustained))."""
+    on_gpu = device.type == "cuda"
+    burst, sustained = zip(*matmul)
+    return {
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
+        "gpu_count": world if on_gpu else 0,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
+        "cudnn": torch.backends.cudnn.version() if on_gpu else None,
+        "matmul_tflops": statistics.median(burst),
+        "matmul_tflops_per_rank": list(burst),
+        "matmul_tflops_sustained": statistics.median(sustained),
+        "matmul_tflops_sustained_per_rank": list(sustained),
+        "command": _command_line(),
+    }
+
+
+def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: list[float], finite: bool,
+            env: dict, implementation: str, text_tokens: int) -> dict:
+    ms = statistics.median(times)
+    parts = step_flops(s.cfg, s.tokens, s.branches, text_tokens)
+    tflops = sum(parts.values()) / (ms / 1e3) / world / 1e12
+    cfg_d, ring, uly = case.layout if case else (1, 1, world)
+    return {
+        "implementation": implementation, "world_size": world, "cfg": cfg_d, "ring": ring, "ulysses": uly,
+        "a2a_mode": case.a2a_mode if case else None, "overlap_chunks": case.chunks if case else None,
+        "compiled": case.compiled if case else False, "shape": s.shape, "height": s.height, "width": s.width,
+        "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
+        "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,
+        "ms_per_step": ms, "ms_per_step_all": times, "flops_per_step": sum(parts.values()), "flops_parts": parts,
+        "text_tokens": text_tokens, "tflops_per_gpu": tflops, "fraction_of_matmul_rate": tflops / env["matmul_tflops"],
+        "fraction_of_sustained_matmul_rate": tflops / env["matmul_tflops_sustained"],
+        "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "finite": finite, **env,
+    }
+
+
+def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list[str], chunks: list[int],
+           compile_too: bool, comm_share: bool) -> list[Case]:
+    """Eager cases first, then compiled ones; a2a modes only where a layout exchanges, chunks only with Ulysses;
+    the exchange-share estimate (exchange=False) once per layout and chunk count, in the first mode."""
+    cases = []
+    for compiled in (False, True) if compile_too else (False,):
+        for lay in chosen:
+            ulysses = lay[2] > 1
+            for mode in modes if lay[1] * lay[2] > 1 else modes[:1]:
+                for c in chunks if ulysses else chunks[:1]:
+                    cases.append(Case(lay, mode, c, compiled))
+                    if comm_share and ulysses and not compiled and mode == modes[0]:
+                        cases.append(Case(lay, mode, c, compiled, exchange=False))
+    return cases
+
+
+def _parse_layouts(text: str, world: int, s: Setup) -> list[tuple[int, int, int]]:
+    """'all' (every layout that fits, cfg at most the branch count) or 'CxRxU,...' (cfg x ring x ulysses)."""
+    heads = s.cfg.num_attention_heads
+    if text == "all":
+        return [lay for lay in fitting_layouts(world, heads, None) if lay[0] <= s.branches]
+    chosen = []
+    for part in text.split(","):
+        try:
+            cfg_d, ring, uly = (int(n) for n in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--layouts {text!r}: {part!r} is not CxRxU (cfg x ring x ulysses), e.g. 1x2x2") from None
+        validate_layout(ParallelConfig(cfg_d, ring, uly), world, heads)
+        if cfg_d > s.branches:
+            raise ValueError(f"--layouts {part}: cfg {cfg_d} is more than the {s.branches} branches; ranks would idle")
+        chosen.append((cfg_d, ring, uly))
+    return chosen
+
+
+def _print_table(records: list[dict]) -> None:
+    typer.echo(f"{'impl':<10} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'ch':>2} {'comp':>4} "
+               f"{'ms/step':>9} {'TFLOP/s/GPU':>11} {'%matmul':>7} {'peak GB':>7} {'a2a share':>9} {'attn err':>8}")
+    for r in records:
+        share, err = r.get("a2a_share"), r.get("attention_check_rel_err")
+        typer.echo(
+            f"{r['implementation'][:10]:<10} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
+            f"{str(r['a2a_mode']):>10} {str(r['overlap_chunks']):>2} {'yes' if r['compiled'] else 'no':>4} "
+            f"{r['ms_per_step']:>9.1f} {r['tflops_per_gpu']:>11.1f} {100 * r['fraction_of_matmul_rate']:>6.1f}% "
+            f"{r['peak_mem_gb']:>7.1f} {'' if share is None else f'{100 * share:.1f}%':>9} "
+            f"{'' if err is None else f'{err:.1e}':>8}"
+        )
+
+
+def _parse_chunks(text: str) -> list[int]:
+    try:
+        chunks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--overlap-chunks {text!r} is not a list of integers; e.g. 2 or 1,2,4") from None
+    if any(c < 1 for c in chunks):
+        raise ValueError(f"--overlap-chunks {text!r}: each value must be at least 1 (1 = no pipelining)")
+    return chunks
+
+
+def _validated(shape: str, height: int, width: int, num_frames: int, branches: int, branch_mode: str,
+               a2a_mode: str, baseline: str, warmup: int, steps: int, dtype: str) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r} is unknown; use one of {', '.join(SHAPES)}")
+    GenerateRequest(prompt="bench", height=height, width=width, num_frames=num_frames)  # its size checks
+    if not 1 <= branches <= 3:
+        raise ValueError(f"--branches {branches}: use 1 (cond), 2 (+ uncond) or 3 (+ STG perturbed)")
+    if branch_mode not in BRANCH_MODES:
+        raise ValueError(f"--branch-mode {branch_mode!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
+    if a2a_mode not in (*A2A_MODES, "both"):
+        raise ValueError(f"--a2a-mode {a2a_mode!r} is unknown; use {', '.join(A2A_MODES)} or both")
+    if baseline not in ("none", "diffusers"):
+        raise ValueError(f"--baseline {baseline!r} is unknown; use none or diffusers")
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"--warmup {warmup} and --steps {steps} must both be at least 1")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"--dtype {dtype!r} is unknown; use bfloat16, float16 or float32")
+
+
+def bench_command(
+    shape: str = typer.Option("ltx-video-13b", help=f"Model shape, random weights: {', '.join(SHAPES)}."),
+    height: int = typer.Option(512, help="Pixels, a multiple of 32."),
+    width: int = typer.Option(768, help="Pixels, a multiple of 32."),
+    num_frames: int = typer.Option(121, help="Frames, 8k+1; tokens = ((F-1)/8+1) x H/32 x W/32."),
+    branches: int = typer.Option(3, help="Guidance branches per step: 1 cond, 2 + uncond (CFG), 3 + STG."),
+    branch_mode: str = typer.Option("batched", help="batched (one forward) | sequential (one per branch)."),
+    ulysses_degree: Optional[int] = typer.Option(None, help="Ulysses degree [default: world / (cfg x ring)]."),
+    ring_degree: int = typer.Option(1, help="Ring-attention degree."),
+    cfg_parallel: int = typer.Option(1, help="Spread the branches over this many rank groups."),
+    layouts: Optional[str] = typer.Option(None, "--layouts", help="Several layouts in one launch: 'all' (every "
+                                          "one that fits the world) or 'CxRxU,...', e.g. 1x1x4,1x2x2."),
+    a2a_mode: str = typer.Option("direct", help="direct | functional | both (ratios from the same launch)."),
+    overlap_chunks: str = typer.Option("1", help="Head groups the Ulysses exchange is pipelined over; "
+                                                 "'1,2,4' times each (1 = no overlap)."),
+    comm_share: bool = typer.Option(False, help="Also time each Ulysses configuration with its exchanges "
+                                                "replaced by local copies: the difference is their share."),
+    compile: bool = typer.Option(False, "--compile", help="Also time each configuration with torch.compile'd "
+                                                          "blocks (the exchanges stay eager)."),
+    warmup: int = typer.Option(2, help="Untimed steps first (compilation happens here)."),
+    steps: int = typer.Option(5, help="Timed steps; the median is reported."),
+    baseline: str = typer.Option("none", help="none | diffusers: also time diffusers' LTXVideoTransformer3DModel "
+                                              "with enable_parallelism(ContextParallelConfig(ulysses_degree=N))."),
+    json_out: Optional[Path] = typer.Option(None, help="Write the records (a JSON list) here (rank 0)."),
+    profile: Optional[Path] = typer.Option(None, help="Profile one extra step of the first configuration; "
+                                                      "each rank writes its kernel table into this folder."),
+    device: str = typer.Option("auto", help="auto | cuda | cpu."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
+    dist_timeout: float = typer.Option(600.0, help="Seconds a collective may wait before the run fails."),
+    seed: int = typer.Option(0, help="Weight seed (the same on every rank)."),
+) -> None:
+    """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
+
+    Examples:
+
+      usp-infer bench --shape ltx-video-13b --warmup 2 --steps 5
+
+      torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json
+    """
+    world = env_world_size()
+    try:
+        _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype)
+        where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                             "cpu" if device == "auto" else device)
+        s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
+                  getattr(torch, dtype))
+        chunks = _parse_chunks(overlap_chunks)
+        if layouts is None:
+            layouts = f"{cfg_parallel}x{ring_degree}x{ulysses_degree or world // (cfg_parallel * ring_degree) or 1}"
+        chosen = _parse_layouts(layouts, world, s)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: torch.device("bogus")
+        if env_rank() == 0:
+            typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
+    cases = _cases(world, s, chosen, modes, chunks, compile, comm_share)
+    if compile:  # each case hands the blocks a new attention object; keep all compiled variants cached
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
+
+    def save(records: list[dict]) -> None:
+        # After every configuration: a launch that dies later (a timeout, the baseline) keeps what it measured.
+        if env_rank() == 0 and json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = json_out.with_name(json_out.name + ".tmp")
+            tmp.write_text(json.dumps(records, indent=1))
+            tmp.replace(json_out)
+
+    try:
+        records = _run_all(s, cases, world, baseline, seed, dist_timeout, save, profile)
+    finally:
+        teardown()
+    if env_rank() == 0:
+        _print_table(records)
+
+
+def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, timeout_s: float,
+             save: Callable[[list[dict]], None], profile_dir: Path | None) -> list[dict]:
+    meshes: dict[tuple[int, int, int], Mesh] = {}
+    # One mesh per layout: the default group is joined once and reused; a2a mode is a per-case choice.
+    first = cases[0].layout
+    meshes[first] = init_mesh(ParallelConfig(*first, timeout_s=timeout_s), str(s.device))
+    device = meshes[first].device
+    s = replace(s, device=device)
+    matmul = _gather_floats(list(matmul_tflops(device)), device)
+    env = _environment(device, world, matmul)
+    model = random_transformer(s.cfg, device, s.dtype, seed)
+    eager_blocks = compiled_blocks = model.transformer_blocks
+    if any(case.compiled for case in cases):  # the same modules, each behind its own compiled frame
+        compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
+    records: list[dict] = []
+    with torch.no_grad():
+        for case in cases:
+            if case.layout not in meshes:
+                meshes[case.layout] = init_mesh(ParallelConfig(*case.layout, timeout_s=timeout_s), str(device))
+            model.transformer_blocks = compiled_blocks if case.compiled else eager_blocks
+            mesh = meshes[case.layout]
+            label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}-c{case.chunks}"
+                     f"{'-compiled' if case.compiled else ''}{'' if case.exchange else '-local'}-rank{mesh.rank}.txt")
+            profile_to = profile_dir / label if profile_dir and case is cases[0] else None
+            times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
+            # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
+            record = _record(s, case, world, times, peaks, finite, env, "usp-infer", PROMPT_TOKENS)
+            if mesh.seq_degree > 1 and case.exchange:
+                record["attention_check_rel_err"] = attention_check(mesh, SeqShard.for_mesh(s.tokens, mesh), case, s)
+            if case.exchange:
+                records.append(record)
+            else:  # attach the estimate to the real configuration just timed
+                real = records[-1]
+                real["ms_per_step_local_exchange"] = record["ms_per_step"]
+                real["a2a_share"] = 1 - record["ms_per_step"] / real["ms_per_step"]
+            save(records)
+        model.transformer_blocks = eager_blocks
+    if baseline == "diffusers":
+        del model, eager_blocks, compiled_blocks
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        times, peaks, finite, version, try_mask = _diffusers_case(s, world, seed)
+        record = _record(s, None, world, times, peaks, finite, env, "diffusers", TEXT_TOKENS)  # no mask: all 128
+        record["note"] = f"{version}; timed without the text mask; with it: (not tried yet)"
+        records.append(record)
+        save(records)
+        record["note"] = f"{version}; timed without the text mask; with it: {try_mask()}"
+        save(records)
+    return records
