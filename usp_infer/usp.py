@@ -79,42 +79,6 @@ def _copy(dst: Tensor, src: Tensor) -> None:
         dst_words.copy_(src_words)
 
 
-def seq_to_head(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
-    """(B, s/P, H, D) -> (B, s, H/P, D): trade a sequence shard for a head shard.
-
-    The plain exchange; USPAttention runs the same layout in head chunks to overlap it with attention.
-    """
-    return seq_to_head_many([x], group, mode)[0]
-
-
-def seq_to_head_many(xs: list[Tensor], group: ProcessGroup, mode: str) -> list[Tensor]:
-    """seq_to_head of n same-shaped tensors (q, k, v) in one exchange: one message instead of n.
-
-    The layout copy before the exchange is the only copy: the results are views of what arrived.
-    """
-    p = dist.get_world_size(group)
-    b, s_local, h, d = xs[0].shape
-    assert h % p == 0, f"{h} heads do not split over {p} ranks (validate_layout should have said so)"
-    send = torch.stack(  # (B, s/P, H, D) -> (B, s/P, P, H/P, D) -> (P, s/P, B, H/P, D), stacked at dim 2
-        [x.reshape(b, s_local, p, h // p, d).permute(2, 1, 0, 3, 4) for x in xs], dim=2
-    )  # (P, s/P, n, B, H/P, D): dim 0 = destination rank (its head group)
-    recv = all_to_all(send, group, mode)  # (P, s/P, n, B, H/P, D): dim 0 = source rank (its sequence chunk)
-    recv = recv.permute(2, 3, 0, 1, 4, 5)  # (n, B, P, s/P, H/P, D)
-    return list(recv.reshape(len(xs), b, p * s_local, h // p, d).unbind(0))  # n x (B, s, H/P, D), views
-
-
-def head_to_seq(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
-    """(B, s, H/P, D) -> (B, s/P, H, D): the inverse of seq_to_head."""
-    p = dist.get_world_size(group)
-    b, s, h_local, d = x.shape
-    assert s % p == 0, f"sequence {s} does not split over {p} ranks"
-    x = x.reshape(b, p, s // p, h_local, d)  # (B, P, s/P, H/P, D)
-    x = x.permute(1, 2, 0, 3, 4)  # (P, s/P, B, H/P, D): dim 0 = destination rank (its sequence chunk)
-    x = all_to_all(x, group, mode)  # (P, s/P, B, H/P, D): dim 0 = source rank (its head group)
-    x = x.permute(2, 1, 0, 3, 4)  # (B, s/P, P, H/P, D)
-    return x.reshape(b, s // p, p * h_local, d)  # (B, s/P, H, D)
-
-
 def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax attention and its logsumexp: (B, H, Sq, D) -> (B, H, Sq, D), (B, H, Sq) fp32.
 
