@@ -297,7 +297,7 @@ def _run_case(model: LTXTransformer, s: Setup, case: Case, mesh: Mesh,
 def _diffusers_case(s: Setup, world: int, seed: int) -> tuple[list[float], list[float], bool, str, Callable[[], str]]:
     """diffusers' LTXVideoTransformer3DModel, Ulysses over every rank (`enable_parallelism`), branches batched.
 
-    It is timed without the text mask: given one, its Ulysses path fails (REFERENCE.md). The returned
+    It is timed without the text mask: given one, its Ulysses path fails (the mask is not sharded by heads). The returned
     function tries that once and says what happened; call it last, since a failure may leave ranks apart.
     """
     import diffusers  # the baseline only: the rest of bench needs nothing beyond torch

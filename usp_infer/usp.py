@@ -31,7 +31,7 @@ def start_all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Pending:
     caller's stream runs on, so computation issued in between overlaps the transfer. `direct`
     writes into a preallocated output; `functional` goes through the functional collective
     (allocation, group lookup, AsyncCollectiveTensor): same bytes, more overhead per call, which
-    is why the mode is a choice (see REFERENCE.md).
+    is why the mode is a choice (README: --a2a-mode).
     """
     assert x.shape[0] % dist.get_world_size(group) == 0, f"dim 0 of {tuple(x.shape)} does not split evenly"
     x = x.contiguous()  # the direct call rejects strided input
