@@ -5,7 +5,8 @@
 SDPA backends (flash / cuDNN / memory-efficient) at the attention shapes of the benchmark, checked
 against each other; cuDNN on the strided views USPAttention passes vs contiguous inputs, and the
 layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs; RoPE as
-diffusers writes it vs the complex-multiply form ltx.py runs eagerly; modulation and gates as two
+diffusers writes it vs the forms ltx.py runs (eager and compiled, full vs half-size tables); GELU as
+a separate pass vs in the GEMM epilogue; cuDNN attention under load; modulation and gates as two
 passes vs one addcmul; RMS-norm against its bandwidth floor. Each is the median of 20 CUDA-event
 timings after 3 warm-ups, on random data.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from usp_infer.ltx import _apply_rope
+from usp_infer.ltx import _apply_rope, rope_pairs
 from usp_infer.usp import _copy
 
 
@@ -112,11 +114,25 @@ def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
     angles = torch.rand(1, tokens, d // 2, device="cuda") * 6.28
     cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
     floor_ms = 2 * x.numel() * 2 / 4.3e12 * 1e3  # read and write bf16 once at ~4.3 TB/s
-    old, new = rope_diffusers(x, cos, sin), _apply_rope(x, (cos, sin))
+    pairs = rope_pairs((cos, sin))
+    compiled = torch.compile(_apply_rope)
+
+    def rope_complex_per_call() -> torch.Tensor:  # the eager form before: the complex table built in each call
+        turn = torch.complex(cos[..., ::2], sin[..., ::2])
+        return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * turn).flatten(-2).to(x.dtype)
+
+    compiled_full_tables = torch.compile(rope_diffusers)  # the compiled form before: diffusers' formula, full tables
+
+    ref = rope_diffusers(x, cos, sin).float()
     results["rope"] = {
         "diffusers_ms": timed_ms(lambda: rope_diffusers(x, cos, sin)),
-        "complex_ms": timed_ms(lambda: _apply_rope(x, (cos, sin))),
-        "floor_ms": floor_ms, "rel_diff": ((old.float() - new.float()).norm() / old.float().norm()).item(),
+        "complex_per_call_ms": timed_ms(rope_complex_per_call),
+        "complex_pairs_ms": timed_ms(lambda: _apply_rope(x, pairs)),
+        "compiled_full_tables_ms": timed_ms(lambda: compiled_full_tables(x, cos, sin)),
+        "compiled_pairs_ms": timed_ms(lambda: compiled(x, pairs)),
+        "floor_ms": floor_ms,
+        "rel_diff_eager": ((_apply_rope(x, pairs).float() - ref).norm() / ref.norm()).item(),
+        "rel_diff_compiled": ((compiled(x, pairs).float() - ref).norm() / ref.norm()).item(),
     }
     shift, scale = (torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     results["modulation"] = {
@@ -126,6 +142,84 @@ def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
     }
     norm = torch.nn.RMSNorm(d, eps=1e-6, elementwise_affine=False, device="cuda", dtype=torch.bfloat16)
     results["rms_norm"] = {"ms": timed_ms(lambda: norm(x)), "floor_ms": floor_ms}
+    # What Inductor makes of q = rope(rms_norm(to_q(x))) in the block, for the RoPE forms: ltx.py's now, and
+    # the stack form (a cos - b sin, b cos + a sin) it replaced.
+    qnorm = torch.nn.RMSNorm(d, eps=1e-5, device="cuda", dtype=torch.bfloat16)
+
+    def stack_form(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        c, s_ = pairs.unbind(-1)
+        a, b = t.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((a * c - b * s_, b * c + a * s_), dim=-1).flatten(-2).to(t.dtype)
+
+    now, before = (torch.compile(lambda t, f=f: f(qnorm(t), pairs)) for f in (_apply_rope, stack_form))
+    results["norm_rope_compiled"] = {"ltx_ms": timed_ms(lambda: now(x)), "stack_form_ms": timed_ms(lambda: before(x)),
+                                     "norm_only_compiled_ms": timed_ms(torch.compile(lambda: qnorm(x))),
+                                     "floor_ms": floor_ms + pairs.numel() * 4 / 4.3e12 * 1e3,  # + the table once
+                                     "rel_diff": ((now(x).float() - before(x).float()).norm()
+                                                  / before(x).float().norm()).item()}
+
+
+def gelu_epilogue(results: dict, d: int = 4096) -> None:
+    """The FFN's up-projection + tanh GELU: nn.Linear then F.gelu vs GELU in the cuBLASLt epilogue (ltx.py now),
+    at the rows one rank sees with 1, 2 and 4 GPUs; errors against an fp32 computation from the same bf16 inputs."""
+    for m in (18432, 9216, 4608):
+        x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        up = torch.nn.Linear(d, 4 * d, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(up.weight, std=d**-0.5)
+        ref = F.gelu(F.linear(x.float(), up.weight.float(), up.bias.float()), approximate="tanh")
+        two_pass = F.gelu(up(x), approximate="tanh")
+        fused = torch._addmm_activation(up.bias, x, up.weight.t(), use_gelu=True)
+        flops = 2 * m * d * 4 * d
+        row = {"two_pass_ms": timed_ms(lambda: F.gelu(up(x), approximate="tanh")),
+               "linear_only_ms": timed_ms(lambda: up(x)),
+               "epilogue_ms": timed_ms(lambda: torch._addmm_activation(up.bias, x, up.weight.t(), use_gelu=True))}
+        row["epilogue_tflops"] = flops / row["epilogue_ms"] / 1e9
+        row["rel_err_two_pass"] = ((two_pass.float() - ref).norm() / ref.norm()).item()
+        row["rel_err_epilogue"] = ((fused.float() - ref).norm() / ref.norm()).item()
+        results[f"gelu_epilogue/m{m}"] = row
+
+
+def sdpa_sustained(results: dict) -> None:
+    """cuDNN attention at the 1-GPU shape: on the (B, S, H, D) views ltx.py passes vs contiguous (B, H, S, D), then
+    again after two seconds of back-to-back calls (clock under load, as inside a step)."""
+    b, h, s, d = 3, 32, 6144, 128
+    bshd = [torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    views = [t.transpose(1, 2) for t in bshd]
+    dense = [t.contiguous() for t in views]
+    flops = 4 * b * h * s * s * d
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        row = {"views_ms": timed_ms(lambda: F.scaled_dot_product_attention(*views)),
+               "contiguous_ms": timed_ms(lambda: F.scaled_dot_product_attention(*dense))}
+        until = time.perf_counter() + 2.0
+        while time.perf_counter() < until:
+            timed_ms(lambda: F.scaled_dot_product_attention(*views), reps=10)
+        row["views_after_2s_ms"] = timed_ms(lambda: F.scaled_dot_product_attention(*views))
+    row.update({f"{k.removesuffix('_ms')}_tflops": flops / v / 1e9 for k, v in list(row.items())})
+    results["sdpa_1gpu_layout_and_load"] = row
+
+
+def cross_attention(results: dict, text: int = 24) -> None:
+    """Text cross-attention at the 1-GPU shape (queries 3 x 32 heads x 6,144, 24 text keys): each backend with
+    the additive mask ltx.py builds from the text mask, and without one (a mask that keeps every key adds 0)."""
+    b, h, s, d = 3, 32, 6144, 128
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, text, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    bias = torch.zeros(b, 1, 1, text, device="cuda", dtype=torch.bfloat16)
+    row = {"floor_ms": 2 * q.numel() * 2 / 4.3e12 * 1e3}
+    for label, backend in {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}.items():
+        for masked in (True, False):
+            mask = bias if masked else None
+            try:
+                with sdpa_kernel([backend]):
+                    row[f"{label}{'_mask' if masked else ''}_ms"] = timed_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            except RuntimeError as e:
+                row[f"{label}{'_mask' if masked else ''}_ms"] = str(e).splitlines()[0][:120]
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH], set_priority=True):
+        row["ltx_order_mask_ms"] = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    results["cross_attention_1gpu"] = row
 
 
 def main() -> None:
@@ -136,6 +230,9 @@ def main() -> None:
                "cudnn": torch.backends.cudnn.version(), "sdp_priority_default": torch._C._get_sdp_priority_order()}
     with torch.no_grad():
         elementwise(results)
+        gelu_epilogue(results)
+        sdpa_sustained(results)
+        cross_attention(results)
         gemms(results)
         usp_layouts(results)
         sdpa_backends(results)

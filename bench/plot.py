@@ -62,7 +62,7 @@ def markdown(records: list[dict]) -> str:
             f"| {r['shape']} | {r['tokens']} | {r['branches']} {r['branch_mode']} | {r['world_size']} "
             f"| {r['cfg']} x {r['ring']} x {r['ulysses']} | {r['implementation']} | {r['a2a_mode'] or ''} "
             f"| {r['overlap_chunks'] or ''} | {'yes' if r['compiled'] else 'no'} | {r['ms_per_step']:.1f} "
-            f"| {_fmt(r['speedup'], '.2f')} | {r['tflops_per_gpu']:.0f} | {100 * r['fraction_of_matmul_rate']:.0f}% "
+            f"| {_fmt(r['speedup'], '.2f')} | {r['tflops_per_gpu']:.0f} | {100 * r['fraction_of_matmul_rate']:.1f}% "
             f"| {_fmt(r['vs_diffusers'], '.2f')} | {'' if share is None else f'{100 * share:.1f}%'} "
             f"| {max(r['peak_mem_gb_per_rank']):.1f} | {r.get('run', '')} |"
         )

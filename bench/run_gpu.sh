@@ -4,6 +4,7 @@
 #   bash bench/run_gpu.sh core      # 1, 2, 4 GPUs: layouts, a2a modes, chunks, diffusers, generation (~6 min)
 #   bash bench/run_gpu.sh final     # the 13B set, eager and compiled, with profiles (~6 min)
 #   bash bench/run_gpu.sh ulysses   # the Ulysses layouts only, after a change to usp.py (~5 min)
+#   bash bench/run_gpu.sh one       # one GPU: GPU tests, generate eager vs --compile, the 13B set (~4 min)
 #   CPU_SMOKE=1 OUT=/tmp/o bash bench/run_gpu.sh core   # the same plumbing on CPU with the tiny shape
 #
 # Jobs that need fewer GPUs run side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES). Every job writes
@@ -12,7 +13,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
-WHAT=${1:?name what to run: core, final or ulysses}
+WHAT=${1:?name what to run: core, final, ulysses or one}
 W=/tmp/usp-bench
 rm -rf "$W" && mkdir -p "$W/results" "$W/logs" "$W/gen" "$W/other"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -130,8 +131,31 @@ ulysses)
   bench 13b-27588-w4 0,1,2,3 4 200 --shape $BIG $S27 --warmup 1 --steps 2 --layouts 1x1x4 --a2a-mode both \
     --comm-share --compile
   ;;
+one)
+  # A one-GPU machine (nvidia-h200): the CUDA-only tests, the tiny model's image-to-video with and without
+  # --compile (latents compared), then the 13B shape eager and compiled, with diffusers and profiles.
+  if [ -z "${CPU_SMOKE:-}" ]; then
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py -k gpu \
+      >"$W/logs/gpu-tests.log" 2>&1
+    echo "$(date +%T) gpu tests: exit $?"
+    timeout 150 python3 bench/microbench.py --out "$W/other/micro.json" >"$W/logs/micro.log" 2>&1
+  fi
+  for mode in eager compile; do
+    flag=$([ $mode = compile ] && echo --compile)
+    timeout 300 python3 -m usp_infer generate $GEN_DEV $flag --prompt "a red fox running through fresh snow" \
+      --image tests/data/first_frame.png $GEN_SIZE --steps 8 --guidance-scale 3 --stg-scale 1 --stg-blocks 1 \
+      --guidance-rescale 0.7 -o "$W/gen/$mode.npz" --json --quiet >"$W/gen/generate-$mode.json" 2>"$W/logs/gen-$mode.log"
+    echo "$(date +%T) generate $mode: exit $?"
+  done
+  python3 -c "import numpy as np, sys; e, c = (np.load(f'{sys.argv[1]}/{m}.npz') for m in ('eager', 'compile')); \
+print({k: float(np.abs(e[k].astype(float) - c[k]).max()) for k in e.files})" "$W/gen" >"$W/logs/gen-compare.log" 2>&1
+  rm -f "$W"/gen/*.npz
+  bench 13b-6144-w1 0 1 300 --shape $BIG $S6 --warmup 2 --steps 5 --compile --baseline diffusers \
+    --profile "$W/other/profile-w1"
+  bench 13b-27588-w1 0 1 300 --shape $BIG $S27 --warmup 1 --steps 3 --compile
+  ;;
 *)
-  echo "unknown set $WHAT: use core, final or ulysses" >&2
+  echo "unknown set $WHAT: use core, final, ulysses or one" >&2
   exit 2
   ;;
 esac

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from usp_infer.bench import bench_command, latent_grid, random_transformer, step_flops
-from usp_infer.ltx import SHAPES, LTXConfig, _apply_rope, _drop_trailing_pads, rope_tables
+from usp_infer.ltx import SHAPES, LTXConfig, _apply_rope, _drop_trailing_pads, rope_pairs, rope_tables
 
 TINY = ["--shape", "ltx-tiny", "--height", "64", "--width", "96", "--num-frames", "17", "--device", "cpu",
         "--dtype", "float32", "--warmup", "1", "--steps", "2", "--dist-timeout", "60"]
@@ -117,15 +117,19 @@ def test_bench_rejects_bad_flags(args: list[str], message: str) -> None:
     assert result.exit_code == 2 and message in result.output
 
 
-def test_compiled_rope_path_matches_eager() -> None:
-    """Under torch.compile, _apply_rope takes diffusers' elementwise form (it fuses); eagerly the complex product."""
+def test_rope_paths_match_diffusers_formula() -> None:
+    """Both forms of _apply_rope (complex product eagerly, real pairs under torch.compile) on the half-size
+    table equal diffusers' x * cos + (-b, a) * sin over the full tables."""
     x = torch.randn(2, 7, 16)
-    cfg = LTXConfig(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16)
+    cfg = LTXConfig(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16)  # 16 % 6: 4 unrotated
     cos, sin = rope_tables(cfg, 7, 1, 1, (1.0, 1.0, 1.0))  # (1, 7, 16) each
-    traced = torch.compile(_apply_rope, backend="eager", fullgraph=True)(x, (cos, sin))  # no inductor: fast
-    eager = _apply_rope(x, (cos, sin))
-    # fp32: the two forms round differently by an ulp or two (1e-7); a wrong pairing is off by order 1
-    assert ((traced - eager).norm() / eager.norm()).item() <= 1e-6
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    reference = x * cos + torch.stack((-b, a), dim=-1).flatten(-2) * sin
+    pairs = rope_pairs((cos, sin))
+    traced = torch.compile(_apply_rope, backend="eager", fullgraph=True)(x, pairs)  # no inductor: fast
+    eager = _apply_rope(x, pairs)
+    for out in (traced, eager):  # fp32: an ulp or two apart (1e-7); a wrong pairing is off by order 1
+        assert ((out - reference).norm() / reference.norm()).item() <= 1e-6
     assert ((eager - x).norm() / x.norm()).item() > 1e-2  # the rotation did something
 
 

@@ -332,13 +332,27 @@ def test_sidecar_fields(tmp_path):
                                "cfg_star": False, "timesteps": []}
     assert side["model"]["path"] == str(MODEL) and len(side["model"]["config_sha256"]) == 16
     assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0}
-    assert (side["device"], side["dtype"]) == ("cpu", "float32")
+    assert (side["device"], side["dtype"], side["compiled"]) == ("cpu", "float32", False)
     t = side["timings"]
     assert len(t["step_s"]) == 2 and all(s > 0 for s in t["step_s"])
     assert t["total_s"] >= t["denoise_s"] + t["decode_s"] > 0 and t["model_load_s"] > 0
     assert side["peak_memory_gb"] > 0 and side["peak_memory_of"] == "process max RSS, whole run so far"
     assert side["versions"] == {"usp_infer": usp_infer.__version__, "torch": torch.__version__,
                                 "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor's CPU code needs a C++ compiler")
+def test_compile_gives_the_eager_result(tmp_path):
+    """--compile runs torch.compile'd blocks (Inductor's C++ kernels on the CPU): same video, and the sidecar says so."""
+    args = ["generate", "--prompt", "a fox", *FAST, "--stg-scale", "1", "--stg-blocks", "1", "--guidance-rescale", "0.5"]
+    assert cli(*args, "-o", tmp_path / "eager.npz").exit_code == 0
+    result = cli(*args, "--compile", "-o", tmp_path / "compiled.npz")
+    assert result.exit_code == 0, result.output
+    eager, compiled = np.load(tmp_path / "eager.npz"), np.load(tmp_path / "compiled.npz")
+    # fp32: fused kernels round a few ulps apart (~1e-6); a wrong fusion or a skipped op moves the latents by >1e-2
+    assert np.abs(compiled["latents"] - eager["latents"]).max() < 1e-4
+    assert np.abs(compiled["frames"] - eager["frames"]).max() < 1e-4
+    assert json.loads((tmp_path / "compiled.npz.json").read_text())["compiled"] is True
 
 
 def test_config_hash_follows_the_configs(tmp_path):

@@ -6,6 +6,7 @@ frames and latents; the single-process references are computed here in the test 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from usp_infer.config import GenerateRequest, ParallelConfig
 from usp_infer.dist import init_mesh
 from usp_infer.guidance import GuidanceConfig
+from usp_infer.ltx import compile_blocks
 from usp_infer.pipeline import load_components
 from usp_infer.pipeline import generate as run_generate
 
@@ -131,6 +133,18 @@ def test_a2a_modes_are_bitwise_identical(world2, world4):
     for results, mode_case, direct_case in ((world2, "u2-functional", "u2-full"), (world4, "u4-functional", "u4-full")):
         for key in ("frames", "latents"):
             assert np.array_equal(results[mode_case][key], results[direct_case][key])
+
+
+def _compiled_job(name: str) -> dict:
+    torch.set_num_threads(1)
+    compile_blocks(_components().transformer)  # this spawned process's own copy of the model
+    return _generate(REQUESTS[name], _layout(ulysses=2))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor's CPU code needs a C++ compiler")
+def test_compiled_blocks_under_ulysses_equal_single_process():
+    """generate --compile on 2 ranks: the exchange runs eagerly between the blocks' compiled graphs."""
+    _check({"u2-compiled": run_spawn(_compiled_job, 2, "full-i2v")[0]}, "u2-compiled", "full-i2v")
 
 
 @pytest.mark.parametrize("name", ["full", "soft-i2v"])

@@ -493,8 +493,8 @@ def bench_command(
     baseline: str = typer.Option("none", help="none | diffusers: also time diffusers' LTXVideoTransformer3DModel "
                                               "with enable_parallelism(ContextParallelConfig(ulysses_degree=N))."),
     json_out: Optional[Path] = typer.Option(None, help="Write the records (a JSON list) here (rank 0)."),
-    profile: Optional[Path] = typer.Option(None, help="Profile one extra step of the first configuration; "
-                                                      "each rank writes its kernel table into this folder."),
+    profile: Optional[Path] = typer.Option(None, help="Profile one extra step of each configuration; "
+                                                      "each rank writes its kernel tables into this folder."),
     device: str = typer.Option("auto", help="auto | cuda | cpu."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     dist_timeout: float = typer.Option(600.0, help="Seconds a collective may wait before the run fails."),
@@ -525,7 +525,7 @@ def bench_command(
         raise typer.Exit(2) from None
     modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
     cases = _cases(world, s, chosen, modes, chunks, compile, comm_share)
-    if compile:  # each case hands the blocks a new attention object; keep all compiled variants cached
+    if compile:  # layouts, chunk counts and modes each compile their own variants; keep them all cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
 
     def save(records: list[dict]) -> None:
@@ -567,7 +567,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
             mesh = meshes[case.layout]
             label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}-c{case.chunks}"
                      f"{'-compiled' if case.compiled else ''}{'' if case.exchange else '-local'}-rank{mesh.rank}.txt")
-            profile_to = profile_dir / label if profile_dir and case is cases[0] else None
+            profile_to = profile_dir / label if profile_dir else None
             times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
             # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
             record = _record(s, case, world, times, peaks, finite, env, "usp-infer", PROMPT_TOKENS)

@@ -155,6 +155,7 @@ class Session:
     quiet: bool = False
     json_summary: bool = False
     debug: bool = False
+    compile: bool = False
     batch: bool = False  # print the "done: ..." line
 
 
@@ -331,6 +332,7 @@ def _sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float
         },
         "device": str(mesh.device),
         "dtype": s.dtype,
+        "compiled": s.compile,
         "timings": {
             "total_s": round(seconds, 4),
             "denoise_s": round(sum(result.step_times), 4),
@@ -387,6 +389,7 @@ def _run(items: list[Item], s: Session) -> None:
     import torch
 
     from .dist import env_rank, init_mesh, teardown
+    from .ltx import compile_blocks
     from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
     from .pipeline import generate, load_components
 
@@ -405,6 +408,8 @@ def _run(items: list[Item], s: Session) -> None:
             components = load_components(s.model, mesh.device, getattr(torch, dtype_name))
         except (OSError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot load the model in {s.model}: {_one_line(e)}") from e
+        if s.compile:
+            compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
         load_s = time.perf_counter() - start
         for item in todo:
             start = time.perf_counter()
@@ -509,6 +514,8 @@ SESSION_OPTIONS = {
     "cfg_parallel": (Optional[int], _opt(None, "--cfg-parallel", "--cfg-degree", help="Spread guidance branches over this many rank groups [default: 1].")),
     "a2a_mode": (str, _opt("direct", help="direct (all_to_all_single into a preallocated buffer) | functional.")),
     "dist_timeout": (float, _opt(600.0, help="Seconds a collective may wait before the run fails.")),
+    "compile": (bool, _opt(False, "--compile", help="torch.compile the transformer blocks: faster steps after a "
+                           "one-time compilation in the first step (worth it for long runs and batches).")),
     "device": (str, _opt("auto", help="auto | cpu | cuda.")),
     "dtype": (Optional[str], _opt(None, help="float32 | bfloat16 | float16 [default: bfloat16 on CUDA, float32 on CPU].")),
     "overwrite": (bool, _opt(False, help="Replace existing outputs.")),
@@ -550,7 +557,7 @@ def _session_from(flags: dict, **extra) -> Session:
     )
     return Session(
         model=Path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
-        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], **extra,
+        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"], **extra,
     )
 
 

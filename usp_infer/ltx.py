@@ -115,21 +115,30 @@ def rope_tables(
     return cos, sin
 
 
-def _apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, S, C) by their angle, in fp32 like diffusers.
+def rope_pairs(rope: tuple[Tensor, Tensor]) -> Tensor:
+    """(cos, sin) tables -> one fp32 (1|B, S, C/2, 2) table of (cos, sin) per channel pair.
 
-    diffusers' formula, x * cos + (-b, a) * sin, is pure elementwise on views, so under torch.compile
-    it fuses into one kernel. Run eagerly it is ~16 passes over fp32 copies; there the same product as
-    a complex multiply, (a + ib)(cos + i sin), takes 3 kernels (cos and sin repeat each angle twice).
+    The full tables repeat every angle twice (channels 2i and 2i+1 turn together); the blocks read this
+    half-size table instead, built once per forward rather than once per q or k in every block.
     """
     cos, sin = rope
+    return torch.stack((cos[..., ::2], sin[..., ::2]), dim=-1)
+
+
+def _apply_rope(x: Tensor, pairs: Tensor) -> Tensor:
+    """Rotate channel pairs (a, b) = (x[2i], x[2i+1]) of x (B, S, C) by their angle, in fp32 like diffusers.
+
+    diffusers writes x * cos + (-b, a) * sin over full-width tables; per pair that is the same products
+    and sums, (a cos - b sin, b cos + a sin). Under torch.compile the real form fuses into one kernel;
+    run eagerly, the complex product (a + ib)(cos + i sin) takes 3 kernels instead of ~8.
+    """
     if torch.compiler.is_compiling():
-        pairs = x.unflatten(-1, (-1, 2))  # (B, S, C/2, 2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-    turn = torch.complex(cos[..., ::2], sin[..., ::2])  # (1|B, S, C/2)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, C/2) complex: a + ib
-    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+        cos, sin = pairs[..., :1], pairs[..., 1:]  # (1|B, S, C/2, 1): one angle per pair, broadcast over it
+        xp = x.float().unflatten(-1, (-1, 2))  # (B, S, C/2, 2): (a, b)
+        turned = xp.flip(-1) * torch.tensor([-1.0, 1.0], device=x.device)  # (-b, a)
+        return (xp * cos + turned * sin).flatten(-2).to(x.dtype)
+    turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.view_as_complex(pairs)
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -141,6 +150,10 @@ _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
                     SDPBackend.MATH]
 
 
+# Kept out of torch.compile'd graphs: there Inductor copies some inputs to the strides it wants before
+# the cuDNN kernel (2 copies of a (B, S, D) tensor per block), while the kernel takes the views as they
+# are at the same speed (bench/NOTES.md).
+@torch.compiler.disable
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """F.scaled_dot_product_attention on (B, H, S, D), preferring cuDNN's kernel on CUDA."""
     if q.is_cuda:
@@ -194,7 +207,7 @@ class Attention(nn.Module):
         self.norm_q, self.norm_k = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
 
     def self_attention(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], attn_fn: AttnFn, rows: Tensor | None, mode: str | None
+        self, x: Tensor, rope: Tensor, attn_fn: AttnFn, rows: Tensor | None, mode: str | None
     ) -> Tensor:
         q = _apply_rope(self.norm_q(self.to_q(x)), rope)
         k = _apply_rope(self.norm_k(self.to_k(x)), rope)
@@ -230,7 +243,13 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([gelu_proj, nn.Identity(), nn.Linear(4 * dim, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](_gelu_tanh(self.net[0].proj(x)))
+        up = self.net[0].proj
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and up.bias is not None:
+            # GELU in the GEMM's epilogue (cuBLASLt): no separate pass over the 4x-wide activations. On CUDA
+            # this op's GELU is the tanh form LTX uses (on the CPU it is the exact one, so it stays CUDA-only).
+            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return self.net[2](hidden.unflatten(0, x.shape[:-1]))
+        return self.net[2](_gelu_tanh(up(x)))
 
 
 class TwoLayerMLP(nn.Module):
@@ -245,7 +264,8 @@ class TwoLayerMLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """diffusers' LTXVideoTransformerBlock; `rows` (B, 1, 1) bool and `mode` set this block's STG, if any."""
+    """diffusers' LTXVideoTransformerBlock; `rope` is rope_pairs(); `rows` (B, 1, 1) bool and `mode` set this
+    block's STG, if any."""
 
     def __init__(self, cfg: LTXConfig) -> None:
         super().__init__()
@@ -262,7 +282,7 @@ class TransformerBlock(nn.Module):
         x: Tensor,
         context: Tensor,
         temb: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: Tensor,
         text_bias: Tensor | None,
         attn_fn: AttnFn,
         rows: Tensor | None = None,
@@ -278,6 +298,18 @@ class TransformerBlock(nn.Module):
         out = out + self.attn2.cross_attention(out, context, text_bias)  # un-normed queries, no gate: as diffusers
         out = torch.addcmul(out, self.ff(torch.addcmul(shift_mlp, self.norm2(out), 1 + scale_mlp)), gate_mlp)
         return torch.where(rows, x, out) if mode == "block" else out
+
+
+def compile_blocks(model: LTXTransformer) -> None:
+    """torch.compile each transformer block in place. Attention stays eager (sdpa and USPAttention are
+    compiler-disabled), so the graphs hold the projections, norms, RoPE, modulation and FFN around it.
+
+    Shapes are compiled as they come (dynamic=False): a new resolution or batch compiles once more, and the
+    cache holds enough variants for a batch of sizes and the STG blocks' own variants.
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.transformer_blocks:
+        block.compile(dynamic=False)
 
 
 def _drop_trailing_pads(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -343,10 +375,11 @@ class LTXTransformer(nn.Module):
         embedded = embedded.view(B, -1, x.shape[-1])  # (B, 1|S, D)
         context = self.caption_projection(encoder_hidden_states)
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
+        pairs = rope_pairs(rope)
         for i, block in enumerate(self.transformer_blocks):
             perturbed = perturbation is not None and i in perturbation.blocks
             mode = perturbation.mode if perturbed else None
-            x = block(x, context, temb, rope, text_bias, attn_fn, rows if perturbed else None, mode)
+            x = block(x, context, temb, pairs, text_bias, attn_fn, rows if perturbed else None, mode)
         shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(2)  # (B, 1|S, 2, D)
         x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
         return self.proj_out(x)
