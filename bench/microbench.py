@@ -4,7 +4,9 @@
 
 SDPA backends (flash / cuDNN / memory-efficient) at the attention shapes of the benchmark, checked
 against each other; cuDNN on the strided views USPAttention passes vs contiguous inputs, and the
-layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs; RoPE as
+layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs (and the
+width one fused q/k/v projection would have); the FFN through 16 layers with GELU as a separate pass
+vs in the GEMM epilogue, the two alternating; RoPE as
 diffusers writes it vs the forms ltx.py runs (eager and compiled, full vs half-size tables); GELU as
 a separate pass vs in the GEMM epilogue; cuDNN attention under load; modulation and gates as two
 passes vs one addcmul; RMS-norm against its bandwidth floor. Each is the median of 20 CUDA-event
@@ -103,7 +105,8 @@ def gemms(results: dict, d: int = 4096) -> None:
         x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(m, 4 * d, device="cuda", dtype=torch.bfloat16)
         row = {}
-        for name, (inp, k, n) in {"d_to_d": (x, d, d), "d_to_4d": (x, d, 4 * d), "4d_to_d": (h, 4 * d, d)}.items():
+        shapes = {"d_to_d": (x, d, d), "d_to_3d": (x, d, 3 * d), "d_to_4d": (x, d, 4 * d), "4d_to_d": (h, 4 * d, d)}
+        for name, (inp, k, n) in shapes.items():  # d_to_3d: what one fused q/k/v projection would run
             layer = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
             row[name] = 2 * m * k * n / timed_ms(lambda: layer(inp)) / 1e9
         results[f"gemm_tflops/m{m}"] = row
@@ -179,6 +182,37 @@ def gelu_epilogue(results: dict, d: int = 4096) -> None:
         results[f"gelu_epilogue/m{m}"] = row
 
 
+def ffn_in_sequence(results: dict, d: int = 4096, layers: int = 16, reps: int = 8) -> None:
+    """The FFN (up, tanh GELU, down) through `layers` layers of distinct weights, as inside a step (a steady
+    load, weights not in cache), GELU as a separate pass vs in the GEMM epilogue. The two forms alternate,
+    rep by rep, so a clock that drifts over the run weighs on both alike; medians of `reps` each."""
+    for m in (18432, 9216, 4608):
+        x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        ups = [torch.nn.Linear(d, 4 * d, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        downs = [torch.nn.Linear(4 * d, d, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+
+        def two_pass() -> None:
+            for up, down in zip(ups, downs):
+                down(F.gelu(up(x), approximate="tanh"))
+
+        def epilogue() -> None:
+            for up, down in zip(ups, downs):
+                down(torch._addmm_activation(up.bias, x, up.weight.t(), use_gelu=True))
+
+        times: dict[str, list[float]] = {"two_pass": [], "epilogue": []}
+        for _ in range(reps + 1):  # the first round warms up
+            for name, fn in (("two_pass", two_pass), ("epilogue", epilogue)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / layers)
+        row = {f"{name}_ms_per_layer": statistics.median(ts[1:]) for name, ts in times.items()}
+        row["epilogue_over_two_pass"] = row["epilogue_ms_per_layer"] / row["two_pass_ms_per_layer"]
+        results[f"ffn_in_sequence/m{m}"] = row
+
+
 def sdpa_sustained(results: dict) -> None:
     """cuDNN attention at the 1-GPU shape: on the (B, S, H, D) views ltx.py passes vs contiguous (B, H, S, D), then
     again after two seconds of back-to-back calls (clock under load, as inside a step)."""
@@ -231,6 +265,7 @@ def main() -> None:
     with torch.no_grad():
         elementwise(results)
         gelu_epilogue(results)
+        ffn_in_sequence(results)
         sdpa_sustained(results)
         cross_attention(results)
         gemms(results)
