@@ -4,13 +4,12 @@
 
 SDPA backends (flash / cuDNN / memory-efficient) at the attention shapes of the benchmark, checked
 against each other; cuDNN on the strided views USPAttention passes vs contiguous inputs, and the
-layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs (and the
-width one fused q/k/v projection would have); the FFN through 16 layers with GELU as a separate pass
-vs in the GEMM epilogue, the two alternating; RoPE as
-diffusers writes it vs the forms ltx.py runs (eager and compiled, full vs half-size tables); GELU as
-a separate pass vs in the GEMM epilogue; cuDNN attention under load; modulation and gates as two
-passes vs one addcmul; RMS-norm against its bandwidth floor. Each is the median of 20 CUDA-event
-timings after 3 warm-ups, on random data.
+layout copies around the exchange; nn.Linear rates at the token counts of 1, 2 and 4 GPUs (and at
+the width one fused q/k/v projection would have); RoPE as diffusers writes it vs the forms ltx.py
+runs (eager and compiled, full vs half-size tables); GELU as a separate pass vs in the GEMM epilogue,
+alone and through 16 FFN layers with the two forms alternating; cuDNN attention under load;
+modulation and gates as two passes vs one addcmul; RMS-norm against its bandwidth floor. Unless a
+function says otherwise, each is the median of 20 CUDA-event timings after 3 warm-ups, on random data.
 """
 
 from __future__ import annotations
