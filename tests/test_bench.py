@@ -111,7 +111,6 @@ def test_bench_two_processes_gloo(tmp_path: Path) -> None:
     (["--layouts", "2-2"], "'2-2' is not CxRxU"),
     (["--overlap-chunks", "0"], "each value must be at least 1"),
     (["--a2a-mode", "fast"], "--a2a-mode 'fast' is unknown"),
-    (["--compile-mode", "fast"], "--compile-mode 'fast' is unknown"),
 ])
 def test_bench_rejects_bad_flags(args: list[str], message: str) -> None:
     result = CliRunner().invoke(_app(), [*TINY, *args])

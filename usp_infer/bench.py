@@ -35,7 +35,6 @@ from .sharding import SeqShard
 from .usp import Pending, USPAttention
 
 TEXT_TOKENS = 128  # T5 length LTXPipeline pads the prompt to
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 PROMPT_TOKENS = 24  # real tokens under the text mask; the rest is padding, as for a short prompt
 FPS = 25.0
 SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
@@ -452,7 +451,7 @@ def _parse_chunks(text: str) -> list[int]:
 
 
 def _validated(shape: str, height: int, width: int, num_frames: int, branches: int, branch_mode: str,
-               a2a_mode: str, baseline: str, warmup: int, steps: int, dtype: str, compile_mode: str) -> None:
+               a2a_mode: str, baseline: str, warmup: int, steps: int, dtype: str) -> None:
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r} is unknown; use one of {', '.join(SHAPES)}")
     GenerateRequest(prompt="bench", height=height, width=width, num_frames=num_frames)  # its size checks
@@ -468,8 +467,6 @@ def _validated(shape: str, height: int, width: int, num_frames: int, branches: i
         raise ValueError(f"--warmup {warmup} and --steps {steps} must both be at least 1")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"--dtype {dtype!r} is unknown; use bfloat16, float16 or float32")
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"--compile-mode {compile_mode!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
 
 
 def bench_command(
@@ -489,8 +486,6 @@ def bench_command(
                                                  "'1,2,4' times each (1 = no overlap)."),
     comm_share: bool = typer.Option(False, help="Also time each Ulysses configuration with its exchanges "
                                                 "replaced by local copies: the difference is their share."),
-    compile_mode: str = typer.Option("default", help="torch.compile mode with --compile: default | reduce-overhead "
-                                                     "(CUDA graphs of the compiled pieces) | max-autotune-no-cudagraphs."),
     compile: bool = typer.Option(False, "--compile", help="Also time each configuration with torch.compile'd "
                                                           "blocks (the exchanges stay eager)."),
     warmup: int = typer.Option(2, help="Untimed steps first (compilation happens here)."),
@@ -515,8 +510,7 @@ def bench_command(
     """
     world = env_world_size()
     try:
-        _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype,
-                   compile_mode)
+        _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype)
         where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                              "cpu" if device == "auto" else device)
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
@@ -543,7 +537,7 @@ def bench_command(
             tmp.replace(json_out)
 
     try:
-        records = _run_all(s, cases, world, baseline, seed, dist_timeout, save, profile, compile_mode)
+        records = _run_all(s, cases, world, baseline, seed, dist_timeout, save, profile)
     finally:
         teardown()
     if env_rank() == 0:
@@ -551,7 +545,7 @@ def bench_command(
 
 
 def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, timeout_s: float,
-             save: Callable[[list[dict]], None], profile_dir: Path | None, compile_mode: str = "default") -> list[dict]:
+             save: Callable[[list[dict]], None], profile_dir: Path | None) -> list[dict]:
     meshes: dict[tuple[int, int, int], Mesh] = {}
     # One mesh per layout: the default group is joined once and reused; a2a mode is a per-case choice.
     first = cases[0].layout
@@ -563,7 +557,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
     model = random_transformer(s.cfg, device, s.dtype, seed)
     eager_blocks = compiled_blocks = model.transformer_blocks
     if any(case.compiled for case in cases):  # the same modules, each behind its own compiled frame
-        compiled_blocks = nn.ModuleList(torch.compile(block, mode=compile_mode) for block in eager_blocks)
+        compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
     records: list[dict] = []
     with torch.no_grad():
         for case in cases:
@@ -577,7 +571,6 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
             times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
             # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
             record = _record(s, case, world, times, peaks, finite, env, "usp-infer", PROMPT_TOKENS)
-            record["compile_mode"] = compile_mode if case.compiled else None
             if mesh.seq_degree > 1 and case.exchange:
                 record["attention_check_rel_err"] = attention_check(mesh, SeqShard.for_mesh(s.tokens, mesh), case, s)
             if case.exchange:
