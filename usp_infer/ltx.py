@@ -244,7 +244,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         up = self.net[0].proj
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and up.bias is not None:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # up always has a bias (nn.Linear's default)
             # GELU in the GEMM's epilogue (cuBLASLt): no separate pass over the 4x-wide activations. On CUDA
             # this op's GELU is the tanh form LTX uses (on the CPU it is the exact one, so it stays CUDA-only).
             hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
