@@ -80,16 +80,16 @@ def test_bench_one_process(tmp_path: Path) -> None:
     assert "with it: ok" in theirs["note"]  # one process: diffusers takes the mask; it fails only under Ulysses
 
 
-def _two_process_job(out: str) -> None:
+def _two_process_job(out: str, profiles: str) -> None:
     torch.set_num_threads(1)
     result = CliRunner().invoke(_app(), [*TINY, "--layouts", "all", "--a2a-mode", "both", "--comm-share",
-                                         "--json-out", out])
+                                         "--profile", profiles, "--json-out", out])
     assert result.exit_code == 0, (result.output, result.exception)
 
 
 def test_bench_two_processes_gloo(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    run_spawn(_two_process_job, 2, str(out))
+    out, profiles = tmp_path / "r.json", tmp_path / "profiles"
+    run_spawn(_two_process_job, 2, str(out), str(profiles))
     records = json.loads(out.read_text())
     found = {(r["cfg"], r["ring"], r["ulysses"], r["a2a_mode"]) for r in records}
     assert found == {(1, 1, 2, "direct"), (1, 1, 2, "functional"), (1, 2, 1, "direct"), (1, 2, 1, "functional"),
@@ -101,6 +101,13 @@ def test_bench_two_processes_gloo(tmp_path: Path) -> None:
             assert r["attention_check_rel_err"] <= 1e-5
     shares = [r for r in records if "a2a_share" in r]
     assert [(r["ulysses"], r["a2a_mode"]) for r in shares] == [(2, "direct")]  # Ulysses only, first mode only
+    # --profile: a kernel table of one step for every configuration (the 5 records and the local-exchange
+    # estimate), from each rank
+    tables = sorted(path.name for path in profiles.iterdir())
+    configurations = ["w2-1x1x2-direct-c1", "w2-1x1x2-direct-c1-local", "w2-1x1x2-functional-c1",
+                      "w2-1x2x1-direct-c1", "w2-1x2x1-functional-c1", "w2-2x1x1-direct-c1"]
+    assert tables == sorted(f"{c}-rank{r}.txt" for c in configurations for r in (0, 1))
+    assert all("Self CPU" in (profiles / name).read_text() for name in tables)
 
 
 @pytest.mark.parametrize("args, message", [
