@@ -15,7 +15,7 @@ from dist_utils import run_spawn
 from usp_infer.config import ParallelConfig
 from usp_infer.dist import Mesh, init_mesh, layouts, resolve_parallel, shared_seed, validate_layout
 from usp_infer.sharding import SeqShard
-from usp_infer.usp import USPAttention, start_all_to_all
+from usp_infer.usp import KVShardedAttention, USPAttention, start_all_to_all
 
 TIMEOUT_S = 60.0  # a broken collective fails the test in a minute instead of hanging for 30
 
@@ -128,8 +128,28 @@ def _mesh_job(world: int) -> dict:
     return found
 
 
+def _kv_sharded_job(world: int) -> dict:
+    """Whole queries (LTX-2's audio) over sharded keys (its video): local attention + log-sum-exp merge."""
+    errors = {}
+    for layout in WORLD_LAYOUTS[world]:
+        if layout[0] > 1:
+            continue  # a cfg split leaves the sequence group smaller; the seq layouts cover the merge
+        mesh = init_mesh(_parallel(*layout), "cpu")
+        for total in WORLD_TOTALS[world]:
+            shard = SeqShard.for_mesh(total, mesh)
+            gen = torch.Generator().manual_seed(total)
+            q = torch.randn(B, 5, H, D, generator=gen)  # 5 query tokens, the same on every rank
+            k, v = (torch.randn(B, total, H, D, generator=gen) for _ in range(2))
+            ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            poisoned_k, poisoned_v = shard.split(k), shard.split(v)
+            poisoned_k[:, shard.valid:], poisoned_v[:, shard.valid:] = 1e3, 1e3  # pads must never act as keys
+            out = KVShardedAttention(shard)(q, poisoned_k, poisoned_v)
+            errors[layout, total] = _rel_err(out, ref.transpose(1, 2))
+    return errors
+
+
 def _job(world: int) -> dict:
-    return {"attention": _attention_job(world), "a2a": _a2a_job(world),
+    return {"attention": _attention_job(world), "a2a": _a2a_job(world), "kv_sharded": _kv_sharded_job(world),
             "shard": _shard_job(world), "mesh": _mesh_job(world)}
 
 
@@ -165,6 +185,16 @@ def test_parallel_config_rejects_bad_values() -> None:
         ParallelConfig(ring=0)
     with pytest.raises(ValueError, match="--dist-timeout 0 must be positive"):
         ParallelConfig(timeout_s=0)
+
+
+def test_kv_sharded_attention_matches_full_attention(spawned: tuple[int, list[dict]]) -> None:
+    """Including a last rank holding only pads (9 on 4) and ranks with nothing but pads (2 on 4)."""
+    world, results = spawned
+    for rank, result in enumerate(results):
+        errors = result["kv_sharded"]
+        assert len(errors) == sum(layout[0] == 1 for layout in WORLD_LAYOUTS[world]) * len(WORLD_TOTALS[world])
+        bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
+        assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
 
 
 def test_seq_shard_split_gather_sum(spawned: tuple[int, list[dict]]) -> None:
