@@ -121,8 +121,11 @@ def write_json_atomic(path: Path, data: dict, overwrite: bool = True) -> None:
         tmp.write_text(text)
 
 
-def load_image(path: Path, height: int, width: int) -> torch.Tensor:
+def load_image(path: Path, height: int, width: int, crf: int = 0) -> torch.Tensor:
     """Read a PNG/JPEG as float32 (3, height, width) in [-1, 1], resized to cover and center-cropped.
+
+    `crf` > 0 first re-compresses the image as one H.264 frame at that CRF (before resizing), as
+    LTX-2 was trained and as diffusers' LTX2ImageToVideoPipeline does (`image_crf`, default 33).
 
     An image already of the target size is not resampled, so the result then equals diffusers'
     `VideoProcessor.preprocess(img, height, width)[0]` (which stretches other sizes instead of cropping).
@@ -135,6 +138,10 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"image {path} does not exist; pass an existing PNG or JPEG file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read {path} as an image ({err}); pass a PNG or JPEG file") from None
+    if crf:
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+        image = Image.fromarray(apply_image_conditioning_crf(np.array(image), int(crf)))
     if image.size != (width, height):
         # Lanczos, as diffusers resamples; cover then crop keeps the aspect ratio.
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
