@@ -254,3 +254,15 @@ def test_branches_skip_no_op_terms():
     assert LTX2Guidance(off, off, stg_blocks=(1,)).branches() == ("cond",)
     assert LTX2Guidance(off, ModalityGuidance(stg=1.0), stg_blocks=()).branches() == ("cond",)
     assert LTX2Guidance(off, ModalityGuidance(modality=2.0)).branches() == ("cond", "isolated")
+
+
+OUR_MODEL = Path(__file__).resolve().parents[1] / "usp_infer" / "ltx2.py"  # present once ltx2-model is merged
+
+
+@pytest.mark.skipif(not OUR_MODEL.is_file(), reason="usp_infer/ltx2.py not merged yet")
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_with_our_transformer_matches_diffusers(setup, image):
+    ours = load_components(setup.folder, "cpu", torch.float32)  # usp_infer.ltx2.load_transformer
+    assert type(ours.transformer).__module__ == "usp_infer.ltx2"
+    kw = dict(image=str(setup.image), image_crf=0) if image else {}
+    _compare(generate(ours, _request(FULL, **kw), progress=False), *_reference(setup, FULL, image=image))
