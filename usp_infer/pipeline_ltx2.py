@@ -27,9 +27,8 @@ import torch
 
 from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
 
-# TODO(merge main): `from .parallel import Plan` once usp_infer/parallel.py is merged; delete plan_standin.py.
-# (Not a try/except: the editable install's finder would quietly import main's work-in-progress file.)
-from .plan_standin import Plan
+from .config import ParallelConfig
+from .parallel import Plan
 
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
 BRANCH_MODES = ("batched", "sequential")
@@ -418,7 +417,7 @@ class BranchForward:
 def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True) -> Result:
     from tqdm import tqdm
 
-    plan = plan or Plan.single(c.device)
+    plan = plan or Plan.build(ParallelConfig(), str(c.device))  # one process: no process group
     blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
     if blocks is not None and any(not 0 <= b < blocks for b in req.guidance.stg_blocks):
         raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
@@ -457,7 +456,7 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         sigma, dsigma = sigmas[i].item(), (sigmas[i + 1] - sigmas[i]).item()
         t = t.to(c.device)
         timestep = t.expand(1) if level is None else t * level  # (1,) or per video token (1, T)
-        preds = plan.run_branches(names, lambda subset: forward(subset, video, audio, timestep, t))
+        preds = plan.run_branches(names, lambda subset: forward(subset, video, audio, timestep, t), like=(video, audio))
         # velocity -> x0 per branch, guidance per modality, x0 -> velocity
         video_x0 = {n: video - sigma * p[0] for n, p in preds.items()}
         audio_x0 = {n: audio - sigma * p[1] for n, p in preds.items()}
