@@ -414,16 +414,23 @@ class LTXTransformer(nn.Module):
 
 
 def load_transformer(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> LTXTransformer:
-    """Load a diffusers `transformer/` folder (config.json + one or sharded safetensors) onto `device`.
+    """Load a diffusers `transformer/` folder (config.json + one or sharded safetensors) onto `device`."""
+    return load_folder(folder, device, dtype, lambda config: LTXTransformer(LTXConfig.from_dict(config)))
 
-    The model is built on the meta device and its parameters are the loaded tensors themselves
-    (assign=True): each is read straight to `device` and cast there, so weights are never held twice.
+
+def load_folder(
+    folder: str | Path, device: torch.device | str, dtype: torch.dtype, build: Callable[[dict], nn.Module]
+) -> nn.Module:
+    """Build `build(config.json's dict)` on the meta device and assign it the folder's safetensors weights.
+
+    The parameters are the loaded tensors themselves (assign=True): each is read straight to `device` and
+    cast there, so weights are never held twice. Every key and shape is checked against the built model.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: pass a diffusers `transformer/` folder")
-    cfg = LTXConfig.from_dict(json.loads(config_path.read_text()))
+    config = json.loads(config_path.read_text())
     index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index_path.is_file():
         files = sorted({folder / name for name in json.loads(index_path.read_text())["weight_map"].values()})
@@ -434,7 +441,7 @@ def load_transformer(folder: str | Path, device: torch.device | str, dtype: torc
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     with torch.device("meta"):
-        model = LTXTransformer(cfg)
+        model = build(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     for path in files:
@@ -442,7 +449,7 @@ def load_transformer(folder: str | Path, device: torch.device | str, dtype: torc
             raise FileNotFoundError(f"{index_path} lists {path.name}, which is not in {folder}")
         for key, tensor in load_file(path, device=str(torch.device(device))).items():
             if key not in expected:
-                raise ValueError(f"{path}: unexpected key {key!r}; is this an LTX-Video transformer checkpoint?")
+                raise ValueError(f"{path}: unexpected key {key!r}; is this a {type(model).__name__} checkpoint?")
             if tensor.shape != expected[key]:
                 raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, config.json implies "
                                  f"{tuple(expected[key])}")

@@ -1,0 +1,683 @@
+"""LTX-2 / LTX-2.3 audio+video transformer in pure torch, weight-compatible with diffusers' LTX2VideoTransformer3DModel.
+
+Same state_dict keys and the same math as diffusers 0.42.1 (transformer_ltx2.py): a video and an audio stream,
+each block running video/audio self-attention, text cross-attention per stream, audio<->video cross-attention
+and the two FFNs, all AdaLN-modulated. LTX-2.0 (caption_projection, no gates) and LTX-2.3 (gated attention,
+cross_attn_mod with the sigma-driven prompt modulation) are flag sets of one model. Every attention goes
+through an injected `LTX2Attention` function, so the sequence-parallel layer can swap them; nothing here knows
+about process groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ltx import FeedForward, TwoLayerMLP, _apply_rope, _drop_trailing_pads, _gelu_tanh, _timestep_features, \
+    load_folder, sdpa, sdpa_attention
+
+# Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
+# the others are LTX-2.5 features this file does not implement).
+_FIXED_KEYS = {
+    "activation_fn": "gelu-approximate",
+    "qk_norm": "rms_norm_across_heads",
+    "use_keyframes_abs_pos_embedding": False,
+    "ff_bias": True,
+    "audio_ff_bias": True,
+}
+ROPE_TYPES = ("interleaved", "split")
+
+
+@dataclass(frozen=True)
+class LTX2Config:
+    """Transformer shape and flags; field names are the keys of a diffusers `transformer/config.json`.
+
+    Defaults are diffusers' class defaults (note rope_type "interleaved": the real checkpoints say "split").
+    """
+
+    in_channels: int = 128
+    out_channels: int = 128
+    patch_size: int = 1
+    patch_size_t: int = 1
+    num_attention_heads: int = 32
+    attention_head_dim: int = 128
+    cross_attention_dim: int = 4096
+    vae_scale_factors: tuple[int, int, int] = (8, 32, 32)
+    pos_embed_max_pos: int = 20
+    base_height: int = 2048
+    base_width: int = 2048
+    gated_attn: bool = False
+    cross_attn_mod: bool = False
+    audio_in_channels: int = 128
+    audio_out_channels: int = 128
+    audio_patch_size: int = 1
+    audio_patch_size_t: int = 1
+    audio_num_attention_heads: int = 32
+    audio_attention_head_dim: int = 64
+    audio_cross_attention_dim: int = 2048
+    audio_scale_factor: int = 4
+    audio_pos_embed_max_pos: int = 20
+    audio_sampling_rate: int = 16000
+    audio_hop_length: int = 160
+    audio_gated_attn: bool = False
+    audio_cross_attn_mod: bool = False
+    num_layers: int = 48
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    caption_channels: int = 3840
+    attention_bias: bool = True
+    attention_out_bias: bool = True
+    rope_theta: float = 10000.0
+    rope_double_precision: bool = True
+    causal_offset: int = 1
+    timestep_scale_multiplier: int = 1000
+    cross_attn_timestep_scale_multiplier: int = 1000
+    rope_type: str = "interleaved"
+    use_prompt_embeddings: bool = True
+    perturbed_attn: bool = False
+    use_prompt_adaln_single: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vae_scale_factors", tuple(self.vae_scale_factors))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"LTX2Config.{f.name}={value!r}: must be a positive integer")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: choose one of {ROPE_TYPES}")
+        # Text reaches attn2 (and the prompt modulation tables) at the stream's width: the caption projection
+        # or the connectors make it so, so the key/value input widths must equal the stream widths.
+        if self.cross_attention_dim != self.inner_dim:
+            raise ValueError(f"cross_attention_dim={self.cross_attention_dim} must equal heads x head_dim = "
+                             f"{self.inner_dim}")
+        if self.audio_cross_attention_dim != self.audio_inner_dim:
+            raise ValueError(f"audio_cross_attention_dim={self.audio_cross_attention_dim} must equal audio heads "
+                             f"x head_dim = {self.audio_inner_dim} (it is also the audio<->video RoPE width)")
+        # RoPE turns channel pairs; "split" pairs the two halves of each of `heads` equal chunks. diffusers
+        # chunks the audio<->video tables of both streams by the video head count (a2v/v2a use audio heads).
+        for name, dim, chunks in (("video", self.inner_dim, self.num_attention_heads),
+                                  ("audio", self.audio_inner_dim, self.audio_num_attention_heads),
+                                  ("audio<->video", self.audio_cross_attention_dim, self.num_attention_heads)):
+            if dim % (2 * chunks if self.rope_type == "split" else 2):
+                raise ValueError(f"{name} RoPE width {dim} cannot be cut into {self.rope_type} pairs of {chunks} heads")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def audio_inner_dim(self) -> int:
+        return self.audio_num_attention_heads * self.audio_attention_head_dim
+
+    @property
+    def prompt_modulation(self) -> bool:
+        """LTX-2.3's cross_attn_mod: the text K/V of every block are modulated by a per-block table."""
+        return self.cross_attn_mod or self.audio_cross_attn_mod
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LTX2Config:
+        """Build from a diffusers config dict; `_`-prefixed bookkeeping keys are ignored."""
+        for key, supported in _FIXED_KEYS.items():
+            if d.get(key, supported) != supported:
+                raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} is")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in known and k not in _FIXED_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}: not an LTX2VideoTransformer3DModel config?")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for out, inp in (("out_channels", "in_channels"), ("audio_out_channels", "audio_in_channels")):
+            if out in kwargs and not kwargs[out]:  # diffusers: out_channels or in_channels
+                kwargs[out] = kwargs.get(inp, getattr(cls, inp))
+        return cls(**kwargs)
+
+
+# The real checkpoints, as diffusers' scripts/convert_ltx2_to_diffusers.py converts them.
+_REAL = dict(num_layers=48, caption_channels=3840, rope_type="split")
+SHAPES: dict[str, LTX2Config] = {
+    "ltx-2-19b": LTX2Config(**_REAL),
+    "ltx-2.3-22b": LTX2Config(**_REAL, gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
+                              audio_cross_attn_mod=True, use_prompt_embeddings=False, perturbed_attn=True),
+    # A tiny LTX-2.3-shaped model for CPU runs of the pipeline and the benchmark.
+    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                            cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8,
+                            audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+                            num_layers=2, caption_channels=48, rope_type="split", gated_attn=True,
+                            cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+                            use_prompt_embeddings=False, perturbed_attn=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing Tensor fields would raise, identity is what is meant
+class LTX2Rope:
+    """RoPE operands of one forward, fp32, every table with tokens on dim 1.
+
+    rope_type "interleaved": (1, S, C/2, 2), the (cos, sin) of each channel pair (2i, 2i+1).
+    rope_type "split":       (1, S, H, 2, C/2H), [..., 0, :] cos and [..., 1, :] sin of the pairs (j, j + C/2H)
+                             within each of H chunks (the attention heads).
+    video, audio: self-attention (3-D positions, 1-D time); video_cross, audio_cross: the audio<->video
+    attentions (time only, in seconds, at the audio width).
+    """
+
+    video: Tensor
+    video_cross: Tensor
+    audio: Tensor
+    audio_cross: Tensor
+
+    def map_video(self, fn: Callable[[Tensor], Tensor]) -> LTX2Rope:
+        """A copy with `fn` applied to the two per-video-token tables (how a sequence plan shards them)."""
+        return dataclasses.replace(self, video=fn(self.video), video_cross=fn(self.video_cross))
+
+
+def _video_coords(cfg: LTX2Config, frames: int, height: int, width: int, fps: float, device) -> Tensor:
+    """diffusers' prepare_video_coords for one sample: (1, 3, S, 2) [start, end) of each patch, time in seconds."""
+    axes = [torch.arange(0, n, step, dtype=torch.float32, device=device)
+            for n, step in ((frames, cfg.patch_size_t), (height, cfg.patch_size), (width, cfg.patch_size))]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)  # (3, F, H, W)
+    patch = torch.tensor((cfg.patch_size_t, cfg.patch_size, cfg.patch_size), dtype=torch.float32, device=device)
+    coords = torch.stack([grid, grid + patch.view(3, 1, 1, 1)], dim=-1).flatten(1, 3)[None]  # (1, 3, S, 2)
+    pixels = coords * torch.tensor(cfg.vae_scale_factors, device=device).view(1, 3, 1, 1)
+    # The causal VAE's first latent frame covers one pixel frame, not vae_scale_factors[0].
+    time = (pixels[:, 0] + cfg.causal_offset - cfg.vae_scale_factors[0]).clamp(min=0) / fps
+    return torch.cat([time[:, None], pixels[:, 1:]], dim=1)
+
+
+def _audio_coords(cfg: LTX2Config, tokens: int, device) -> Tensor:
+    """diffusers' prepare_audio_coords for one sample: (1, 1, S_a, 2) [start, end) in seconds."""
+    grid = torch.arange(0, tokens, cfg.audio_patch_size_t, dtype=torch.float32, device=device)
+    factor = cfg.audio_scale_factor
+
+    def seconds(latent: Tensor) -> Tensor:
+        mel = (latent * factor + cfg.causal_offset - factor).clip(min=0)
+        return mel * cfg.audio_hop_length / cfg.audio_sampling_rate
+
+    return torch.stack([seconds(grid), seconds(grid + cfg.audio_patch_size_t)], dim=-1)[None, None]
+
+
+def _rope_table(cfg: LTX2Config, coords: Tensor, max_positions: tuple[int, ...], dim: int, chunks: int) -> Tensor:
+    """diffusers' LTX2AudioVideoRotaryPosEmbed.forward, same ops in the same order, as one table (see LTX2Rope)."""
+    start, end = coords.chunk(2, dim=-1)
+    coords = ((start + end) / 2.0).squeeze(-1)  # (1, P, S) patch midpoints
+    axes = coords.shape[1]
+    grid = torch.stack([coords[:, i] / max_positions[i] for i in range(axes)], dim=-1)  # (1, S, P)
+    dtype = torch.float64 if cfg.rope_double_precision else torch.float32
+    exponents = torch.linspace(0.0, 1.0, dim // (2 * axes), dtype=dtype, device=coords.device)
+    freqs = (torch.pow(cfg.rope_theta, exponents) * torch.pi / 2.0).to(torch.float32)
+    angles = ((grid.unsqueeze(-1) * 2 - 1) * freqs).transpose(-1, -2).flatten(2)  # (1, S, dim//(2P) * P)
+    cos, sin = angles.cos(), angles.sin()
+    if pad := dim // 2 - angles.shape[-1]:  # pairs without a frequency are left unrotated, at the front
+        cos = torch.cat([torch.ones_like(cos[..., :pad]), cos], dim=-1)
+        sin = torch.cat([torch.zeros_like(sin[..., :pad]), sin], dim=-1)
+    if cfg.rope_type == "interleaved":
+        return torch.stack([cos, sin], dim=-1)  # (1, S, dim/2, 2)
+    return torch.stack([cos.unflatten(-1, (chunks, -1)), sin.unflatten(-1, (chunks, -1))], dim=-2)  # (1, S, H, 2, r)
+
+
+def rope_tables(
+    cfg: LTX2Config,
+    latent_frames: int,
+    latent_height: int,
+    latent_width: int,
+    fps: float,
+    audio_tokens: int,
+    device: torch.device | str | None = None,
+) -> LTX2Rope:
+    """The four RoPE tables of one forward, for a video latent grid (tokens f, h, w raster) and audio_tokens."""
+    video = _video_coords(cfg, latent_frames, latent_height, latent_width, fps, device)
+    audio = _audio_coords(cfg, audio_tokens, device)
+    cross_max = (max(cfg.pos_embed_max_pos, cfg.audio_pos_embed_max_pos),)
+    return LTX2Rope(
+        video=_rope_table(cfg, video, (cfg.pos_embed_max_pos, cfg.base_height, cfg.base_width), cfg.inner_dim,
+                          cfg.num_attention_heads),
+        video_cross=_rope_table(cfg, video[:, :1], cross_max, cfg.audio_cross_attention_dim, cfg.num_attention_heads),
+        audio=_rope_table(cfg, audio, (cfg.audio_pos_embed_max_pos,), cfg.audio_inner_dim,
+                          cfg.audio_num_attention_heads),
+        audio_cross=_rope_table(cfg, audio, cross_max, cfg.audio_cross_attention_dim, cfg.audio_num_attention_heads),
+    )
+
+
+def _apply_split_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Turn the pairs (a, b) = (x[j], x[j + r]) of each head chunk of x (B, S, C) by their angle, in fp32."""
+    xs = x.float().unflatten(-1, (table.shape[2], 2, -1))  # (B, S, H, 2, r): the two halves of each chunk
+    cos, sin = table[..., :1, :], table[..., 1:, :]  # (1, S, H, 1, r), broadcast over the halves
+    a, b = xs.unbind(-2)
+    turned = torch.stack([-b, a], dim=-2)
+    return torch.addcmul(xs * cos, turned, sin).flatten(-3).to(x.dtype)  # (a cos - b sin, b cos + a sin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def sdpa_text_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """Text cross-attention, (B, S, H, D) in and out; bias (B, 1, 1, L) is added to the scores."""
+    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class LTX2Attention:
+    """The attention functions a forward uses, all (B, S, H, D) in and out.
+
+    video_to_audio's keys are the video tokens: with a sharded video sequence it must combine every rank's part.
+    """
+
+    video_self: AttnFn
+    audio_self: AttnFn
+    text: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+    audio_to_video: AttnFn
+    video_to_audio: AttnFn
+
+
+LOCAL_ATTENTION = LTX2Attention(video_self=sdpa_attention, audio_self=sdpa_attention, text=sdpa_text_attention,
+                                audio_to_video=sdpa_attention, video_to_audio=sdpa_attention)
+
+
+class Attention(nn.Module):
+    """diffusers' LTX2Attention: q/k RMS-normed across all heads (learned, eps 1e-6), optional per-head gates."""
+
+    def __init__(self, cfg: LTX2Config, query_dim: int, kv_dim: int, heads: int, head_dim: int, gated: bool) -> None:
+        super().__init__()
+        inner, bias = heads * head_dim, cfg.attention_bias
+        self.heads = heads
+        self.apply_rope = _apply_rope if cfg.rope_type == "interleaved" else _apply_split_rope
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k, self.to_v = nn.Linear(kv_dim, inner, bias=bias), nn.Linear(kv_dim, inner, bias=bias)
+        self.norm_q, self.norm_k = nn.RMSNorm(inner, eps=1e-6), nn.RMSNorm(inner, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=cfg.attention_out_bias)])  # 1 was a dropout
+        self.to_gate_logits = nn.Linear(query_dim, heads) if gated else None
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        attend: AttnFn,
+        q_rope: Tensor | None = None,
+        k_rope: Tensor | None = None,
+        values_rows: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, S, query_dim) attends to context (B, L, kv_dim); values_rows (B, 1, 1, 1) bool: those rows take
+        V instead of the attention output (STG)."""
+        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(context)), self.to_v(context)
+        if q_rope is not None:
+            q, k = self.apply_rope(q, q_rope), self.apply_rope(k, k_rope)
+        heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
+        v = v.unflatten(2, heads)
+        out = attend(q.unflatten(2, heads), k.unflatten(2, heads), v)
+        if values_rows is not None:
+            out = torch.where(values_rows, v, out)
+        if self.to_gate_logits is not None:  # 2 sigmoid: zero logits give gates of 1
+            out = out * (2.0 * torch.sigmoid(self.to_gate_logits(x))).unsqueeze(-1)
+        return self.to_out[0](out.flatten(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass(frozen=True, eq=False)
+class _Conditioning:
+    """Everything a block reads that no block changes: built once per forward.
+
+    Modulation embeddings are (N, n, D): per sample (N = B) when `index` is None, else one row per distinct video
+    timestep (N = K) and `index` (B, S_v) names each token's row, so per-token tensors are only built where used.
+    """
+
+    video_temb: Tensor  # (B|K, 6|9, D)
+    video_index: Tensor | None  # (B, S_v) long, or None for per-sample timesteps
+    audio_temb: Tensor  # (B, 6|9, D_a)
+    video_cross: Tensor  # (B|K, 5, D): a2v/v2a scale, shift, scale, shift, a2v gate
+    video_cross_index: Tensor | None
+    audio_cross: Tensor  # (B, 5, D_a)
+    prompt: Tensor | None  # (B, 2, D) text K/V shift, scale (LTX-2.3 prompt_adaln), or None
+    audio_prompt: Tensor | None
+    text: Tensor  # (B, L, D)
+    audio_text: Tensor  # (B, L_a, D_a)
+    text_bias: Tensor | None  # (B, 1, 1, L)
+    audio_text_bias: Tensor | None
+    keep_cross: Tensor | None  # (B, 1, 1) 0. on modality-isolated rows, 1. elsewhere; None: no row isolated
+
+
+def _modulation(table: Tensor, emb: Tensor, index: Tensor | None) -> tuple[Tensor, ...]:
+    """table (n, D) + emb (N, n, D), per sample (-> n x (B, 1, D)) or gathered per token (-> n x (B, S, D))."""
+    ada = table + emb
+    return (ada[:, None] if index is None else ada[index]).unbind(2)
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' LTX2VideoTransformerBlock."""
+
+    def __init__(self, cfg: LTX2Config) -> None:
+        super().__init__()
+        d, da = cfg.inner_dim, cfg.audio_inner_dim
+        video = (cfg.num_attention_heads, cfg.attention_head_dim)
+        audio = (cfg.audio_num_attention_heads, cfg.audio_attention_head_dim)
+
+        def norm(dim: int) -> nn.RMSNorm:
+            return nn.RMSNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
+
+        self.norm1, self.attn1 = norm(d), Attention(cfg, d, d, *video, cfg.gated_attn)
+        self.audio_norm1, self.audio_attn1 = norm(da), Attention(cfg, da, da, *audio, cfg.audio_gated_attn)
+        self.norm2 = norm(d)
+        self.attn2 = Attention(cfg, d, cfg.cross_attention_dim, *video, cfg.gated_attn)
+        self.audio_norm2 = norm(da)
+        self.audio_attn2 = Attention(cfg, da, cfg.audio_cross_attention_dim, *audio, cfg.audio_gated_attn)
+        # The audio<->video attentions use the audio head layout in both directions.
+        self.audio_to_video_norm = norm(d)
+        self.audio_to_video_attn = Attention(cfg, d, da, *audio, cfg.gated_attn)
+        self.video_to_audio_norm = norm(da)
+        self.video_to_audio_attn = Attention(cfg, da, d, *audio, cfg.audio_gated_attn)
+        self.norm3, self.ff = norm(d), FeedForward(d)
+        self.audio_norm3, self.audio_ff = norm(da), FeedForward(da)
+        self.scale_shift_table = nn.Parameter(torch.randn(9 if cfg.cross_attn_mod else 6, d) / d**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(9 if cfg.audio_cross_attn_mod else 6, da) / da**0.5)
+        self.prompt_modulation = cfg.prompt_modulation
+        if cfg.prompt_modulation:
+            self.prompt_scale_shift_table = nn.Parameter(torch.randn(2, d))
+            self.audio_prompt_scale_shift_table = nn.Parameter(torch.randn(2, da))
+        self.video_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.randn(5, d))
+        self.audio_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.randn(5, da))
+
+    def forward(
+        self, x: Tensor, a: Tensor, c: _Conditioning, rope: LTX2Rope, attn: LTX2Attention, stg: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V."""
+        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index)
+        amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None)
+
+        # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two.
+        h = torch.addcmul(vmod[0], self.norm1(x), 1 + vmod[1])
+        x = torch.addcmul(x, self.attn1(h, h, attn.video_self, rope.video, rope.video, stg), vmod[2])
+        h = torch.addcmul(amod[0], self.audio_norm1(a), 1 + amod[1])
+        a = torch.addcmul(a, self.audio_attn1(h, h, attn.audio_self, rope.audio, rope.audio, stg), amod[2])
+
+        # 2. Text cross-attention; LTX-2.3 modulates the queries (shift, scale, gate = mod[6:9]) and the text.
+        text, audio_text = c.text, c.audio_text
+        if self.prompt_modulation:
+            text = torch.addcmul(*self._prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
+            audio_text = torch.addcmul(
+                *self._prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt, audio_text))
+        x = x + self._text(x, self.norm2, self.attn2, vmod, text, lambda q, k, v: attn.text(q, k, v, c.text_bias))
+        a = a + self._text(a, self.audio_norm2, self.audio_attn2, amod, audio_text,
+                           lambda q, k, v: attn.text(q, k, v, c.audio_text_bias))
+
+        # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
+        v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
+            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index)
+        a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = _modulation(
+            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None)
+        if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
+            a2v_gate, v2a_gate = a2v_gate * c.keep_cross, v2a_gate * c.keep_cross
+        nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
+        q, kv = torch.addcmul(v_a2v_shift, nx, 1 + v_a2v_scale), torch.addcmul(a_a2v_shift, na, 1 + a_a2v_scale)
+        x_a2v = self.audio_to_video_attn(q, kv, attn.audio_to_video, rope.video_cross, rope.audio_cross)
+        q, kv = torch.addcmul(a_v2a_shift, na, 1 + a_v2a_scale), torch.addcmul(v_v2a_shift, nx, 1 + v_v2a_scale)
+        a_v2a = self.video_to_audio_attn(q, kv, attn.video_to_audio, rope.audio_cross, rope.video_cross)
+        x, a = torch.addcmul(x, x_a2v, a2v_gate), torch.addcmul(a, a_v2a, v2a_gate)
+
+        # 4. FFNs.
+        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), 1 + vmod[4])), vmod[5])
+        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), 1 + amod[4])), amod[5])
+        return x, a
+
+    @staticmethod
+    def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
+        shift, scale = _modulation(table, emb, None) if emb is not None else table.unbind(0)
+        return shift, text, 1 + scale
+
+    @staticmethod
+    def _text(x: Tensor, norm: nn.Module, attn: Attention, mod: tuple[Tensor, ...], text: Tensor,
+              attend: AttnFn) -> Tensor:
+        h = norm(x)
+        if len(mod) == 9:  # cross_attn_mod: modulated queries and a gated result
+            h = torch.addcmul(mod[6], h, 1 + mod[7])
+            return attn(h, text, attend) * mod[8]
+        return attn(h, text, attend)  # LTX-2.0: normed, unmodulated queries, no gate
+
+
+def compile_blocks(model: LTX2Transformer) -> None:
+    """torch.compile each transformer block in place. Attention stays eager (sdpa and the USP functions are
+    compiler-disabled), so the graphs hold the projections, norms, RoPE, modulation and FFNs around it.
+
+    Shapes are compiled as they come (dynamic=False): a new resolution, batch or number of distinct
+    timesteps compiles once more; the cache holds enough variants for that and the STG blocks' own.
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.transformer_blocks:
+        block.compile(dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class AdaLayerNormSingle(nn.Module):
+    """diffusers' LTX2AdaLayerNormSingle: timestep -> (n modulation vectors, the embedding itself)."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.emb = nn.ModuleDict({"timestep_embedder": TwoLayerMLP(256, dim, F.silu)})
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(N,) -> (N, n, D), (N, D)."""
+        embedded = self.emb.timestep_embedder(_timestep_features(t).to(dtype))
+        return self.linear(F.silu(embedded)).unflatten(1, (-1, embedded.shape[1])), embedded
+
+
+def _text_bias(text: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(B, L, C) text and (B, L) mask -> the text without trailing pads and its (B, 1, 1, L') score bias.
+
+    diffusers' bias is 0 on kept tokens and -10000 on pads; when nothing is masked (the connectors' output)
+    it is all 0 and is dropped, so attention can take its unmasked kernels.
+    """
+    if mask is None:
+        return text, None
+    text, mask = _drop_trailing_pads(text, mask)
+    if bool(mask.bool().all()):
+        return text, None
+    return text, ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+
+
+class LTX2Transformer(nn.Module):
+    def __init__(self, cfg: LTX2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, da = cfg.inner_dim, cfg.audio_inner_dim
+        self.proj_in = nn.Linear(cfg.in_channels, d)
+        self.audio_proj_in = nn.Linear(cfg.audio_in_channels, da)
+        if cfg.use_prompt_embeddings:  # LTX-2.0; 2.3's connectors project the text themselves
+            self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, _gelu_tanh)
+            self.audio_caption_projection = TwoLayerMLP(cfg.caption_channels, da, _gelu_tanh)
+        self.time_embed = AdaLayerNormSingle(d, 9 if cfg.cross_attn_mod else 6)
+        self.audio_time_embed = AdaLayerNormSingle(da, 9 if cfg.audio_cross_attn_mod else 6)
+        self.av_cross_attn_video_scale_shift = AdaLayerNormSingle(d, 4)
+        self.av_cross_attn_audio_scale_shift = AdaLayerNormSingle(da, 4)
+        self.av_cross_attn_video_a2v_gate = AdaLayerNormSingle(d, 1)
+        self.av_cross_attn_audio_v2a_gate = AdaLayerNormSingle(da, 1)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
+        if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
+            self.prompt_adaln = AdaLayerNormSingle(d, 2)
+            self.audio_prompt_adaln = AdaLayerNormSingle(da, 2)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.proj_out = nn.Linear(d, cfg.out_channels)
+        self.audio_proj_out = nn.Linear(da, cfg.audio_out_channels)
+        # LTX-2.3 modulates each stream's audio<->video attention by the other stream's sigma; 2.0 by its own
+        # timestep. A plain attribute, so a caller can override what the weights imply.
+        self.use_cross_timestep = cfg.prompt_modulation
+
+    def forward(
+        self,
+        video: Tensor,
+        audio: Tensor,
+        text: Tensor,
+        audio_text: Tensor,
+        text_mask: Tensor | None,
+        audio_text_mask: Tensor | None,
+        timestep: Tensor,
+        audio_timestep: Tensor,
+        sigma: Tensor,
+        audio_sigma: Tensor,
+        rope: LTX2Rope,
+        attn: LTX2Attention = LOCAL_ATTENTION,
+        stg_blocks: tuple[int, ...] = (),
+        stg_rows: Tensor | None = None,
+        isolate_rows: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
+        out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
+        sharded alike. timestep (B,) or (B, S_v), already x1000; audio_timestep, sigma, audio_sigma (B,).
+        stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row);
+        isolate_rows (B,) bool: rows with no audio<->video attention in any block.
+        """
+        self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
+                           (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows)
+        cfg, B, dtype = self.cfg, video.shape[0], video.dtype
+        x, a = self.proj_in(video), self.audio_proj_in(audio)
+
+        # Per-token timesteps take few values (two in image-to-video): embed each once, index per token.
+        if timestep.ndim == 2:
+            t, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S_v)
+        else:
+            t, index = timestep, None
+        video_temb, video_embedded = self.time_embed(t, dtype)
+        audio_temb, audio_embedded = self.audio_time_embed(audio_timestep, dtype)
+        gate_factor = cfg.cross_attn_timestep_scale_multiplier / cfg.timestep_scale_multiplier
+        video_cross_t, video_cross_index = (audio_sigma, None) if self.use_cross_timestep else (t, index)
+        audio_cross_t = sigma if self.use_cross_timestep else audio_timestep
+        video_cross = torch.cat([self.av_cross_attn_video_scale_shift(video_cross_t, dtype)[0],
+                                 self.av_cross_attn_video_a2v_gate(video_cross_t * gate_factor, dtype)[0]], dim=1)
+        audio_cross = torch.cat([self.av_cross_attn_audio_scale_shift(audio_cross_t, dtype)[0],
+                                 self.av_cross_attn_audio_v2a_gate(audio_cross_t * gate_factor, dtype)[0]], dim=1)
+        prompt = audio_prompt = None
+        if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
+            prompt, audio_prompt = self.prompt_adaln(sigma, dtype)[0], self.audio_prompt_adaln(audio_sigma, dtype)[0]
+
+        if cfg.use_prompt_embeddings:
+            text, audio_text = self.caption_projection(text), self.audio_caption_projection(audio_text)
+        text, text_bias = _text_bias(text, text_mask, dtype)
+        audio_text, audio_text_bias = _text_bias(audio_text, audio_text_mask, dtype)
+        keep_cross = None if isolate_rows is None else (~isolate_rows).to(x.device, dtype)[:, None, None]
+        c = _Conditioning(video_temb, index, audio_temb, video_cross, video_cross_index, audio_cross, prompt,
+                          audio_prompt, text, audio_text, text_bias, audio_text_bias, keep_cross)
+
+        if stg_rows is None:
+            stg_rows = torch.ones(B, dtype=torch.bool)
+        stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
+        for i, block in enumerate(self.transformer_blocks):
+            x, a = block(x, a, c, rope, attn, stg if i in stg_blocks else None)
+
+        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index)
+        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)
+        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None)
+        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), 1 + scale)
+        return self.proj_out(x), self.audio_proj_out(a)
+
+    def _check_inputs(
+        self,
+        video: Tensor,
+        audio: Tensor,
+        text: Tensor,
+        audio_text: Tensor,
+        text_mask: Tensor | None,
+        audio_text_mask: Tensor | None,
+        timestep: Tensor,
+        per_sample: tuple[Tensor, ...],
+        rope: LTX2Rope,
+        stg_blocks: tuple[int, ...],
+        stg_rows: Tensor | None,
+        isolate_rows: Tensor | None,
+    ) -> None:
+        cfg = self.cfg
+        B, S, S_a = video.shape[0], video.shape[1], audio.shape[1]
+        widths = (cfg.caption_channels,) * 2 if cfg.use_prompt_embeddings else (cfg.inner_dim, cfg.audio_inner_dim)
+        for name, t, width in (("video", video, cfg.in_channels), ("audio", audio, cfg.audio_in_channels),
+                               ("text", text, widths[0]), ("audio_text", audio_text, widths[1])):
+            if t.ndim != 3 or t.shape[0] != B or t.shape[2] != width:
+                raise ValueError(f"{name} {tuple(t.shape)}: expected ({B}, tokens, {width})")
+        for name, mask, context in (("text_mask", text_mask, text), ("audio_text_mask", audio_text_mask, audio_text)):
+            if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+                raise ValueError(f"{name} {tuple(mask.shape)}: expected {tuple(context.shape[:2])}")
+        if tuple(timestep.shape) not in ((B,), (B, S)):
+            raise ValueError(f"timestep {tuple(timestep.shape)}: expected ({B},) or per video token ({B}, {S})")
+        for name, t in zip(("audio_timestep", "sigma", "audio_sigma"), per_sample):
+            if tuple(t.shape) != (B,):
+                raise ValueError(f"{name} {tuple(t.shape)}: expected ({B},)")
+        for name, table, tokens in (("video", rope.video, S), ("video_cross", rope.video_cross, S),
+                                    ("audio", rope.audio, S_a), ("audio_cross", rope.audio_cross, S_a)):
+            if table.shape[1] != tokens:
+                raise ValueError(f"rope.{name} has {table.shape[1]} tokens for {tokens}: slice rope_tables() "
+                                 "with the same plan as the tokens")
+        bad = [i for i in stg_blocks if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"stg_blocks {bad} out of range: the model has {cfg.num_layers} blocks")
+        for name, rows in (("stg_rows", stg_rows), ("isolate_rows", isolate_rows)):
+            if rows is not None and (rows.dtype != torch.bool or tuple(rows.shape) != (B,)):
+                raise ValueError(f"{name}: need ({B},) bool, one flag per batch row, got {rows.dtype} "
+                                 f"{tuple(rows.shape)}")
+
+
+def load_transformer(
+    folder: str | Path, device: torch.device | str, dtype: torch.dtype, use_cross_timestep: bool | None = None
+) -> LTX2Transformer:
+    """Load a diffusers LTX-2 `transformer/` folder (config.json + one or sharded safetensors) onto `device`.
+
+    use_cross_timestep None keeps what the weights imply (on for LTX-2.3's cross_attn_mod, off for 2.0).
+    """
+    model = load_folder(folder, device, dtype, lambda config: LTX2Transformer(LTX2Config.from_dict(config)))
+    if use_cross_timestep is not None:
+        model.use_cross_timestep = use_cross_timestep
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int) -> dict[str, float]:
+    """Analytic forward FLOPs (2 per multiply-add) by part; each attention counts its projections and its
+    score/value products. "other" is the input/output and caption projections, timestep embeddings and gates."""
+    Sv, Sa, L = video_tokens, audio_tokens, text_tokens
+    d, da = cfg.inner_dim, cfg.audio_inner_dim
+
+    def attention(queries: int, keys: int, query_dim: int, kv_dim: int, inner: int) -> float:
+        projections = 2 * queries * query_dim * inner * 2 + 2 * keys * kv_dim * inner * 2  # q, out; k, v
+        return projections + 2 * 2 * queries * keys * inner  # q k^T, p v
+
+    per_block = {
+        "video_self_attention": attention(Sv, Sv, d, d, d),
+        "audio_self_attention": attention(Sa, Sa, da, da, da),
+        "text_cross_attention": attention(Sv, L, d, d, d) + attention(Sa, L, da, da, da),
+        "audio_video_cross_attention": attention(Sv, Sa, d, da, da) + attention(Sa, Sv, da, d, da),
+        "ffn": 2 * 2 * 4 * (Sv * d * d + Sa * da * da),
+        # Gate logits: video-side attn1, attn2 (video heads) and audio_to_video (audio heads); audio-side three.
+        "other": 2 * (cfg.gated_attn * Sv * d * (2 * cfg.num_attention_heads + cfg.audio_num_attention_heads)
+                      + cfg.audio_gated_attn * Sa * da * 3 * cfg.audio_num_attention_heads),
+    }
+    result = {k: v * cfg.num_layers for k, v in per_block.items()}
+    caption = 2 * L * (cfg.caption_channels * (d + da) + d * d + da * da) if cfg.use_prompt_embeddings else 0
+    # One embedding per sample (per distinct timestep for per-token ones): 256 -> D -> D -> n*D.
+    embedders = [(d, 9 if cfg.cross_attn_mod else 6), (da, 9 if cfg.audio_cross_attn_mod else 6),
+                 (d, 4), (da, 4), (d, 1), (da, 1)]
+    if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
+        embedders += [(d, 2), (da, 2)]
+    embeddings = sum(2 * (256 * dim + dim * dim + dim * n * dim) for dim, n in embedders)
+    io = 2 * (Sv * d * (cfg.in_channels + cfg.out_channels) + Sa * da * (cfg.audio_in_channels + cfg.audio_out_channels))
+    result["other"] += caption + embeddings + io
+    result = {k: float(v * batch) for k, v in result.items()}
+    result["total"] = sum(result.values())
+    return result
