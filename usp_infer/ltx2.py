@@ -578,8 +578,11 @@ class LTX2Transformer(nn.Module):
         if stg_rows is None:
             stg_rows = torch.ones(B, dtype=torch.bool)
         stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
+        # Only blocks built with perturbed_attn (LTX-2.3 weights) can be perturbed; diffusers ignores the STG
+        # blocks of an LTX-2.0 model, and so does this.
+        perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
         for i, block in enumerate(self.transformer_blocks):
-            x, a = block(x, a, c, rope, attn, stg if i in stg_blocks else None)
+            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None)
 
         shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index)
         x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)

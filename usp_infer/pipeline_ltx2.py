@@ -423,6 +423,8 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
     lay = layout(c, req)
     names = req.guidance.branches()
+    if not c.transformer.cfg.perturbed_attn:  # LTX-2.0 weights: STG changes nothing, so skip its forward
+        names = tuple(n for n in names if n != "perturbed")
     generator = torch.Generator("cpu").manual_seed(req.seed)
 
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
