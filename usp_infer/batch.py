@@ -7,9 +7,11 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .config import GenerateRequest, ParallelConfig, Session
-from .request import ITEM_KEYS, UsageError, build_request
+from .families import Family, resolve
+from .request import ITEM_KEYS, UsageError
 
 
 @dataclass(frozen=True)
@@ -87,41 +89,53 @@ def _check_image(item: Item) -> None:
         raise UsageError(at(item, f"--image {path} is not a readable PNG or JPEG image; pass a PNG or JPEG file")) from None
 
 
-def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item]]:
+def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
     from .dist import env_world_size, resolve_parallel, validate_layout
-    from .pipeline import read_model_configs
 
     try:
-        configs = read_model_configs(s.model)
+        family, configs = resolve(s.model)
         world = env_world_size()
         parallel = resolve_parallel(s.parallel, world)
-        validate_layout(parallel, world, configs["transformer"].get("num_attention_heads"))
+        validate_layout(parallel, world, family.pipeline().attention_heads(configs))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    layers = configs["transformer"].get("num_layers", 0)
     outputs = [i.output.resolve() for i in items]
     if len(set(outputs)) != len(outputs):
         dup = next(o for o in outputs if outputs.count(o) > 1)
         raise UsageError(f"two items write the same output {dup}; give each its own 'output'")
     todo = []
     for item in items:
-        blocks = item.request.guidance.max_block()
-        if blocks >= layers:
-            raise UsageError(at(item, f"--stg-blocks {blocks} is out of range: the model has {layers} blocks (0..{layers - 1})"))
+        _check_audio_output(item, family)
         if item.request.image is not None:
             _check_image(item)
         if _check_output(item, s):
             todo.append(item)
-    return parallel, todo
+    return parallel, todo, family
+
+
+def _check_audio_output(item: Item, family: Family) -> None:
+    from .media import output_kind
+
+    try:
+        kind = output_kind(item.output)
+    except ValueError:
+        return  # _check_output names it
+    if kind == "wav" and not family.audio:
+        raise UsageError(at(item, f"--output {item.output}: {family.name} models make no audio; "
+                                  "use .mp4, .npz or .png frames"))
+    if kind == "wav" and not getattr(item.request, "audio", True):
+        raise UsageError(at(item, f"--output {item.output} is audio only, but --no-audio skips the audio; "
+                                  "drop one of them"))
 
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "video"
 
 
-def read_batch(path: Path, flags: dict, output_dir: Path) -> list[Item]:
-    """JSON Lines -> items; each line's keys override the shared flags. Errors name the line."""
+def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict], object]) -> list[Item]:
+    """JSON Lines -> items; each line's keys override the shared flags; `build` makes a line's request.
+    Errors name the line."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -142,7 +156,7 @@ def read_batch(path: Path, flags: dict, output_dir: Path) -> list[Item]:
             raise UsageError(f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(ITEM_KEYS))}")
         output = entry.pop("output", None)
         try:
-            request = build_request({**flags, **entry})
+            request = build({**flags, **entry})
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
         index = len(items)

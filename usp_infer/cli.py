@@ -16,7 +16,7 @@ import typer
 
 from .batch import Item, read_batch
 from .config import ParallelConfig, Session
-from .request import UsageError, build_request
+from .request import UsageError, build_for
 from .runner import check_weights, fail, run_session
 from .guidance import PRESETS
 
@@ -75,6 +75,14 @@ MaxSequenceLength = Annotated[Optional[int], _opt(help="T5 tokens [default: 128]
 DecodeTimestep = Annotated[Optional[float], _opt(help="VAE decode timestep [default: 0.05].")]
 DecodeNoiseScale = Annotated[Optional[float], _opt(help="VAE decode noise scale [default: 0.025].")]
 Branches = Annotated[Optional[str], _opt(help="batched (one forward) | sequential (less memory) [default: batched].")]
+# LTX-2 only: per-modality guidance (the plain flags above are the video's), image re-compression, audio decode.
+ModalityScale = Annotated[Optional[str], _opt(help="LTX-2: modality-isolation guidance scale for the video [default: the model's recipe].")]
+AudioGuidanceScale = Annotated[Optional[str], _opt(help="LTX-2: CFG scale for the audio.")]
+AudioStgScale = Annotated[Optional[str], _opt(help="LTX-2: STG scale for the audio.")]
+AudioModalityScale = Annotated[Optional[str], _opt(help="LTX-2: modality-isolation scale for the audio.")]
+AudioGuidanceRescale = Annotated[Optional[str], _opt(help="LTX-2: rescale r for the audio.")]
+ImageCrf = Annotated[Optional[int], _opt(help="LTX-2: H.264 CRF the image is re-compressed with before encoding, 0..51; 0 = off [default: 33].")]
+Audio = Annotated[Optional[bool], _opt("--audio/--no-audio", help="LTX-2: decode the audio track; --no-audio writes a silent mp4 [default: audio].")]
 Model = Annotated[Path, _opt(help="Diffusers-format LTX folder; default: the embedded tiny model.")]
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
 RingDegree = Annotated[Optional[int], _opt(help="Ring-attention degree [default: 1].")]
@@ -116,6 +124,17 @@ def _session_from(flags: dict, **extra) -> Session:
     )
 
 
+def _request_builder(s: Session):
+    """Flags -> a request of the model folder's family (families.py); UsageError for a bad folder or flag."""
+    from .families import resolve
+
+    try:
+        family, configs = resolve(s.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return lambda options: build_for(options, family, configs, s.model)
+
+
 @app.command(
     help=_help(
         "Generate one video. Exit codes: 0 done, 1 runtime failure, 2 bad input (nothing written), 130 interrupted.",
@@ -154,6 +173,13 @@ def generate(
     decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoiseScale = None,
     branches: Branches = None,
+    modality_scale: ModalityScale = None,
+    audio_guidance_scale: AudioGuidanceScale = None,
+    audio_stg_scale: AudioStgScale = None,
+    audio_modality_scale: AudioModalityScale = None,
+    audio_guidance_rescale: AudioGuidanceRescale = None,
+    image_crf: ImageCrf = None,
+    audio: Audio = None,
     model: Model = DEFAULT_MODEL,
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
@@ -171,7 +197,7 @@ def generate(
     flags = {k: v for k, v in locals().items() if k not in ("prompt", "output")}
     s = _session_from(flags)
     try:
-        request = build_request({"prompt": prompt, **flags})
+        request = _request_builder(s)({"prompt": prompt, **flags})
     except UsageError as e:
         fail(2, str(e))
     run_session([Item(0, request, output)], s)
@@ -221,6 +247,13 @@ def batch(
     decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoiseScale = None,
     branches: Branches = None,
+    modality_scale: ModalityScale = None,
+    audio_guidance_scale: AudioGuidanceScale = None,
+    audio_stg_scale: AudioStgScale = None,
+    audio_modality_scale: AudioModalityScale = None,
+    audio_guidance_rescale: AudioGuidanceRescale = None,
+    image_crf: ImageCrf = None,
+    audio: Audio = None,
     model: Model = DEFAULT_MODEL,
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
@@ -238,7 +271,7 @@ def batch(
     flags = {k: v for k, v in locals().items() if k not in ("file", "output_dir", "resume", "keep_going")}
     s = _session_from(flags, resume=resume, keep_going=keep_going, batch=True)
     try:
-        items = read_batch(file, flags, output_dir)
+        items = read_batch(file, flags, output_dir, _request_builder(s))
     except UsageError as e:
         fail(2, str(e))
     run_session(items, s)

@@ -33,6 +33,10 @@ from .sharding import SeqShard
 Prediction = Tensor | tuple[Tensor, ...]  # one branch's output(s), batch dim 1 each (video, or video + audio)
 
 
+class NonFiniteError(RuntimeError):
+    """The latents went NaN/inf: raised on every rank at the same step (the check is all-reduced)."""
+
+
 @dataclass(frozen=True)
 class Plan:
     mesh: Mesh
@@ -108,6 +112,12 @@ class Plan:
         if self.mesh.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item())
+
+    def check_finite(self, step: int, steps: int, *tensors: Tensor) -> None:
+        """NonFiniteError, on every rank alike, if any rank's latents went NaN/inf at 0-based `step`."""
+        if self.any_nonfinite(*tensors):
+            raise NonFiniteError(f"non-finite values in the latents at step {step + 1}/{steps}; "
+                                 "try --dtype float32 or lower guidance scales")
 
     def broadcast(self, obj: object) -> object:
         """Rank 0's `obj` on every rank (pickled; for plans and messages, not tensors)."""

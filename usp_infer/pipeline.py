@@ -20,6 +20,7 @@ import torch
 from .config import GenerateRequest
 from .guidance import Guider, StepScales
 from .ltx import AttnFn, LTXTransformer, Perturbation, load_transformer, rope_tables
+from .ltx import compile_blocks  # noqa: F401 - part of the family surface (families.py)
 from .parallel import Plan
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -101,9 +102,32 @@ class Result:
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
 
+    def outputs(self) -> dict:
+        """What media.write_video writes besides the frames."""
+        return {"latents": self.latents}
 
-class NonFiniteError(RuntimeError):
-    pass
+
+# --- the family surface (families.py) ------------------------------------------------------------
+
+
+def attention_heads(configs: dict) -> int:
+    return configs["transformer"].get("num_attention_heads", 32)
+
+
+def num_layers(configs: dict) -> int:
+    return configs["transformer"].get("num_layers", 0)
+
+
+def build_request(options: dict, configs: dict) -> GenerateRequest:
+    """Flags -> request (request.build_request), with --stg-blocks checked against the model's depth."""
+    from .request import UsageError
+    from .request import build_request as build
+
+    req = build(options)
+    layers, block = num_layers(configs), req.guidance.max_block()
+    if block >= layers:
+        raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
+    return req
 
 
 @torch.no_grad()
@@ -250,10 +274,7 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     for i, t in enumerate(timesteps.to(c.device)):
         start = time.perf_counter()
         latents = denoiser.step(latents, t, sigmas[i], sigmas[i + 1], schedule[i], level)
-        if plan.any_nonfinite(latents):
-            raise NonFiniteError(
-                f"non-finite values in the latents at step {i + 1}/{req.steps}; try --dtype float32 or lower guidance scales"
-            )
+        plan.check_finite(i, req.steps, latents)
         step_times.append(time.perf_counter() - start)
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
         bar.update()

@@ -75,7 +75,7 @@ class LTX2Guidance:
 # The recipes of diffusers' LTX2Pipeline docs / Lightricks' configs; explicit values override them.
 PRESETS: dict[str, dict] = {
     "ltx-2.3": dict(steps=30, fps=24.0, guidance=LTX2Guidance()),
-    "ltx-2.0": dict(steps=40, fps=24.0, guidance=LTX2Guidance(stg_blocks=(29,))),
+    "ltx-2": dict(steps=40, fps=24.0, guidance=LTX2Guidance(stg_blocks=(29,))),
 }
 
 
@@ -96,6 +96,7 @@ class LTX2Request:
     image: str | None = None  # conditioning first frame (PNG/JPEG path)
     image_crf: int = 33  # H.264 re-compression of the image before encoding; 0 = off (diffusers default 33)
     branches: str = "batched"  # "batched": one transformer call per step; "sequential": one per branch
+    audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
 
     def __post_init__(self) -> None:
         if self.height % 32 or self.width % 32 or self.height <= 0 or self.width <= 0:
@@ -188,6 +189,110 @@ def _read_index(model_dir: Path) -> dict:
     if index["vocoder"][1] not in ("LTX2Vocoder", "LTX2VocoderWithBWE"):
         raise ValueError(f"{model_dir}: vocoder class {index['vocoder'][1]!r} is not an LTX-2 vocoder")
     return index
+
+
+# --- the family surface (families.py) ------------------------------------------------------------
+
+
+def read_model_configs(model_dir: Path) -> dict[str, dict]:
+    """The folder's component configs, checked before any weights load."""
+    import json
+
+    _read_index(model_dir)
+    configs = {}
+    for name, file in (("transformer", "config.json"), ("vae", "config.json"), ("audio_vae", "config.json"),
+                       ("vocoder", "config.json"), ("connectors", "config.json"), ("text_encoder", "config.json"),
+                       ("scheduler", "scheduler_config.json")):
+        path = model_dir / name / file
+        try:
+            configs[name] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing; the model folder must be in diffusers layout") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not any((model_dir / "transformer").glob("*.safetensors")):
+        raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
+    t, v, a = configs["transformer"], configs["vae"], configs["audio_vae"]
+    if v.get("latent_channels") != t.get("in_channels"):
+        raise ValueError(f"configs disagree in {model_dir}: vae latent_channels {v.get('latent_channels')} vs "
+                         f"transformer in_channels {t.get('in_channels')}; use a matching checkpoint")
+    audio_width = a.get("latent_channels", 0) * a.get("mel_bins", 0) // 4
+    if t.get("audio_in_channels") not in (None, audio_width):
+        raise ValueError(f"configs disagree in {model_dir}: audio_vae latent_channels x mel_bins / 4 = {audio_width} "
+                         f"vs transformer audio_in_channels {t.get('audio_in_channels')}; use a matching checkpoint")
+    return configs
+
+
+def attention_heads(configs: dict) -> int:
+    """A Ulysses degree must divide the video heads; it is held to the audio heads too (32 and 32 in the real
+    models), so the audio stream could be split the same way."""
+    t = configs["transformer"]
+    return math.gcd(t.get("num_attention_heads", 32), t.get("audio_num_attention_heads", 32))
+
+
+def num_layers(configs: dict) -> int:
+    return configs["transformer"].get("num_layers", 48)
+
+
+def version_preset(configs: dict) -> str:
+    """The recipe of the weights' version: LTX-2.3 weights modulate the text cross-attention, 2.0's do not."""
+    return "ltx-2.3" if configs["transformer"].get("cross_attn_mod") else "ltx-2"
+
+
+# Flag (snake case, also a batch line's key) -> the ModalityGuidance field it sets, per modality.
+_VIDEO_FLAGS = {"guidance_scale": "cfg", "stg_scale": "stg", "modality_scale": "modality", "guidance_rescale": "rescale"}
+_AUDIO_FLAGS = {f"audio_{flag}": name for flag, name in _VIDEO_FLAGS.items()}
+
+
+def build_request(options: dict, configs: dict) -> LTX2Request:
+    """Flags (None = not given) -> one validated request: explicit flags > preset > the weights' own recipe."""
+    from .request import UsageError, parse_blocks, parse_floats
+
+    o = {k: v for k, v in options.items() if v is not None}
+    if "num_inference_steps" in o:
+        o.setdefault("steps", o.pop("num_inference_steps"))
+    name = o.pop("preset", None) or version_preset(configs)
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r} is not an LTX-2 preset; use one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    o.setdefault("steps", preset["steps"])
+    o.setdefault("fps", preset["fps"])
+
+    def scales(flags: dict[str, str], base: ModalityGuidance) -> ModalityGuidance:
+        given = {}
+        for flag, field_name in flags.items():
+            if flag in o:
+                values = parse_floats(f"--{flag.replace('_', '-')}", o.pop(flag))
+                if len(values) != 1:
+                    raise UsageError(f"--{flag.replace('_', '-')} takes one value for LTX-2 models (no schedules)")
+                given[field_name] = values[0]
+        return replace(base, **given)
+
+    g = preset["guidance"]
+    try:
+        video, audio = scales(_VIDEO_FLAGS, g.video), scales(_AUDIO_FLAGS, g.audio)
+        layers = num_layers(configs)
+        # The recipe's STG block of a 48-block model; a shallower one (the tiny test models) takes its last.
+        blocks = tuple(sorted({min(b, layers - 1) for b in g.stg_blocks}))
+        if "stg_blocks" in o:
+            sets = parse_blocks(o.pop("stg_blocks"))
+            if len(sets) != 1:
+                raise UsageError("--stg-blocks takes one set of blocks for LTX-2 models (no per-interval sets)")
+            blocks = sets[0]
+        if any(b >= layers for b in blocks):
+            raise UsageError(f"--stg-blocks {max(blocks)} is out of range: the model has {layers} blocks "
+                             f"(0..{layers - 1})")
+        return LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), **o)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except TypeError as e:
+        raise UsageError(f"bad option: {e}") from None
+
+
+def compile_blocks(transformer) -> None:
+    from .ltx2 import compile_blocks as compile_ltx2
+
+    compile_ltx2(transformer)
 
 
 # --- text -----------------------------------------------------------------------------------------
@@ -372,9 +477,10 @@ class Result:
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
 
-
-class NonFiniteError(RuntimeError):
-    pass
+    def outputs(self) -> dict:
+        """What media.write_video writes besides the frames."""
+        return {"latents": self.latents, "audio": self.audio, "audio_sample_rate": self.sample_rate,
+                "audio_latents": self.audio_latents}
 
 
 class BranchForward:
@@ -439,7 +545,6 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
     audio = audio.to(c.device)
     keep = None if cond_mask is None else shard.split(cond_mask).to(c.device)[..., None] > 0  # (1, T, 1)
     level = None if cond_mask is None else 1.0 - shard.split(cond_mask).to(c.device)  # per-token timestep factor
-    s_ratio, t_ratio = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
     rope = c.arch.rope_tables(
         c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device
     ).map_video(lambda x: shard.split(x, dim=1))
@@ -467,10 +572,7 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         stepped = video + dsigma * video_v
         video = stepped if keep is None else torch.where(keep, video, stepped)  # the image frame is never stepped
         audio = audio + dsigma * audio_v
-        if plan.any_nonfinite(video, audio):
-            raise NonFiniteError(
-                f"non-finite values in the latents at step {i + 1}/{req.steps}; try --dtype float32 or lower guidance"
-            )
+        plan.check_finite(i, req.steps, video, audio)
         step_times.append(time.perf_counter() - start)
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
         bar.update()
@@ -481,7 +583,7 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         return Result(None, None, c.sample_rate, None, None, step_times)
     start = time.perf_counter()
     frames, latents = decode_video(c, video, lay)
-    waveform, audio_latents = decode_audio(c, audio, lay)
+    waveform, audio_latents = decode_audio(c, audio, lay) if req.audio else (None, None)
     return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start)
 
 

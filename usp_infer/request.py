@@ -1,10 +1,12 @@
-"""Flags and batch-line keys -> one validated `GenerateRequest` (explicit values > preset > defaults)."""
+"""Flags and batch-line keys -> one validated request of the model's family (explicit values > preset >
+defaults). `build_request` is the LTX-Video family's; `build_for` dispatches by family."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
 from .config import GenerateRequest
+from .families import ALL_FLAGS, FAMILIES, Family
 from .guidance import PRESETS, GuidanceConfig
 
 
@@ -53,7 +55,7 @@ REQUEST_FLAGS = {
     "prompt", "negative_prompt", "height", "width", "num_frames", "fps", "steps", "seed",
     "max_sequence_length", "decode_timestep", "decode_noise_scale", "image", "image_strength", "branches",
 }
-ITEM_KEYS = REQUEST_FLAGS | set(GUIDANCE_FLAGS) | {"preset", "output", "num_inference_steps"}
+ITEM_KEYS = ALL_FLAGS | {"output"}  # what a batch line may hold
 GUIDANCE_DEFAULTS = {f.name: f.default for f in fields(GuidanceConfig)}  # the one set of defaults
 
 
@@ -83,3 +85,13 @@ def build_request(options: dict) -> GenerateRequest:
 # --- the shared run: generate is a batch of one -------------------------------------------------
 
 
+def build_for(options: dict, family: Family, configs: dict, model: object) -> object:
+    """Flags -> the request of `family`'s pipeline; a flag only another family takes is refused by name."""
+    given = {k for k, v in options.items() if v is not None}
+    foreign = family.foreign_flag(given)
+    if foreign is not None:
+        flag = "--no-audio" if foreign == "audio" else "--" + foreign.replace("_", "-")
+        owner = next(f.name for f in FAMILIES if foreign in f.flags)
+        raise UsageError(f"{flag} is a flag of {owner} models, but {model} is an {family.name} model; "
+                         f"drop the flag or pass a {owner} folder")
+    return family.pipeline().build_request(options, configs)

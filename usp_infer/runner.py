@@ -65,7 +65,7 @@ def check_weights(model: Path) -> None:
 
 def _may_continue(error: Exception, s: Session, world_size: int) -> bool:
     """--keep-going, except where the ranks could disagree about moving on (which would hang them)."""
-    from .pipeline import NonFiniteError
+    from .parallel import NonFiniteError
 
     # Every rank sees the same non-finite check (it is all-reduced); any other error may be one rank's alone.
     return s.keep_going and (world_size == 1 or isinstance(error, NonFiniteError))
@@ -100,7 +100,7 @@ def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
 def _run(items: list[Item], s: Session) -> None:
     """Validate everything, then load once and run the items in order. Raises typer.Exit."""
     try:
-        parallel, todo = plan_items(items, s)
+        parallel, todo, family = plan_items(items, s)
     except UsageError as e:
         fail(2, str(e))
 
@@ -108,9 +108,9 @@ def _run(items: list[Item], s: Session) -> None:
 
     from .dist import env_rank, teardown
     from .parallel import Plan
-    from .ltx import compile_blocks
     from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
-    from .pipeline import generate, load_components
+
+    pipe = family.pipeline()
 
     records, failures = [], []
     if not todo:  # everything is finished (--resume): no process group, no weights
@@ -125,23 +125,23 @@ def _run(items: list[Item], s: Session) -> None:
         start = time.perf_counter()
         check_weights(s.model)
         try:
-            components = load_components(s.model, mesh.device, getattr(torch, dtype_name))
+            components = pipe.load_components(s.model, mesh.device, getattr(torch, dtype_name))
         except (OSError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
         if s.compile:
-            compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
+            pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
         load_s = time.perf_counter() - start
         for item in todo:
             start = time.perf_counter()
             if mesh.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(mesh.device)
             try:
-                result = generate(components, item.request, plan, progress=mesh.is_main and not s.quiet)
+                result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet)
                 if mesh.is_main:
                     remove_stale_temps(item.output)  # left by a run that was killed while writing this item
                     written = write_video(
-                        item.output, result.frames, fps=item.request.fps, latents=result.latents,
-                        overwrite=s.overwrite or s.resume,
+                        item.output, result.frames, fps=item.request.fps, overwrite=s.overwrite or s.resume,
+                        **result.outputs(),
                     )
                     record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s)
                     write_json_atomic(sidecar_path(item.output), record)

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import __version__
 from .batch import Item
 from .config import Session
+from .families import family_of
 
 
 def versions() -> dict:
@@ -43,7 +44,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "output": str(item.output),
         "request": asdict(item.request),
         "seed": item.request.seed,
-        "model": {"path": str(s.model.resolve()), "config_sha256": config_hash(s.model)},
+        "model": {"path": str(s.model.resolve()), "family": family_of(s.model).name, "config_sha256": config_hash(s.model)},
         "parallel": {
             "world_size": mesh.world_size, "cfg": mesh.cfg_degree, "ring": mesh.ring_degree,
             "ulysses": mesh.ulysses_degree, "a2a_mode": mesh.a2a_mode, "dist_timeout_s": s.parallel.timeout_s,
