@@ -32,8 +32,8 @@ AUDIO_TOKEN_DIM = AUDIO_LATENT_CHANNELS * MEL_BINS // 4  # 8: packed audio token
 REGISTERS = 8  # connector learnable registers; max_sequence_length must be a multiple
 TOKENIZER_MAX_LENGTH = 1024  # what LTX2Pipeline pads prompts to by default
 
-VIDEO_HEADS, VIDEO_HEAD_DIM = 2, 8  # video inner dim 16
-AUDIO_HEADS, AUDIO_HEAD_DIM = 2, 4  # audio inner dim 8
+VIDEO_HEADS, VIDEO_HEAD_DIM = 4, 4  # video inner dim 16; 4 heads so Ulysses 4 runs on it
+AUDIO_HEADS, AUDIO_HEAD_DIM = 4, 2  # audio inner dim 8
 
 # As Lightricks' LTX-2 scheduler_config.json (and diffusers' converter): mu from the video token
 # count, 0.95 at 1024 tokens to 2.05 at 4096, terminal sigma 0.1.
