@@ -11,6 +11,7 @@ eager / compiled), so the ratios between them come from the same run. Rank 0 pri
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import statistics
@@ -29,7 +30,9 @@ from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig
 from .dist import Mesh, env_rank, env_world_size, init_mesh, teardown, validate_layout
 from .dist import layouts as fitting_layouts
 from .guidance import GuidanceConfig, Guider, LocalStats, StepScales
-from .ltx import SHAPES, LTXConfig, LTXTransformer, rope_tables, sdpa_attention
+from .ltx import SHAPES as LTX_SHAPES
+from .ltx import LTXConfig, LTXTransformer, rope_tables, sdpa_attention
+from .ltx2 import SHAPES as LTX2_SHAPES
 from .parallel import Plan
 from .pipeline import Denoiser
 from .sharding import SeqShard
@@ -38,6 +41,7 @@ from .usp import Pending, USPAttention
 TEXT_TOKENS = 128  # T5 length LTXPipeline pads the prompt to
 PROMPT_TOKENS = 24  # real tokens under the text mask; the rest is padding, as for a short prompt
 FPS = 25.0
+SHAPES = {**LTX_SHAPES, **LTX2_SHAPES}  # LTX-Video shapes and LTX-2 shapes (bench_ltx2.py runs those)
 SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
 
 
@@ -120,14 +124,23 @@ class Setup:
     steps: int
     device: torch.device
     dtype: torch.dtype
+    image: bool = False  # image-to-video steps: the first latent frame held at timestep 0 (per-token timesteps)
 
     @property
-    def cfg(self) -> LTXConfig:
+    def cfg(self):
         return SHAPES[self.shape]
 
     @property
+    def ltx2(self) -> bool:
+        return self.shape in LTX2_SHAPES
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return latent_grid(self.height, self.width, self.num_frames)
+
+    @property
     def tokens(self) -> int:
-        f, h, w = latent_grid(self.height, self.width, self.num_frames)
+        f, h, w = self.grid
         return f * h * w
 
     def guidance(self) -> GuidanceConfig:
@@ -251,10 +264,24 @@ def _profile(step: Callable[[], None], path: Path) -> None:
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
 
 
-def _run_case(model: LTXTransformer, s: Setup, case: Case, mesh: Mesh,
+def _run_case(model: nn.Module, s: Setup, case: Case, mesh: Mesh,
               profile_to: Path | None = None) -> tuple[list[float], list[float], bool]:
-    cfg, device = s.cfg, s.device
     plan = Plan(mesh)
+    if s.ltx2:
+        from . import bench_ltx2
+
+        local = LocalExchangeAttention(mesh, plan.shard(s.tokens), case.a2a_mode) if not case.exchange else None
+        step, state = bench_ltx2.make_step(model, s, plan, local)
+    else:
+        step, state = _ltx_video_step(model, s, case, plan)
+    times, peaks = _measure(step, s)
+    if profile_to is not None:
+        _profile(step, profile_to)
+    return times, peaks, state["finite"]
+
+
+def _ltx_video_step(model: LTXTransformer, s: Setup, case: Case, plan: Plan) -> tuple[Callable[[], None], dict]:
+    cfg, device, mesh = s.cfg, s.device, plan.mesh
     shard = plan.shard(s.tokens)
     gen = torch.Generator(device).manual_seed(1)  # the same global inputs on every rank
     latents = shard.split(torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device))
@@ -270,16 +297,18 @@ def _run_case(model: LTXTransformer, s: Setup, case: Case, mesh: Mesh,
     denoiser = Denoiser(model, plan, text, rope, attn_fn, guider, s.branch_mode)
     scales: StepScales = s.guidance().at(SIGMA)
     t, sigma, sigma_next = (torch.tensor(v, device=device) for v in (SIGMA * 1000.0, SIGMA, SIGMA + DT))
+    level = None
+    if s.image:  # image-to-video: the first latent frame at noise level 0 (timestep 0), never stepped
+        full = torch.ones(1, s.tokens, 1, device=device)
+        full[:, : s.grid[1] * s.grid[2]] = 0.0
+        level = shard.split(full)
     state = {"latents": latents, "finite": True}
 
     def step() -> None:
-        state["latents"] = denoiser.step(state["latents"], t, sigma, sigma_next, scales)
+        state["latents"] = denoiser.step(state["latents"], t, sigma, sigma_next, scales, level)
         state["finite"] &= not plan.any_nonfinite(state["latents"])
 
-    times, peaks = _measure(step, s)
-    if profile_to is not None:
-        _profile(step, profile_to)
-    return times, peaks, state["finite"]
+    return step, state
 
 
 def _diffusers_case(s: Setup, world: int, seed: int) -> tuple[list[float], list[float], bool, str, Callable[[], str]]:
@@ -364,7 +393,12 @@ def _environment(device: torch.device, world: int, matmul: list[list[float]]) ->
 def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: list[float], finite: bool,
             env: dict, implementation: str, text_tokens: int) -> dict:
     ms = statistics.median(times)
-    parts = step_flops(s.cfg, s.tokens, s.branches, text_tokens)
+    if s.ltx2:
+        from . import bench_ltx2
+
+        parts = bench_ltx2.step_flops(s.cfg, s)
+    else:
+        parts = step_flops(s.cfg, s.tokens, s.branches, text_tokens)
     tflops = sum(parts.values()) / (ms / 1e3) / world / 1e12
     cfg_d, ring, uly = case.layout if case else (1, 1, world)
     return {
@@ -372,6 +406,7 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
         "a2a_mode": case.a2a_mode if case else None,
         "compiled": case.compiled if case else False, "shape": s.shape, "height": s.height, "width": s.width,
         "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
+        "image_to_video": s.image,
         "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,
         "ms_per_step": ms, "ms_per_step_all": times, "flops_per_step": sum(parts.values()), "flops_parts": parts,
         "text_tokens": text_tokens, "tflops_per_gpu": tflops, "fraction_of_matmul_rate": tflops / env["matmul_tflops"],
@@ -396,7 +431,7 @@ def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list
 
 def _parse_layouts(text: str, world: int, s: Setup) -> list[tuple[int, int, int]]:
     """'all' (every layout that fits, cfg at most the branch count) or 'CxRxU,...' (cfg x ring x ulysses)."""
-    heads = s.cfg.num_attention_heads
+    heads = math.gcd(s.cfg.num_attention_heads, getattr(s.cfg, "audio_num_attention_heads", 0))
     if text == "all":
         return [lay for lay in fitting_layouts(world, heads, None) if lay[0] <= s.branches]
     chosen = []
@@ -413,12 +448,12 @@ def _parse_layouts(text: str, world: int, s: Setup) -> list[tuple[int, int, int]
 
 
 def _print_table(records: list[dict]) -> None:
-    typer.echo(f"{'impl':<10} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'comp':>4} "
+    typer.echo(f"{'impl':<18} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'comp':>4} "
                f"{'ms/step':>9} {'TFLOP/s/GPU':>11} {'%matmul':>7} {'peak GB':>7} {'a2a share':>9} {'attn err':>8}")
     for r in records:
         share, err = r.get("a2a_share"), r.get("attention_check_rel_err")
         typer.echo(
-            f"{r['implementation'][:10]:<10} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
+            f"{r['implementation'][:18]:<18} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
             f"{str(r['a2a_mode']):>10} {'yes' if r['compiled'] else 'no':>4} "
             f"{r['ms_per_step']:>9.1f} {r['tflops_per_gpu']:>11.1f} {100 * r['fraction_of_matmul_rate']:>6.1f}% "
             f"{r['peak_mem_gb']:>7.1f} {'' if share is None else f'{100 * share:.1f}%':>9} "
@@ -431,8 +466,10 @@ def _validated(shape: str, height: int, width: int, num_frames: int, branches: i
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r} is unknown; use one of {', '.join(SHAPES)}")
     GenerateRequest(prompt="bench", height=height, width=width, num_frames=num_frames)  # its size checks
-    if not 1 <= branches <= 3:
-        raise ValueError(f"--branches {branches}: use 1 (cond), 2 (+ uncond) or 3 (+ STG perturbed)")
+    most = 4 if shape in LTX2_SHAPES else 3
+    if not 1 <= branches <= most:
+        raise ValueError(f"--branches {branches}: use 1 (cond), 2 (+ uncond), 3 (+ STG perturbed)"
+                         + (" or 4 (+ modality-isolated)" if most == 4 else ""))
     if branch_mode not in BRANCH_MODES:
         raise ValueError(f"--branch-mode {branch_mode!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
     if a2a_mode not in (*A2A_MODES, "both"):
@@ -450,7 +487,8 @@ def bench_command(
     height: int = typer.Option(512, help="Pixels, a multiple of 32."),
     width: int = typer.Option(768, help="Pixels, a multiple of 32."),
     num_frames: int = typer.Option(121, help="Frames, 8k+1; tokens = ((F-1)/8+1) x H/32 x W/32."),
-    branches: int = typer.Option(3, help="Guidance branches per step: 1 cond, 2 + uncond (CFG), 3 + STG."),
+    branches: Optional[int] = typer.Option(None, help="Guidance branches per step: 1 cond, 2 + uncond (CFG), 3 + STG, "
+                                           "4 + modality-isolated (LTX-2) [default: all of the shape's family]."),
     branch_mode: str = typer.Option("batched", help="batched (one forward) | sequential (one per branch)."),
     ulysses_degree: Optional[int] = typer.Option(None, help="Ulysses degree [default: world / (cfg x ring)]."),
     ring_degree: int = typer.Option(1, help="Ring-attention degree."),
@@ -464,8 +502,10 @@ def bench_command(
                                                           "blocks (the exchanges stay eager)."),
     warmup: int = typer.Option(2, help="Untimed steps first (compilation happens here)."),
     steps: int = typer.Option(5, help="Timed steps; the median is reported."),
-    baseline: str = typer.Option("none", help="none | diffusers: also time diffusers' LTXVideoTransformer3DModel "
-                                              "with enable_parallelism(ContextParallelConfig(ulysses_degree=N))."),
+    baseline: str = typer.Option("none", help="none | diffusers: also time diffusers' transformer "
+                                              "(LTX-Video: with enable_parallelism(ContextParallelConfig(ulysses_degree=N)); "
+                                              "LTX-2: one GPU, called as LTX2Pipeline calls it, and all branches batched)."),
+    image: bool = typer.Option(False, "--image", help="Time image-to-video steps (per-token timesteps) instead."),
     json_out: Optional[Path] = typer.Option(None, help="Write the records (a JSON list) here (rank 0)."),
     profile: Optional[Path] = typer.Option(None, help="Profile one extra step of each configuration; "
                                                       "each rank writes its kernel tables into this folder."),
@@ -483,12 +523,14 @@ def bench_command(
       torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json
     """
     world = env_world_size()
+    if branches is None:
+        branches = 4 if shape in LTX2_SHAPES else 3
     try:
         _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype)
         where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                              "cpu" if device == "auto" else device)
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
-                  getattr(torch, dtype))
+                  getattr(torch, dtype), image)
         if layouts is None:
             layouts = f"{cfg_parallel}x{ring_degree}x{ulysses_degree or world // (cfg_parallel * ring_degree) or 1}"
         chosen = _parse_layouts(layouts, world, s)
@@ -527,7 +569,12 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
     s = replace(s, device=device)
     matmul = _gather_floats(list(matmul_tflops(device)), device)
     env = _environment(device, world, matmul)
-    model = random_transformer(s.cfg, device, s.dtype, seed)
+    if s.ltx2:
+        from . import bench_ltx2
+
+        model = bench_ltx2.random_model(s.cfg, device, s.dtype, seed, _randomize)
+    else:
+        model = random_transformer(s.cfg, device, s.dtype, seed)
     eager_blocks = compiled_blocks = model.transformer_blocks
     if any(case.compiled for case in cases):  # the same modules, each behind its own compiled frame
         compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
@@ -558,6 +605,24 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
         del model, eager_blocks, compiled_blocks
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if s.ltx2:
+            import diffusers
+
+            from . import bench_ltx2
+
+            if world > 1:  # its LTX-2 context-parallel plan is LTX-Video's copy (diffusers issue #14316)
+                records.append({"implementation": "diffusers", "world_size": world, "note": "not run: diffusers "
+                                "0.42's LTX-2 context parallelism is broken; one-GPU baseline only"})
+                save(records)
+                return records
+            for mode, times, peaks, finite in bench_ltx2.diffusers_cases(s, seed, _randomize, lambda f: _measure(f, s)):
+                record = _record(s, None, world, times, peaks, finite, env, f"diffusers-{mode}", bench_ltx2.TEXT_TOKENS)
+                record["note"] = (f"diffusers {diffusers.__version__} LTX2VideoTransformer3DModel, "
+                                  + ("called as LTX2Pipeline calls it: CFG pair, STG pass, modality pass"
+                                     if mode == "pipeline" else "all branches as rows of one call"))
+                records.append(record)
+                save(records)
+            return records
         times, peaks, finite, version, try_mask = _diffusers_case(s, world, seed)
         record = _record(s, None, world, times, peaks, finite, env, "diffusers", TEXT_TOKENS)  # no mask: all 128
         record["note"] = f"{version}; timed without the text mask; with it: (not tried yet)"

@@ -483,23 +483,28 @@ class Result:
                 "audio_latents": self.audio_latents}
 
 
+@dataclass
 class BranchForward:
     """Runs the transformer for a subset of branches: one batched call (rows in `names` order) or one call each."""
 
-    def __init__(self, c: Components, req: LTX2Request, text: dict, rope, attn):
-        self.c, self.req, self.text, self.rope, self.attn = c, req, text, rope, attn
+    transformer: Any
+    text: dict  # "cond"/"uncond" -> (video text, audio text, mask)
+    rope: Any  # this rank's LTX2Rope
+    attn: Any  # LTX2Attention
+    stg_blocks: tuple[int, ...]
+    branches: str = "batched"
 
     def __call__(self, names, video, audio, timestep, t) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.req.branches == "sequential":
+        if self.branches == "sequential":
             return [p for n in names for p in self._forward((n,), video, audio, timestep, t)]
         return self._forward(tuple(names), video, audio, timestep, t)
 
     def _forward(self, names, video, audio, timestep, t):
-        b, dev, dt = len(names), video.device, self.c.dtype
+        b, dev, dt = len(names), video.device, self.text["cond"][0].dtype
         texts = [self.text["uncond" if n == "uncond" else "cond"] for n in names]
         rows = lambda flag: torch.tensor([n == flag for n in names], device=dev)  # noqa: E731
         tt = t.expand(b).to(dev)
-        video_out, audio_out = self.c.transformer(
+        video_out, audio_out = self.transformer(
             video.to(dt).expand(b, -1, -1),
             audio.to(dt).expand(b, -1, -1),
             torch.cat([x[0] for x in texts]),
@@ -512,11 +517,42 @@ class BranchForward:
             tt,  # audio_sigma
             self.rope,
             attn=self.attn,
-            stg_blocks=self.req.guidance.stg_blocks if "perturbed" in names else (),
+            stg_blocks=self.stg_blocks if "perturbed" in names else (),
             stg_rows=rows("perturbed") if "perturbed" in names else None,
             isolate_rows=rows("isolated") if "isolated" in names else None,
         )
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
+
+
+@dataclass
+class Denoiser:
+    """One LTX-2 denoising step: the branches' forward, per-modality guidance in x0 space, both Euler updates.
+
+    `generate` runs it every step and `usp-infer bench` times it; every layout decision comes from `plan`.
+    """
+
+    forward: BranchForward
+    plan: Plan
+    names: tuple[str, ...]  # the branches each step runs
+    guidance: LTX2Guidance
+    video_stats: SeqStats  # the video shard: global sums, pads excluded
+    video_count: int  # values per sample, globally
+    audio_count: int
+    keep: torch.Tensor | None = None  # (1, T, 1) True on the image's tokens, which are never stepped
+    level: torch.Tensor | None = None  # (1, T) per-token timestep factor (0 on the image's tokens)
+
+    def step(self, video, audio, t, sigma: float, dsigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        timestep = t.expand(1) if self.level is None else t * self.level  # (1,) or per video token (1, T)
+        preds = self.plan.run_branches(self.names, lambda subset: self.forward(subset, video, audio, timestep, t),
+                                       like=(video, audio))
+        # velocity -> x0 per branch, guidance per modality, x0 -> velocity
+        video_x0 = {n: video - sigma * p[0] for n, p in preds.items()}
+        audio_x0 = {n: audio - sigma * p[1] for n, p in preds.items()}
+        video_v = (video - guide(video_x0, self.guidance.video, self.video_stats, self.video_count)) / sigma
+        audio_v = (audio - guide(audio_x0, self.guidance.audio, LocalStats(), self.audio_count)) / sigma
+        stepped = video + dsigma * video_v
+        video = stepped if self.keep is None else torch.where(self.keep, video, stepped)
+        return video, audio + dsigma * audio_v
 
 
 @torch.no_grad()
@@ -553,25 +589,16 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         video_self=plan.self_attention(shard),
         video_to_audio=plan.kv_sharded_attention(shard),
     )
-    forward = BranchForward(c, req, text, rope, attn)
-    video_count, audio_count = lay.video_tokens * lay.channels, audio.shape[1] * audio.shape[2]
+    forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches)
+    denoiser = Denoiser(forward, plan, names, req.guidance, shard, lay.video_tokens * lay.channels,
+                        audio.shape[1] * audio.shape[2], keep, level)
 
     step_times = []
     bar = tqdm(total=req.steps, disable=not (progress and plan.is_main), unit="step", dynamic_ncols=True)
     for i, t in enumerate(timesteps):
         start = time.perf_counter()
         sigma, dsigma = sigmas[i].item(), (sigmas[i + 1] - sigmas[i]).item()
-        t = t.to(c.device)
-        timestep = t.expand(1) if level is None else t * level  # (1,) or per video token (1, T)
-        preds = plan.run_branches(names, lambda subset: forward(subset, video, audio, timestep, t), like=(video, audio))
-        # velocity -> x0 per branch, guidance per modality, x0 -> velocity
-        video_x0 = {n: video - sigma * p[0] for n, p in preds.items()}
-        audio_x0 = {n: audio - sigma * p[1] for n, p in preds.items()}
-        video_v = (video - guide(video_x0, req.guidance.video, shard, video_count)) / sigma
-        audio_v = (audio - guide(audio_x0, req.guidance.audio, LocalStats(), audio_count)) / sigma
-        stepped = video + dsigma * video_v
-        video = stepped if keep is None else torch.where(keep, video, stepped)  # the image frame is never stepped
-        audio = audio + dsigma * audio_v
+        video, audio = denoiser.step(video, audio, t.to(c.device), sigma, dsigma)
         plan.check_finite(i, req.steps, video, audio)
         step_times.append(time.perf_counter() - start)
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
