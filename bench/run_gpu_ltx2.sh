@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# LTX-2 on one H200 (nvidia-h200), from the repository root; each set fits one device call (< 10 min):
+#
+#   OUT=dir bash bench/run_gpu_ltx2.sh one     # LTX-2.3 22B at 768x512x121: eager, compiled, diffusers x2;
+#                                              # image-to-video steps; LTX-2.0 19B eager + diffusers
+#   OUT=dir bash bench/run_gpu_ltx2.sh big     # LTX-2.3 22B at 1536x1024x121 (24,576 video tokens)
+#   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
+#                                              # with OLD=folder holding an older usp_infer/, that one too
+#
+# diffusers is carried as wheels (.whl/) for the baseline. Every launch writes JSON records and a log into
+# $OUT, so a set cut short keeps what it finished.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+WHAT=${1:?name what to run: one, big or ltxv}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+S6="--height 512 --width 768 --num-frames 121"     # 6,144 video tokens, 126 audio tokens
+S24="--height 1024 --width 1536 --num-frames 121"  # 24,576 video tokens
+
+bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE (default: this checkout)
+  local name=$1 limit=$2; shift 2
+  (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$OUT/$name.json" "$@") \
+    >"$OUT/$name.log" 2>&1
+  echo "$(date +%T) $name: exit $?"
+  tail -n 6 "$OUT/$name.log"
+}
+
+case "$WHAT" in
+one)
+  bench ltx23-6144 330 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers
+  bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
+  ;;
+big)
+  bench ltx23-24576 540 --shape ltx-2.3-22b $S24 --warmup 1 --steps 3 --compile --baseline diffusers
+  ;;
+ltx2-19b)
+  bench ltx20-6144 300 --shape ltx-2-19b $S6 --warmup 2 --steps 5 --baseline diffusers
+  ;;
+ltxv)
+  bench ltxv13b-6144 240 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile
+  bench ltxv13b-6144-i2v 150 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --image
+  if [ -n "${OLD:-}" ]; then  # the same command on the older code, in the same call
+    CODE=$OLD bench ltxv13b-6144-old 240 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile
+  fi
+  ;;
+*)
+  echo "unknown set $WHAT: use one, big, ltx2-19b or ltxv" >&2
+  exit 2
+  ;;
+esac
