@@ -262,7 +262,13 @@ def _apply_split_rope(x: Tensor, table: Tensor) -> Tensor:
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def sdpa_text_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+# The injected functions are called straight from the block's frame and kept out of its graphs (like the
+# USP ones): a compiled block then breaks once per attention, not once per frame of nested helpers.
+local_attention = torch.compiler.disable(sdpa_attention)
+
+
+@torch.compiler.disable
+def local_text_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """Text cross-attention, (B, S, H, D) in and out; bias (B, 1, 1, L) is added to the scores."""
     return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias).transpose(1, 2)
 
@@ -281,8 +287,8 @@ class LTX2Attention:
     video_to_audio: AttnFn
 
 
-LOCAL_ATTENTION = LTX2Attention(video_self=sdpa_attention, audio_self=sdpa_attention, text=sdpa_text_attention,
-                                audio_to_video=sdpa_attention, video_to_audio=sdpa_attention)
+LOCAL_ATTENTION = LTX2Attention(video_self=local_attention, audio_self=local_attention, text=local_text_attention,
+                                audio_to_video=local_attention, video_to_audio=local_attention)
 
 
 class Attention(nn.Module):
@@ -299,23 +305,19 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=cfg.attention_out_bias)])  # 1 was a dropout
         self.to_gate_logits = nn.Linear(query_dim, heads) if gated else None
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor,
-        attend: AttnFn,
-        q_rope: Tensor | None = None,
-        k_rope: Tensor | None = None,
-        values_rows: Tensor | None = None,
-    ) -> Tensor:
-        """x (B, S, query_dim) attends to context (B, L, kv_dim); values_rows (B, 1, 1, 1) bool: those rows take
-        V instead of the attention output (STG)."""
+    def project(
+        self, x: Tensor, context: Tensor, q_rope: Tensor | None = None, k_rope: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, query_dim) queries, context (B, L, kv_dim) keys/values -> q, k, v as (B, S|L, H, D)."""
         q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(context)), self.to_v(context)
         if q_rope is not None:
             q, k = self.apply_rope(q, q_rope), self.apply_rope(k, k_rope)
-        heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
-        v = v.unflatten(2, heads)
-        out = attend(q.unflatten(2, heads), k.unflatten(2, heads), v)
+        heads = (self.heads, -1)  # (B, S, H*D) -> (B, S, H, D)
+        return q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)
+
+    def output(self, x: Tensor, out: Tensor, v: Tensor | None = None, values_rows: Tensor | None = None) -> Tensor:
+        """Attention result (B, S, H, D) -> (B, S, query_dim); x is the query input (the gates read it).
+        values_rows (B, 1, 1, 1) bool: those rows take V instead of the attention result (STG)."""
         if values_rows is not None:
             out = torch.where(values_rows, v, out)
         if self.to_gate_logits is not None:  # 2 sigmoid: zero logits give gates of 1
@@ -383,6 +385,7 @@ class TransformerBlock(nn.Module):
         self.audio_norm3, self.audio_ff = norm(da), FeedForward(da)
         self.scale_shift_table = nn.Parameter(torch.randn(9 if cfg.cross_attn_mod else 6, d) / d**0.5)
         self.audio_scale_shift_table = nn.Parameter(torch.randn(9 if cfg.audio_cross_attn_mod else 6, da) / da**0.5)
+        self.video_query_mod, self.audio_query_mod = cfg.cross_attn_mod, cfg.audio_cross_attn_mod
         self.prompt_modulation = cfg.prompt_modulation
         if cfg.prompt_modulation:
             self.prompt_scale_shift_table = nn.Parameter(torch.randn(2, d))
@@ -393,25 +396,39 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: Tensor, a: Tensor, c: _Conditioning, rope: LTX2Rope, attn: LTX2Attention, stg: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V."""
+        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V.
+
+        Every injected attention is called right here, not in a helper, so a compiled block has one graph
+        between each two of them.
+        """
         vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index)
         amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None)
 
         # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two.
         h = torch.addcmul(vmod[0], self.norm1(x), 1 + vmod[1])
-        x = torch.addcmul(x, self.attn1(h, h, attn.video_self, rope.video, rope.video, stg), vmod[2])
+        q, k, v = self.attn1.project(h, h, rope.video, rope.video)
+        x = torch.addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
         h = torch.addcmul(amod[0], self.audio_norm1(a), 1 + amod[1])
-        a = torch.addcmul(a, self.audio_attn1(h, h, attn.audio_self, rope.audio, rope.audio, stg), amod[2])
+        q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
+        a = torch.addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
 
-        # 2. Text cross-attention; LTX-2.3 modulates the queries (shift, scale, gate = mod[6:9]) and the text.
+        # 2. Text cross-attention. LTX-2.3 modulates the text per block, and each stream's queries (shift, scale,
+        # gate = mod[6:9]); LTX-2.0 attends from the plain norm and adds the result ungated.
         text, audio_text = c.text, c.audio_text
         if self.prompt_modulation:
-            text = torch.addcmul(*self._prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
-            audio_text = torch.addcmul(
-                *self._prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt, audio_text))
-        x = x + self._text(x, self.norm2, self.attn2, vmod, text, lambda q, k, v: attn.text(q, k, v, c.text_bias))
-        a = a + self._text(a, self.audio_norm2, self.audio_attn2, amod, audio_text,
-                           lambda q, k, v: attn.text(q, k, v, c.audio_text_bias))
+            text = torch.addcmul(*_prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
+            audio_text = torch.addcmul(*_prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt,
+                                                            audio_text))
+        h = self.norm2(x)
+        if self.video_query_mod:
+            h = torch.addcmul(vmod[6], h, 1 + vmod[7])
+        out = self.attn2.output(h, attn.text(*self.attn2.project(h, text), c.text_bias))
+        x = torch.addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
+        h = self.audio_norm2(a)
+        if self.audio_query_mod:
+            h = torch.addcmul(amod[6], h, 1 + amod[7])
+        out = self.audio_attn2.output(h, attn.text(*self.audio_attn2.project(h, audio_text), c.audio_text_bias))
+        a = torch.addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
 
         # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
@@ -421,10 +438,12 @@ class TransformerBlock(nn.Module):
         if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
             a2v_gate, v2a_gate = a2v_gate * c.keep_cross, v2a_gate * c.keep_cross
         nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
-        q, kv = torch.addcmul(v_a2v_shift, nx, 1 + v_a2v_scale), torch.addcmul(a_a2v_shift, na, 1 + a_a2v_scale)
-        x_a2v = self.audio_to_video_attn(q, kv, attn.audio_to_video, rope.video_cross, rope.audio_cross)
-        q, kv = torch.addcmul(a_v2a_shift, na, 1 + a_v2a_scale), torch.addcmul(v_v2a_shift, nx, 1 + v_v2a_scale)
-        a_v2a = self.video_to_audio_attn(q, kv, attn.video_to_audio, rope.audio_cross, rope.video_cross)
+        h, kv = torch.addcmul(v_a2v_shift, nx, 1 + v_a2v_scale), torch.addcmul(a_a2v_shift, na, 1 + a_a2v_scale)
+        q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
+        x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
+        h, kv = torch.addcmul(a_v2a_shift, na, 1 + a_v2a_scale), torch.addcmul(v_v2a_shift, nx, 1 + v_v2a_scale)
+        q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
+        a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
         x, a = torch.addcmul(x, x_a2v, a2v_gate), torch.addcmul(a, a_v2a, v2a_gate)
 
         # 4. FFNs.
@@ -432,20 +451,11 @@ class TransformerBlock(nn.Module):
         a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), 1 + amod[4])), amod[5])
         return x, a
 
-    @staticmethod
-    def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
-        shift, scale = _modulation(table, emb, None) if emb is not None else table.unbind(0)
-        return shift, text, 1 + scale
 
-    @staticmethod
-    def _text(x: Tensor, norm: nn.Module, attn: Attention, mod: tuple[Tensor, ...], text: Tensor,
-              attend: AttnFn) -> Tensor:
-        h = norm(x)
-        if len(mod) == 9:  # cross_attn_mod: modulated queries and a gated result
-            h = torch.addcmul(mod[6], h, 1 + mod[7])
-            return attn(h, text, attend) * mod[8]
-        return attn(h, text, attend)  # LTX-2.0: normed, unmodulated queries, no gate
+def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
+    shift, scale = _modulation(table, emb, None) if emb is not None else table.unbind(0)
+    return shift, text, 1 + scale
 
 
 def compile_blocks(model: LTX2Transformer) -> None:
