@@ -10,6 +10,7 @@ from diffusers.models.transformers.transformer_ltx2 import LTX2PerturbedAttnProc
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from usp_infer import ltx2
 from usp_infer.ltx2 import (
     LOCAL_ATTENTION,
     SHAPES,
@@ -440,3 +441,32 @@ def test_load_errors(tmp_path):
     _write_folder(tmp_path / "good", config, state)
     half = load_transformer(tmp_path / "good", "cpu", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+@pytest.mark.parametrize("timestep", ["sample", "i2v"])
+def test_block_traces_in_one_graph_per_attention_gap(timestep):
+    """A compiled block breaks only at its 6 injected attention calls: no data-dependent control flow, and no
+    helper frame between the block and an attention call (each would split the graphs further)."""
+    ours = from_reference(make_reference(CONFIGS["ltx2.3"]))
+    inputs = make_inputs(CONFIGS["ltx2.3"], batch=2, timestep=timestep)
+    block = ours.transformer_blocks[1]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args))
+    run_ours(ours, inputs, stg_blocks=(1,), stg_rows=torch.tensor([False, True]))
+    hook.remove()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(block)(*seen[0])
+    assert explained.graph_count == 7 and explained.graph_break_count == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rope_forms_agree(monkeypatch, dtype):
+    """The eager split RoPE (written into halves of its output) and the form compiled graphs fuse agree."""
+    cfg = LTX2Config(**CONFIGS["ltx2.3"])
+    table = rope_tables(cfg, *GRID, FPS, S_A).video
+    x = torch.randn(2, S, cfg.inner_dim).to(dtype)
+    eager = ltx2._apply_split_rope(x, table)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    fused = ltx2._apply_split_rope(x, table)
+    # The same products; only whether a product and its sum round once (fused) or twice differs: an ulp.
+    assert eager.dtype == fused.dtype == dtype and rel_err(eager.float(), fused.float()) < 1e-6
