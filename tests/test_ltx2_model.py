@@ -470,3 +470,31 @@ def test_split_rope_forms_agree(monkeypatch, dtype):
     fused = ltx2._apply_split_rope(x, table)
     # The same products; only whether a product and its sum round once (fused) or twice differs: an ulp.
     assert eager.dtype == fused.dtype == dtype and rel_err(eager.float(), fused.float()) < 1e-6
+
+
+@pytest.mark.parametrize("extra", [
+    # Asymmetric flags: each stream's gates and query modulation on its own; static prompt tables (no prompt_adaln).
+    dict(CONFIGS["ltx2.3"], gated_attn=False, cross_attn_mod=False, use_prompt_adaln_single=False),
+    dict(CONFIGS["ltx2.3"], audio_gated_attn=False, audio_cross_attn_mod=False, rope_type="interleaved"),
+    # fp32 RoPE frequencies, split RoPE on LTX-2.0 flags.
+    dict(CONFIGS["ltx2.0"], rope_double_precision=False, rope_type="split"),
+], ids=["video-plain", "audio-plain", "fp32-rope"])
+def test_other_flag_sets(extra):
+    ref = make_reference(extra)
+    ours = from_reference(ref)
+    inputs = make_inputs(extra, batch=2, timestep="i2v")
+    for cross in (False, True):
+        ours.use_cross_timestep = cross
+        assert_close(run_ours(ours, inputs), run_reference(ref, inputs, use_cross_timestep=cross))
+
+
+def test_bf16_close_to_fp32(models):
+    """In bf16 the same forward stays within bf16 rounding of diffusers' fp32 result."""
+    ref, ours, kwargs = models
+    inputs = make_inputs(kwargs, batch=2, timestep="i2v")
+    expected = run_reference(ref, inputs, use_cross_timestep=ours.use_cross_timestep)
+    half = {k: v.bfloat16() if v is not None and v.is_floating_point() and v.ndim == 3 else v
+            for k, v in inputs.items()}
+    got = run_ours(copy.deepcopy(ours).bfloat16(), half)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.bfloat16 and rel_err(g.float(), e) < 3e-2

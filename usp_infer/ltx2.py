@@ -11,7 +11,6 @@ about process groups.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -20,8 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ltx import FeedForward, TwoLayerMLP, _apply_rope, _drop_trailing_pads, _gelu_tanh, _timestep_features, \
-    load_folder, sdpa, sdpa_attention
+from .ltx import (
+    FeedForward,
+    TwoLayerMLP,
+    _apply_rope,
+    _drop_trailing_pads,
+    _gelu_tanh,
+    _timestep_features,
+    load_folder,
+    sdpa,
+    sdpa_attention,
+)
 
 # Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
 # the others are LTX-2.5 features this file does not implement).
@@ -559,7 +567,8 @@ class LTX2Transformer(nn.Module):
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
         sharded alike. timestep (B,) or (B, S_v), already x1000; audio_timestep, sigma, audio_sigma (B,).
-        stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row);
+        stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row),
+        whatever perturbed_attn says (diffusers only honours STG where it is True, i.e. not for LTX-2.0 weights);
         isolate_rows (B,) bool: rows with no audio<->video attention in any block.
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
