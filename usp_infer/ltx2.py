@@ -368,10 +368,21 @@ class _Conditioning:
     keep_cross: Tensor | None  # (B, 1, 1) 0. on modality-isolated rows, 1. elsewhere; None: no row isolated
 
 
-def _modulation(table: Tensor, emb: Tensor, index: Tensor | None) -> tuple[Tensor, ...]:
-    """table (n, D) + emb (N, n, D), per sample (-> n x (B, 1, D)) or gathered per token (-> n x (B, S, D))."""
+def _modulation(table: Tensor, emb: Tensor, index: Tensor | None, scales: slice) -> tuple[Tensor, ...]:
+    """table (n, D) + emb (N, n, D) -> n tensors, per sample (B, 1, D) or gathered per token (B, S, D).
+
+    The `scales` slots come back as 1 + scale: the 1 is added to the N rows here, not to every token's row
+    at every use.
+    """
     ada = table + emb
+    ada[:, scales] += 1
     return (ada[:, None] if index is None else ada[index]).unbind(2)
+
+
+# Slots of the modulation vectors that scale (x * (1 + scale) + shift); the others shift or gate.
+_BLOCK_SCALES = slice(1, None, 3)  # shift, scale, gate for self-attention, FFN, and (9 slots) text queries
+_CROSS_SCALES = slice(0, 4, 2)  # a2v scale, shift, v2a scale, shift, gate
+_SHIFT_SCALE = slice(1, 2)  # shift, scale: the prompt (text K/V) and output modulations
 
 
 class TransformerBlock(nn.Module):
@@ -417,14 +428,15 @@ class TransformerBlock(nn.Module):
         Every injected attention is called right here, not in a helper, so a compiled block has one graph
         between each two of them.
         """
-        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index)
-        amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None)
+        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index, _BLOCK_SCALES)
+        amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None, _BLOCK_SCALES)
 
-        # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two.
-        h = torch.addcmul(vmod[0], self.norm1(x), 1 + vmod[1])
+        # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two;
+        # every scale that _modulation returns already holds 1 + scale.
+        h = torch.addcmul(vmod[0], self.norm1(x), vmod[1])
         q, k, v = self.attn1.project(h, h, rope.video, rope.video)
         x = torch.addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
-        h = torch.addcmul(amod[0], self.audio_norm1(a), 1 + amod[1])
+        h = torch.addcmul(amod[0], self.audio_norm1(a), amod[1])
         q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
         a = torch.addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
 
@@ -437,41 +449,41 @@ class TransformerBlock(nn.Module):
                                                             audio_text))
         h = self.norm2(x)
         if self.video_query_mod:
-            h = torch.addcmul(vmod[6], h, 1 + vmod[7])
+            h = torch.addcmul(vmod[6], h, vmod[7])
         out = self.attn2.output(h, attn.text(*self.attn2.project(h, text), c.text_bias))
         x = torch.addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
         h = self.audio_norm2(a)
         if self.audio_query_mod:
-            h = torch.addcmul(amod[6], h, 1 + amod[7])
+            h = torch.addcmul(amod[6], h, amod[7])
         out = self.audio_attn2.output(h, attn.text(*self.audio_attn2.project(h, audio_text), c.audio_text_bias))
         a = torch.addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
 
         # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
-            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index)
+            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index, _CROSS_SCALES)
         a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = _modulation(
-            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None)
+            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES)
         if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
             a2v_gate, v2a_gate = a2v_gate * c.keep_cross, v2a_gate * c.keep_cross
         nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
-        h, kv = torch.addcmul(v_a2v_shift, nx, 1 + v_a2v_scale), torch.addcmul(a_a2v_shift, na, 1 + a_a2v_scale)
+        h, kv = torch.addcmul(v_a2v_shift, nx, v_a2v_scale), torch.addcmul(a_a2v_shift, na, a_a2v_scale)
         q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
         x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
-        h, kv = torch.addcmul(a_v2a_shift, na, 1 + a_v2a_scale), torch.addcmul(v_v2a_shift, nx, 1 + v_v2a_scale)
+        h, kv = torch.addcmul(a_v2a_shift, na, a_v2a_scale), torch.addcmul(v_v2a_shift, nx, v_v2a_scale)
         q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
         a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
         x, a = torch.addcmul(x, x_a2v, a2v_gate), torch.addcmul(a, a_v2a, v2a_gate)
 
         # 4. FFNs.
-        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), 1 + vmod[4])), vmod[5])
-        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), 1 + amod[4])), amod[5])
+        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
+        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
         return x, a
 
 
 def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
-    shift, scale = _modulation(table, emb, None) if emb is not None else table.unbind(0)
-    return shift, text, 1 + scale
+    shift, scale = _modulation(table, emb, None, _SHIFT_SCALE) if emb is not None else (table[0], 1 + table[1])
+    return shift, text, scale
 
 
 def compile_blocks(model: LTX2Transformer) -> None:
@@ -608,10 +620,10 @@ class LTX2Transformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             x, a = block(x, a, c, rope, attn, stg if i in stg_blocks else None)
 
-        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index)
-        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)
-        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None)
-        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), 1 + scale)
+        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index, _SHIFT_SCALE)
+        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
+        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
+        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
         return self.proj_out(x), self.audio_proj_out(a)
 
     def _check_inputs(
