@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -365,16 +366,11 @@ def test_config_from_dict():
 def test_shapes_build(name):
     with torch.device("meta"):
         model = LTX2Transformer(SHAPES[name])
-        theirs = LTX2VideoTransformer3DModel(**dataclass_dict(SHAPES[name]))
+        theirs = LTX2VideoTransformer3DModel(**asdict(SHAPES[name]))
     assert model.state_dict().keys() == theirs.state_dict().keys()
     params = sum(p.numel() for p in model.parameters())
     if name != "ltx2-tiny":  # ~18.9 B for both real ones (2.3's extra size is in its connectors and VAE)
         assert 18.5e9 < params < 19.5e9, params
-
-
-def dataclass_dict(cfg: LTX2Config) -> dict:
-    from dataclasses import asdict
-    return asdict(cfg)
 
 
 def _matmul_attention(q, k, v, bias=None):
