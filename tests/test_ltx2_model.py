@@ -359,6 +359,9 @@ def test_config_from_dict():
         LTX2Config(rope_type="rotary")
     with pytest.raises(ValueError, match="cross_attention_dim=64"):
         LTX2Config(cross_attention_dim=64)
+    with pytest.raises(ValueError, match="num_layers=0: must be an integer >= 1"):
+        LTX2Config(num_layers=0)
+    assert LTX2Config(causal_offset=0).causal_offset == 0
     assert LTX2Config.from_dict({"out_channels": None, "in_channels": 64}).out_channels == 64
 
 
@@ -471,8 +474,8 @@ def test_split_rope_forms_agree(monkeypatch, dtype):
     # Asymmetric flags: each stream's gates and query modulation on its own; static prompt tables (no prompt_adaln).
     dict(CONFIGS["ltx2.3"], gated_attn=False, cross_attn_mod=False, use_prompt_adaln_single=False),
     dict(CONFIGS["ltx2.3"], audio_gated_attn=False, audio_cross_attn_mod=False, rope_type="interleaved"),
-    # fp32 RoPE frequencies, split RoPE on LTX-2.0 flags.
-    dict(CONFIGS["ltx2.0"], rope_double_precision=False, rope_type="split"),
+    # fp32 RoPE frequencies, a non-causal VAE's positions, split RoPE on LTX-2.0 flags.
+    dict(CONFIGS["ltx2.0"], rope_double_precision=False, causal_offset=0, rope_type="split"),
 ], ids=["video-plain", "audio-plain", "fp32-rope"])
 def test_other_flag_sets(extra):
     ref = make_reference(extra)

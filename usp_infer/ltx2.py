@@ -95,9 +95,9 @@ class LTX2Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "vae_scale_factors", tuple(self.vae_scale_factors))
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"LTX2Config.{f.name}={value!r}: must be a positive integer")
+            value, least = getattr(self, f.name), 0 if f.name == "causal_offset" else 1  # 0: a non-causal VAE
+            if f.type == "int" and (not isinstance(value, int) or value < least):
+                raise ValueError(f"LTX2Config.{f.name}={value!r}: must be an integer >= {least}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r}: choose one of {ROPE_TYPES}")
         # Text reaches attn2 (and the prompt modulation tables) at the stream's width: the caption projection
