@@ -152,7 +152,7 @@ SHAPES: dict[str, LTX2Config] = {
     "ltx-2-19b": LTX2Config(**_REAL),
     "ltx-2.3-22b": LTX2Config(**_REAL, gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
                               audio_cross_attn_mod=True, use_prompt_embeddings=False, perturbed_attn=True),
-    # A tiny LTX-2.3-shaped model for CPU runs of the pipeline and the benchmark.
+    # A tiny LTX-2.3-shaped model for CPU runs of the pipeline and the benchmark (proposed models/ltx2-tiny).
     "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
                             cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8,
                             audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
@@ -172,7 +172,8 @@ class LTX2Rope:
 
     rope_type "interleaved": (1, S, C/2, 2), the (cos, sin) of each channel pair (2i, 2i+1).
     rope_type "split":       (1, S, H, 2, C/2H), [..., 0, :] cos and [..., 1, :] sin of the pairs (j, j + C/2H)
-                             within each of H chunks (the attention heads).
+                             within each of H chunks: the attention heads (for video_cross, as diffusers
+                             does, the video head count, which equals the audio one in the real models).
     video, audio: self-attention (3-D positions, 1-D time); video_cross, audio_cross: the audio<->video
     attentions (time only, in seconds, at the audio width).
     """
