@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from usp_infer.cli import UsageError, build_request
+from usp_infer.request import UsageError, build_request
 from usp_infer.guidance import PRESETS, GuidanceConfig, Guider, StepScales
 
 

@@ -18,7 +18,7 @@ from dist_utils import run_spawn
 from PIL import Image
 
 from usp_infer.config import GenerateRequest, ParallelConfig
-from usp_infer.dist import init_mesh
+from usp_infer.parallel import Plan
 from usp_infer.guidance import GuidanceConfig
 from usp_infer.ltx import compile_blocks
 from usp_infer.pipeline import load_components
@@ -58,9 +58,9 @@ def _components():
 
 def _generate(request: GenerateRequest, parallel: ParallelConfig) -> dict | None:
     # One default process group serves every case of a job (init_mesh reuses it; run_spawn tears it down).
-    mesh = init_mesh(parallel, "cpu")
-    result = run_generate(_components(), request, mesh, progress=False)
-    return {"frames": result.frames, "latents": result.latents} if mesh.is_main else None
+    plan = Plan.build(parallel, "cpu")
+    result = run_generate(_components(), request, plan, progress=False)
+    return {"frames": result.frames, "latents": result.latents} if plan.is_main else None
 
 
 def _job(cases: list[tuple[str, ParallelConfig, str]]) -> dict:

@@ -15,7 +15,7 @@ from dist_utils import run_spawn
 from usp_infer.config import ParallelConfig
 from usp_infer.dist import Mesh, init_mesh, layouts, resolve_parallel, shared_seed, validate_layout
 from usp_infer.sharding import SeqShard
-from usp_infer.usp import USPAttention, all_to_all
+from usp_infer.usp import KVShardedAttention, USPAttention, start_all_to_all
 
 TIMEOUT_S = 60.0  # a broken collective fails the test in a minute instead of hanging for 30
 
@@ -82,15 +82,10 @@ def _a2a_job(world: int) -> dict:
         for shape in [(world, 3), (2 * world, 5, 7)]:
             sent = [torch.randn(shape, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(world)]
             want = torch.cat([x.chunk(world)[rank] for x in sent])  # chunk `rank` of every sender, in rank order
-            direct = all_to_all(sent[rank], group, "direct")
-            functional = all_to_all(sent[rank], group, "functional")
+            direct = start_all_to_all(sent[rank], group, "direct")()
+            functional = start_all_to_all(sent[rank], group, "functional")()
             checks[dtype, shape] = (torch.equal(direct, want), torch.equal(direct, functional),
                                     type(functional) is torch.Tensor)
-    try:
-        all_to_all(torch.zeros(world, 2), group, "bogus")
-        checks["bad_mode"] = "no error"
-    except ValueError as err:
-        checks["bad_mode"] = str(err)
     return checks
 
 
@@ -133,8 +128,28 @@ def _mesh_job(world: int) -> dict:
     return found
 
 
+def _kv_sharded_job(world: int) -> dict:
+    """Whole queries (LTX-2's audio) over sharded keys (its video): local attention + log-sum-exp merge."""
+    errors = {}
+    for layout in WORLD_LAYOUTS[world]:
+        if layout[0] > 1:
+            continue  # a cfg split leaves the sequence group smaller; the seq layouts cover the merge
+        mesh = init_mesh(_parallel(*layout), "cpu")
+        for total in WORLD_TOTALS[world]:
+            shard = SeqShard.for_mesh(total, mesh)
+            gen = torch.Generator().manual_seed(total)
+            q = torch.randn(B, 5, H, D, generator=gen)  # 5 query tokens, the same on every rank
+            k, v = (torch.randn(B, total, H, D, generator=gen) for _ in range(2))
+            ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            poisoned_k, poisoned_v = shard.split(k), shard.split(v)
+            poisoned_k[:, shard.valid:], poisoned_v[:, shard.valid:] = 1e3, 1e3  # pads must never act as keys
+            out = KVShardedAttention(shard)(q, poisoned_k, poisoned_v)
+            errors[layout, total] = _rel_err(out, ref.transpose(1, 2))
+    return errors
+
+
 def _job(world: int) -> dict:
-    return {"attention": _attention_job(world), "a2a": _a2a_job(world),
+    return {"attention": _attention_job(world), "a2a": _a2a_job(world), "kv_sharded": _kv_sharded_job(world),
             "shard": _shard_job(world), "mesh": _mesh_job(world)}
 
 
@@ -158,9 +173,28 @@ def test_all_to_all_modes_bitwise(spawned: tuple[int, list[dict]]) -> None:
     world, results = spawned
     for rank, result in enumerate(results):
         checks = result["a2a"]
-        assert checks.pop("bad_mode") == "a2a mode 'bogus' is unknown; use one of direct, functional"
         failed = [case for case, ok in checks.items() if not (all(ok) if isinstance(ok, tuple) else ok)]
         assert not failed, f"rank {rank} of {world}: {failed}"
+
+
+def test_parallel_config_rejects_bad_values() -> None:
+    """The layout's values are validated once, where the config is made (the CLI turns these into exit 2)."""
+    with pytest.raises(ValueError, match="--a2a-mode 'bogus' is unknown; use one of direct, functional"):
+        ParallelConfig(a2a_mode="bogus")
+    with pytest.raises(ValueError, match="--ring-degree 0 must be at least 1"):
+        ParallelConfig(ring=0)
+    with pytest.raises(ValueError, match="--dist-timeout 0 must be positive"):
+        ParallelConfig(timeout_s=0)
+
+
+def test_kv_sharded_attention_matches_full_attention(spawned: tuple[int, list[dict]]) -> None:
+    """Including a last rank holding only pads (9 on 4) and ranks with nothing but pads (2 on 4)."""
+    world, results = spawned
+    for rank, result in enumerate(results):
+        errors = result["kv_sharded"]
+        assert len(errors) == sum(layout[0] == 1 for layout in WORLD_LAYOUTS[world]) * len(WORLD_TOTALS[world])
+        bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
+        assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
 
 
 def test_seq_shard_split_gather_sum(spawned: tuple[int, list[dict]]) -> None:
@@ -243,12 +277,7 @@ def test_validate_layout_messages() -> None:
     )
     with pytest.raises(ValueError, match=r"try --cfg-degree 2 --ulysses-degree 2, or --cfg-degree 2 --ring-degree 2$"):
         validate_layout(ParallelConfig(cfg=2, ring=3), 4, num_heads=2)
-    with pytest.raises(ValueError, match="--ring-degree 0 must be at least 1"):
-        validate_layout(ParallelConfig(ring=0), 1, None)
-    with pytest.raises(ValueError, match="--a2a-mode 'fast' is unknown; use one of direct, functional"):
-        validate_layout(ParallelConfig(a2a_mode="fast"), 1, None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="timeout 0 s must be positive"):
-        validate_layout(ParallelConfig(timeout_s=0), 1, None)
+    # Degrees below 1, unknown a2a modes and timeouts: test_parallel_config_rejects_bad_values.
     validate_layout(ParallelConfig(cfg=2, ring=2, ulysses=2), 8, num_heads=2)  # fits: no error
 
 
@@ -285,17 +314,16 @@ def _world8_job() -> dict:
             q, k, v = (torch.randn(B, total, H8, D, generator=gen) for _ in range(3))
             ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             ref = ref.transpose(1, 2)
-            # chunks=2 with no size floor pipelines the exchange over 2 head groups wherever 2 heads stay local
-            for mode, chunks in (("direct", 1), ("functional", 1), ("direct", 2)):
-                attn = USPAttention(mesh, shard, mode, chunks=chunks, min_chunk_bytes=0)
+            for mode in ("direct", "functional"):
+                attn = USPAttention(mesh, shard, mode)
                 out = shard.gather(attn(shard.split(q), shard.split(k), shard.split(v)))
-                errors[layout, total, mode, chunks] = _rel_err(out, ref)
+                errors[layout, total, mode] = _rel_err(out, ref)
     return errors
 
 
 def test_world8_layouts_match_full_sdpa() -> None:
     results = run_spawn(_world8_job, 8)
     for rank, errors in enumerate(results):
-        assert len(errors) == len(WORLD8_LAYOUTS) * len(WORLD8_TOTALS) * 3
+        assert len(errors) == len(WORLD8_LAYOUTS) * len(WORLD8_TOTALS) * 2
         bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
         assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"

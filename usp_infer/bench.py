@@ -1,11 +1,11 @@
 """`usp-infer bench`: time denoising steps of a full-size LTX transformer on any layout; write JSON records.
 
 The transformer is built from a named shape with random weights made on the device (no checkpoint).
-A step is what the pipeline does per denoising step: the guidance branches' forward(s) through
-`pipeline.BranchRunner` (batched, sequential, or spread over the cfg mesh dimension), the guidance
-combine, the Euler update and the non-finite check. One launch (torchrun for N processes) builds the
-model once and times every configuration asked for (layouts x a2a modes x overlap chunks x eager /
-compiled), so the ratios between them come from the same run. Rank 0 prints a table and writes JSON.
+A step is `pipeline.Denoiser.step`, the very function `generate` runs per denoising step: the
+guidance branches' forward(s) (batched, sequential, or spread over the cfg mesh dimension by the
+plan), the guidance combine, the Euler update; then the plan's non-finite check. One launch (torchrun
+for N processes) builds the model once and times every configuration asked for (layouts x a2a modes x
+eager / compiled), so the ratios between them come from the same run. Rank 0 prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .dist import Mesh, env_rank, env_world_size, init_mesh, teardown, validate_
 from .dist import layouts as fitting_layouts
 from .guidance import GuidanceConfig, Guider, LocalStats, StepScales
 from .ltx import SHAPES, LTXConfig, LTXTransformer, rope_tables, sdpa_attention
-from .pipeline import BranchRunner, Components
+from .parallel import Plan
+from .pipeline import Denoiser
 from .sharding import SeqShard
 from .usp import Pending, USPAttention
 
@@ -142,7 +143,6 @@ class Case:
 
     layout: tuple[int, int, int]  # cfg, ring, ulysses
     a2a_mode: str
-    chunks: int
     compiled: bool
     exchange: bool = True  # False: Ulysses exchanges replaced by local copies (the share estimate)
 
@@ -222,14 +222,6 @@ def _measure(step: Callable[[], None], s: Setup) -> tuple[list[float], list[floa
     return [max(column) for column in zip(*per_rank)], peaks
 
 
-def _check_finite(x: Tensor) -> bool:
-    # As the pipeline does after each step: reduced over the world, a host sync per step.
-    bad = (~torch.isfinite(x)).any().float().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
-
-
 def attention_check(mesh: Mesh, shard: SeqShard, case: Case, s: Setup) -> float:
     """Relative error of this layout's USP attention against one-device SDPA over the whole sequence.
 
@@ -240,7 +232,7 @@ def attention_check(mesh: Mesh, shard: SeqShard, case: Case, s: Setup) -> float:
     gen = torch.Generator(device).manual_seed(2)
     q, k, v = (torch.randn(1, s.tokens, cfg.num_attention_heads, cfg.attention_head_dim, generator=gen,
                            device=device).to(s.dtype) for _ in range(3))
-    out = shard.gather(USPAttention(mesh, shard, case.a2a_mode, chunks=case.chunks)(*map(shard.split, (q, k, v))))
+    out = shard.gather(USPAttention(mesh, shard, case.a2a_mode)(*map(shard.split, (q, k, v))))
     ref = sdpa_attention(q, k, v).float()
     return ((out.float() - ref).norm() / ref.norm()).item()
 
@@ -262,31 +254,27 @@ def _profile(step: Callable[[], None], path: Path) -> None:
 def _run_case(model: LTXTransformer, s: Setup, case: Case, mesh: Mesh,
               profile_to: Path | None = None) -> tuple[list[float], list[float], bool]:
     cfg, device = s.cfg, s.device
-    shard = SeqShard.for_mesh(s.tokens, mesh)
+    plan = Plan(mesh)
+    shard = plan.shard(s.tokens)
     gen = torch.Generator(device).manual_seed(1)  # the same global inputs on every rank
     latents = shard.split(torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device))
     rope = tuple(shard.split(t) for t in rope_tables(cfg, *latent_grid(s.height, s.width, s.num_frames),
                                                      (8 / FPS, 32.0, 32.0), device))
-    attn_fn: Callable = sdpa_attention
-    if mesh.seq_degree > 1:
-        attn_cls = USPAttention if case.exchange else LocalExchangeAttention
-        attn_fn = attn_cls(mesh, shard, case.a2a_mode, chunks=case.chunks)
+    attn_fn = plan.self_attention(shard)
+    if mesh.seq_degree > 1 and not case.exchange:
+        attn_fn = LocalExchangeAttention(mesh, shard, case.a2a_mode)
     mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None]  # (1, L)
     text = {name: (torch.randn(1, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype), mask)
             for name in ("cond", "uncond")}
-    request = GenerateRequest(prompt="bench", height=s.height, width=s.width, num_frames=s.num_frames,
-                              branches=s.branch_mode, guidance=s.guidance())
-    components = Components(Path("."), model, None, None, None, {}, device, s.dtype)
-    run_branches = BranchRunner(components, request, mesh, text, rope, attn_fn)
-    scales: StepScales = request.guidance.at(SIGMA)
     guider = Guider(stats=shard, count=s.tokens * cfg.in_channels)
-    timestep = torch.full((1,), SIGMA * 1000.0, device=device)
+    denoiser = Denoiser(model, plan, text, rope, attn_fn, guider, s.branch_mode)
+    scales: StepScales = s.guidance().at(SIGMA)
+    t, sigma, sigma_next = (torch.tensor(v, device=device) for v in (SIGMA * 1000.0, SIGMA, SIGMA + DT))
     state = {"latents": latents, "finite": True}
 
     def step() -> None:
-        pred = guider.combine(run_branches(scales.branches, state["latents"], timestep, scales), scales)
-        state["latents"] = state["latents"] + DT * pred
-        state["finite"] &= _check_finite(state["latents"])
+        state["latents"] = denoiser.step(state["latents"], t, sigma, sigma_next, scales)
+        state["finite"] &= not plan.any_nonfinite(state["latents"])
 
     times, peaks = _measure(step, s)
     if profile_to is not None:
@@ -329,7 +317,7 @@ def _diffusers_case(s: Setup, world: int, seed: int) -> tuple[list[float], list[
     def step() -> None:
         preds = dict(zip(scales.branches, forward(None).float().split(1)))
         state["latents"] = state["latents"] + DT * guider.combine(preds, scales)
-        state["finite"] &= _check_finite(state["latents"])
+        state["finite"] &= bool(torch.isfinite(state["latents"]).all())
 
     def try_mask() -> str:
         mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None].expand(b, -1).to(s.dtype)
@@ -381,7 +369,7 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     cfg_d, ring, uly = case.layout if case else (1, 1, world)
     return {
         "implementation": implementation, "world_size": world, "cfg": cfg_d, "ring": ring, "ulysses": uly,
-        "a2a_mode": case.a2a_mode if case else None, "overlap_chunks": case.chunks if case else None,
+        "a2a_mode": case.a2a_mode if case else None,
         "compiled": case.compiled if case else False, "shape": s.shape, "height": s.height, "width": s.width,
         "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
         "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,
@@ -392,19 +380,17 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     }
 
 
-def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list[str], chunks: list[int],
-           compile_too: bool, comm_share: bool) -> list[Case]:
-    """Eager cases first, then compiled ones; a2a modes only where a layout exchanges, chunks only with Ulysses;
-    the exchange-share estimate (exchange=False) once per layout and chunk count, in the first mode."""
+def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list[str], compile_too: bool,
+           comm_share: bool) -> list[Case]:
+    """Eager cases first, then compiled ones; a2a modes only where a layout exchanges; the exchange-share
+    estimate (exchange=False) once per Ulysses layout, in the first mode."""
     cases = []
     for compiled in (False, True) if compile_too else (False,):
         for lay in chosen:
-            ulysses = lay[2] > 1
             for mode in modes if lay[1] * lay[2] > 1 else modes[:1]:
-                for c in chunks if ulysses else chunks[:1]:
-                    cases.append(Case(lay, mode, c, compiled))
-                    if comm_share and ulysses and not compiled and mode == modes[0]:
-                        cases.append(Case(lay, mode, c, compiled, exchange=False))
+                cases.append(Case(lay, mode, compiled))
+                if comm_share and lay[2] > 1 and not compiled and mode == modes[0]:
+                    cases.append(Case(lay, mode, compiled, exchange=False))
     return cases
 
 
@@ -427,27 +413,17 @@ def _parse_layouts(text: str, world: int, s: Setup) -> list[tuple[int, int, int]
 
 
 def _print_table(records: list[dict]) -> None:
-    typer.echo(f"{'impl':<10} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'ch':>2} {'comp':>4} "
+    typer.echo(f"{'impl':<10} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'comp':>4} "
                f"{'ms/step':>9} {'TFLOP/s/GPU':>11} {'%matmul':>7} {'peak GB':>7} {'a2a share':>9} {'attn err':>8}")
     for r in records:
         share, err = r.get("a2a_share"), r.get("attention_check_rel_err")
         typer.echo(
             f"{r['implementation'][:10]:<10} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
-            f"{str(r['a2a_mode']):>10} {str(r['overlap_chunks']):>2} {'yes' if r['compiled'] else 'no':>4} "
+            f"{str(r['a2a_mode']):>10} {'yes' if r['compiled'] else 'no':>4} "
             f"{r['ms_per_step']:>9.1f} {r['tflops_per_gpu']:>11.1f} {100 * r['fraction_of_matmul_rate']:>6.1f}% "
             f"{r['peak_mem_gb']:>7.1f} {'' if share is None else f'{100 * share:.1f}%':>9} "
             f"{'' if err is None else f'{err:.1e}':>8}"
         )
-
-
-def _parse_chunks(text: str) -> list[int]:
-    try:
-        chunks = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--overlap-chunks {text!r} is not a list of integers; e.g. 2 or 1,2,4") from None
-    if any(c < 1 for c in chunks):
-        raise ValueError(f"--overlap-chunks {text!r}: each value must be at least 1 (1 = no pipelining)")
-    return chunks
 
 
 def _validated(shape: str, height: int, width: int, num_frames: int, branches: int, branch_mode: str,
@@ -482,8 +458,6 @@ def bench_command(
     layouts: Optional[str] = typer.Option(None, "--layouts", help="Several layouts in one launch: 'all' (every "
                                           "one that fits the world) or 'CxRxU,...', e.g. 1x1x4,1x2x2."),
     a2a_mode: str = typer.Option("direct", help="direct | functional | both (ratios from the same launch)."),
-    overlap_chunks: str = typer.Option("1", help="Head groups the Ulysses exchange is pipelined over; "
-                                                 "'1,2,4' times each (1 = no overlap)."),
     comm_share: bool = typer.Option(False, help="Also time each Ulysses configuration with its exchanges "
                                                 "replaced by local copies: the difference is their share."),
     compile: bool = typer.Option(False, "--compile", help="Also time each configuration with torch.compile'd "
@@ -515,7 +489,6 @@ def bench_command(
                              "cpu" if device == "auto" else device)
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
                   getattr(torch, dtype))
-        chunks = _parse_chunks(overlap_chunks)
         if layouts is None:
             layouts = f"{cfg_parallel}x{ring_degree}x{ulysses_degree or world // (cfg_parallel * ring_degree) or 1}"
         chosen = _parse_layouts(layouts, world, s)
@@ -524,8 +497,8 @@ def bench_command(
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
-    cases = _cases(world, s, chosen, modes, chunks, compile, comm_share)
-    if compile:  # layouts, chunk counts and modes each compile their own variants; keep them all cached
+    cases = _cases(world, s, chosen, modes, compile, comm_share)
+    if compile:  # layouts and modes each compile their own variants; keep them all cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
 
     def save(records: list[dict]) -> None:
@@ -565,7 +538,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
                 meshes[case.layout] = init_mesh(ParallelConfig(*case.layout, timeout_s=timeout_s), str(device))
             model.transformer_blocks = compiled_blocks if case.compiled else eager_blocks
             mesh = meshes[case.layout]
-            label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}-c{case.chunks}"
+            label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}"
                      f"{'-compiled' if case.compiled else ''}{'' if case.exchange else '-local'}-rank{mesh.rank}.txt")
             profile_to = profile_dir / label if profile_dir else None
             times, peaks, finite = _run_case(model, s, case, mesh, profile_to)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .guidance import GuidanceConfig
@@ -21,6 +22,15 @@ class ParallelConfig:
     ulysses: int = 1
     a2a_mode: A2AMode = "direct"
     timeout_s: float = 600.0  # collective timeout: a dead rank must not hang the others forever
+
+    def __post_init__(self) -> None:
+        for flag, degree in (("--cfg-parallel", self.cfg), ("--ring-degree", self.ring), ("--ulysses-degree", self.ulysses)):
+            if degree < 1:
+                raise ValueError(f"{flag} {degree} must be at least 1")
+        if self.a2a_mode not in A2A_MODES:
+            raise ValueError(f"--a2a-mode {self.a2a_mode!r} is unknown; use one of {', '.join(A2A_MODES)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"--dist-timeout {self.timeout_s} must be positive (seconds)")
 
     @property
     def world_size(self) -> int:
@@ -77,3 +87,21 @@ class GenerateRequest:
             raise ValueError(f"--branches {self.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed {self.seed} is out of range; use 0 <= seed < 2**63")
+
+
+@dataclass(frozen=True)
+class Session:
+    """How one run (generate, or a batch) is carried out: the model, the layout, what may be replaced."""
+
+    model: Path
+    device: str
+    dtype: str | None
+    parallel: ParallelConfig
+    overwrite: bool = False
+    resume: bool = False
+    keep_going: bool = False
+    quiet: bool = False
+    json_summary: bool = False
+    debug: bool = False
+    compile: bool = False
+    batch: bool = False  # print the "done: ..." line

@@ -13,8 +13,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
-from usp_infer.config import A2A_MODES, ParallelConfig
+from usp_infer.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Mesh:
     ulysses_group: ProcessGroup | None
     seq_group: ProcessGroup | None  # ring x ulysses: every rank that holds a piece of one sequence
     a2a_mode: str
+    device_mesh: DeviceMesh | None = None  # dims ("cfg", "ring", "ulysses"); None for one process
 
     @property
     def seq_degree(self) -> int:
@@ -81,14 +83,6 @@ def _flags(layout: tuple[int, int, int]) -> str:
 
 def validate_layout(parallel: ParallelConfig, world_size: int, num_heads: int | None) -> None:
     """Raise a one-line ValueError naming the bad value and layouts that would work."""
-    for flag, degree in (("--cfg-degree", parallel.cfg), ("--ring-degree", parallel.ring),
-                         ("--ulysses-degree", parallel.ulysses)):
-        if degree < 1:
-            raise ValueError(f"{flag} {degree} must be at least 1")
-    if parallel.a2a_mode not in A2A_MODES:
-        raise ValueError(f"--a2a-mode {parallel.a2a_mode!r} is unknown; use one of {', '.join(A2A_MODES)}")
-    if parallel.timeout_s <= 0:
-        raise ValueError(f"timeout {parallel.timeout_s} s must be positive")
     if num_heads is not None and num_heads % parallel.ulysses != 0:
         ok = ", ".join(str(d) for d in _divisors(num_heads))
         raise ValueError(
@@ -126,23 +120,22 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _my_group(members: list[list[int]], rank: int, timeout: timedelta) -> ProcessGroup:
-    """Create every group in `members` (all ranks must, in the same order) and keep the one holding rank."""
-    mine = None
-    for ranks in members:
-        group = dist.new_group(ranks, timeout=timeout)  # a new group does not inherit the default timeout
-        if rank in ranks:
-            mine = group
-    assert mine is not None, f"rank {rank} is in none of {members}"
-    return mine
+def _timeout_options(backend: str, timeout: timedelta):
+    """Backend options carrying our collective timeout: a mesh's groups do not inherit the default group's."""
+    options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
 
 
 def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
-    """Join the process group (if there is more than one process) and build the mesh groups.
+    """Join the process group (if there is more than one process) and build the (cfg, ring, ulysses) mesh.
 
-    Rank order is rank = (cfg_rank * ring + ring_rank) * ulysses + ulysses_rank: Ulysses runs
-    over neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
+    The mesh is a named `DeviceMesh` (so weight sharding can later attach to its dimensions). Its rank
+    order is rank = (cfg_rank * ring + ring_rank) * ulysses + ulysses_rank: Ulysses runs over
+    neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -154,40 +147,34 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
     else:
         place = torch.device(device)
     timeout = timedelta(seconds=parallel.timeout_s)
-    # An already joined default group is reused, so one job can build several meshes over it.
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if on_cuda else "gloo", rank=rank, world_size=world_size, timeout=timeout,
-            device_id=place if on_cuda else None,
-        )
-
     cfg, ring, uly = parallel.cfg, parallel.ring, parallel.ulysses
-    cfg_rank, ring_rank, ulysses_rank = rank // (ring * uly), rank // uly % ring, rank % uly
-
-    def at(c: int, r: int, u: int) -> int:
-        return (c * ring + r) * uly + u
-
-    # A degree of 1 gets no group at all (no communicator to create, nothing to call).
-    ulysses_group = ring_group = cfg_group = None
-    if uly > 1:
-        ulysses_group = _my_group(
-            [[at(c, r, u) for u in range(uly)] for c in range(cfg) for r in range(ring)], rank, timeout)
-    if ring > 1:
-        ring_group = _my_group(
-            [[at(c, r, u) for r in range(ring)] for c in range(cfg) for u in range(uly)], rank, timeout)
-    if cfg > 1:
-        cfg_group = _my_group(
-            [[at(c, r, u) for c in range(cfg)] for r in range(ring) for u in range(uly)], rank, timeout)
-    if ring > 1 and uly > 1:
-        seq_group = _my_group([[at(c, 0, 0) + i for i in range(ring * uly)] for c in range(cfg)], rank, timeout)
-    else:  # the sequence group is the Ulysses or the ring group: reuse it rather than open a twin
-        seq_group = ulysses_group if uly > 1 else ring_group
+    groups: dict[str, ProcessGroup | None] = dict(cfg=None, ring=None, ulysses=None, seq=None)
+    device_mesh = None
+    if world_size > 1:
+        backend = "nccl" if on_cuda else "gloo"
+        # An already joined default group is reused, so one job can build several meshes over it.
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    device_id=place if on_cuda else None)
+        device_mesh = init_device_mesh(
+            place.type, (cfg, ring, uly), mesh_dim_names=("cfg", "ring", "ulysses"),
+            backend_override={dim: (backend, _timeout_options(backend, timeout)) for dim in range(3)},
+        )
+        # A degree of 1 gets no group: callers skip the communication then.
+        for name, degree in (("cfg", cfg), ("ring", ring), ("ulysses", uly)):
+            if degree > 1:
+                groups[name] = device_mesh.get_group(name)
+        if ring > 1 and uly > 1:  # every rank holding a piece of one sequence
+            seq = device_mesh["ring", "ulysses"]._flatten("seq", backend_override=(backend, _timeout_options(backend, timeout)))
+            groups["seq"] = seq.get_group()
+        else:  # the sequence group is the Ulysses or the ring group: reuse it rather than open a twin
+            groups["seq"] = groups["ulysses"] if uly > 1 else groups["ring"]
     return Mesh(
         world_size=world_size, rank=rank, local_rank=local_rank, device=place,
         cfg_degree=cfg, ring_degree=ring, ulysses_degree=uly,
-        cfg_rank=cfg_rank, ring_rank=ring_rank, ulysses_rank=ulysses_rank,
-        cfg_group=cfg_group, ring_group=ring_group, ulysses_group=ulysses_group, seq_group=seq_group,
-        a2a_mode=parallel.a2a_mode,
+        cfg_rank=rank // (ring * uly), ring_rank=rank // uly % ring, ulysses_rank=rank % uly,
+        cfg_group=groups["cfg"], ring_group=groups["ring"], ulysses_group=groups["ulysses"], seq_group=groups["seq"],
+        a2a_mode=parallel.a2a_mode, device_mesh=device_mesh,
     )
 
 

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .guidance import STG_MODES
+
 # Config keys diffusers stores whose only supported value is the one LTX-Video uses.
 _FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
 
@@ -165,9 +167,6 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Te
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Unmasked attention, (B, S, H, D) in and out: the default, single-process AttnFn."""
     return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-STG_MODES = ("values", "skip", "residual", "block")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing a Tensor field would raise, identity is what is meant

@@ -152,11 +152,11 @@ SHAPES: dict[str, LTX2Config] = {
     "ltx-2-19b": LTX2Config(**_REAL),
     "ltx-2.3-22b": LTX2Config(**_REAL, gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
                               audio_cross_attn_mod=True, use_prompt_embeddings=False, perturbed_attn=True),
-    # A tiny LTX-2.3-shaped model for CPU runs of the pipeline and the benchmark (proposed models/ltx2-tiny).
-    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
-                            cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8,
-                            audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
-                            num_layers=2, caption_channels=48, rope_type="split", gated_attn=True,
+    # models/ltx2-tiny's transformer (LTX-2.3 flags): the shape CPU runs of the pipeline and the benchmark use.
+    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                            cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8,
+                            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+                            num_layers=2, caption_channels=24, rope_type="split", gated_attn=True,
                             cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
                             use_prompt_embeddings=False, perturbed_attn=True),
 }
@@ -580,8 +580,8 @@ class LTX2Transformer(nn.Module):
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
         sharded alike. timestep (B,) or (B, S_v), already x1000; audio_timestep, sigma, audio_sigma (B,).
-        stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row),
-        whatever perturbed_attn says (diffusers only honours STG where it is True, i.e. not for LTX-2.0 weights);
+        stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row);
+        as in diffusers, only perturbed_attn weights (LTX-2.3) have STG: for LTX-2.0 ones stg_blocks do nothing.
         isolate_rows (B,) bool: rows with no audio<->video attention in any block.
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
@@ -618,8 +618,11 @@ class LTX2Transformer(nn.Module):
         if stg_rows is None:
             stg_rows = torch.ones(B, dtype=torch.bool)
         stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
+        # Only blocks built with perturbed_attn (LTX-2.3 weights) can be perturbed; diffusers ignores the STG
+        # blocks of an LTX-2.0 model, and so does this.
+        perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
         for i, block in enumerate(self.transformer_blocks):
-            x, a = block(x, a, c, rope, attn, stg if i in stg_blocks else None)
+            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None)
 
         shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index, _SHIFT_SCALE)
         x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale

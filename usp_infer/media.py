@@ -1,4 +1,5 @@
-"""Media in and out: the conditioning image, video outputs (mp4 / png frames / npz) and the JSON sidecar.
+"""Media in and out: the conditioning image, video outputs (mp4 / png frames / npz), audio (an AAC track
+in the mp4, a .wav file, arrays in the npz) and the JSON sidecar.
 
 Every output is written atomically: into a hidden temp file (or directory) beside the target,
 then renamed into place, so an interrupted run never leaves a half-written video under the
@@ -21,19 +22,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SUPPORTED_OUTPUTS = "a .mp4 file, a .npz file, a .png name or %d pattern (frames/%04d.png), or a directory"
+SUPPORTED_OUTPUTS = (
+    "a .mp4 file, a .npz file, a .wav file (audio models), a .png name or %d pattern (frames/%04d.png), or a directory"
+)
 FRAME_NAME = "frame_%05d.png"  # frame names inside a png output directory
 _FIELD = re.compile(r"%0?\d*d")  # the printf-style frame-number field of a png pattern
 
 
 def output_kind(path: Path | str) -> str:
-    """'mp4', 'npz' or 'png' for an output path; ValueError for anything else."""
+    """'mp4', 'npz', 'wav' or 'png' for an output path; ValueError for anything else."""
     text = str(path)
     path = Path(path)
     suffix = path.suffix.lower()
     if text.endswith(("/", os.sep)):  # Path() drops a trailing slash, so look at the text for it
         return "png"
-    if suffix in (".mp4", ".npz"):
+    if suffix in (".mp4", ".npz", ".wav"):
         return suffix[1:]
     if suffix == ".png":
         if len(_FIELD.findall(path.name)) > 1:
@@ -68,19 +71,47 @@ def write_video(
     fps: float,
     latents: np.ndarray | None = None,
     overwrite: bool = False,
+    audio: np.ndarray | None = None,
+    audio_sample_rate: int | None = None,
+    audio_latents: np.ndarray | None = None,
 ) -> list[Path]:
     """Write float frames (F, H, W, 3) in [0, 1] as mp4, png frames or npz; returns the paths written.
 
+    With `audio` (float (channels, samples) in [-1, 1], mono or stereo) and its sample rate, the mp4
+    gets an AAC stereo track, the npz also stores `audio`, `audio_sample_rate` and `audio_latents`,
+    and a .wav path writes the audio alone (the frames are then not written). png frames carry no audio.
     Refuses to replace existing outputs unless `overwrite` (FileExistsError).
     """
     kind = output_kind(path)  # before Path(): a trailing slash means a directory
     path = Path(path)
+    if audio is not None:
+        audio = _check_audio(audio, audio_sample_rate)
+    elif kind == "wav":
+        raise ValueError(f"output {path} is a .wav file but this model produced no audio; use {SUPPORTED_OUTPUTS}")
+    if kind == "wav":
+        return [write_audio(path, audio, audio_sample_rate, overwrite=overwrite)]
     frames = _check_frames(frames)
     if kind == "mp4":
-        return [_write_mp4(path, frames, fps, overwrite)]
+        return [_write_mp4(path, frames, fps, overwrite, audio, audio_sample_rate)]
     if kind == "npz":
-        return [_write_npz(path, frames, latents, overwrite)]
+        return [_write_npz(path, frames, latents, overwrite, audio, audio_sample_rate, audio_latents)]
     return _write_pngs(path, frames, overwrite)
+
+
+def write_audio(path: Path | str, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
+    """Write float audio (channels, samples) in [-1, 1] as 16-bit PCM .wav, atomically."""
+    import wave
+
+    path = Path(path)
+    audio = _check_audio(audio, sample_rate)
+    pcm = _to_int16(audio).T  # (channels, samples) -> (samples, channels): wav interleaves channels
+    with _atomic_file(path, overwrite) as tmp:
+        with wave.open(str(tmp), "wb") as f:
+            f.setnchannels(pcm.shape[1])
+            f.setsampwidth(2)
+            f.setframerate(int(sample_rate))
+            f.writeframes(np.ascontiguousarray(pcm).astype("<i2").tobytes())
+    return path
 
 
 def write_json_atomic(path: Path, data: dict, overwrite: bool = True) -> None:
@@ -90,8 +121,11 @@ def write_json_atomic(path: Path, data: dict, overwrite: bool = True) -> None:
         tmp.write_text(text)
 
 
-def load_image(path: Path, height: int, width: int) -> torch.Tensor:
+def load_image(path: Path, height: int, width: int, crf: int = 0) -> torch.Tensor:
     """Read a PNG/JPEG as float32 (3, height, width) in [-1, 1], resized to cover and center-cropped.
+
+    `crf` > 0 first re-compresses the image as one H.264 frame at that CRF (before resizing), as
+    LTX-2 was trained and as diffusers' LTX2ImageToVideoPipeline does (`image_crf`, default 33).
 
     An image already of the target size is not resampled, so the result then equals diffusers'
     `VideoProcessor.preprocess(img, height, width)[0]` (which stretches other sizes instead of cropping).
@@ -104,6 +138,10 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"image {path} does not exist; pass an existing PNG or JPEG file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read {path} as an image ({err}); pass a PNG or JPEG file") from None
+    if crf:
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+        image = Image.fromarray(apply_image_conditioning_crf(np.array(image), int(crf)))
     if image.size != (width, height):
         # Lanczos, as diffusers resamples; cover then crop keeps the aspect ratio.
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
@@ -118,6 +156,30 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     if not np.isfinite(frames).all():
         raise ValueError("frames contain NaN or inf; the generation diverged, nothing was written")
     return frames.astype(np.float32, copy=False)
+
+
+def _check_audio(audio, sample_rate) -> np.ndarray:
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2 or audio.shape[0] not in (1, 2) or audio.shape[1] == 0:
+        raise ValueError(f"audio must be (channels, samples) with 1 or 2 channels, got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or inf; the generation diverged, nothing was written")
+    if sample_rate is None or not int(sample_rate) == sample_rate or sample_rate <= 0:
+        raise ValueError(f"audio needs a positive integer sample rate, got {sample_rate}")
+    return audio
+
+
+def _to_int16(audio: np.ndarray) -> np.ndarray:
+    # As diffusers' encode_video: clip to [-1, 1], scale by 32767, truncate toward zero.
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def _stereo(audio: np.ndarray) -> np.ndarray:
+    return np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio
 
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -181,10 +243,12 @@ def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: float, overwrite: bool) -> Path:
+def _write_mp4(
+    path: Path, frames: np.ndarray, fps: float, overwrite: bool, audio: np.ndarray | None = None, sample_rate: int | None = None
+) -> Path:
     import av  # only the mp4 writer needs PyAV
 
-    _, height, width, _ = frames.shape
+    count, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
     if not fps > 0:
@@ -193,19 +257,67 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float, overwrite: bool) -> P
         with av.open(str(tmp), mode="w", format="mp4") as container:  # format: the temp name ends .tmp
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if audio is not None:
+                audio_stream = container.add_stream("aac", rate=int(sample_rate))
+                audio_stream.codec_context.layout = "stereo"
+                audio_stream.codec_context.time_base = Fraction(1, int(sample_rate))
             for rgb in _to_uint8(frames):
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
             container.mux(stream.encode())  # flush the encoder's delayed frames
+            if audio is not None:
+                _mux_audio(av, container, audio_stream, _fit_audio(audio, count / fps, sample_rate), sample_rate)
     return path
 
 
-def _write_npz(path: Path, frames: np.ndarray, latents: np.ndarray | None, overwrite: bool) -> Path:
+def _fit_audio(audio: np.ndarray, seconds: float, sample_rate: int) -> np.ndarray:
+    """Trim or zero-pad the audio to the video's duration, so the two tracks end together.
+
+    The causal audio VAE decodes a few mel frames fewer than num_frames / fps asks for
+    (round(s * 25) latents -> 4 * latents - 3 mel frames): up to ~30 ms at 121 frames, more
+    than a frame on very short clips.
+    """
+    want = round(seconds * sample_rate)
+    if audio.shape[1] >= want:
+        return audio[:, :want]
+    return np.pad(audio, ((0, 0), (0, want - audio.shape[1])))
+
+
+def _mux_audio(av, container, stream, audio: np.ndarray, sample_rate: int) -> None:
+    """Encode (channels, samples) float audio as the AAC stream, as diffusers' encode_video does:
+    s16 interleaved stereo in, resampled to the encoder's format (fltp), then the encoder flushed."""
+    pcm = _to_int16(_stereo(audio)).T.reshape(1, -1)  # (2, n) -> (n, 2) -> packed (1, 2n)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="s16", layout="stereo")
+    frame.sample_rate = int(sample_rate)
+    cc = stream.codec_context
+    resampler = av.audio.resampler.AudioResampler(format=cc.format or "fltp", layout="stereo", rate=int(sample_rate))
+    pts = 0
+    for chunk in list(resampler.resample(frame)) + list(resampler.resample(None)):
+        chunk.pts = pts
+        pts += chunk.samples
+        container.mux(stream.encode(chunk))
+    container.mux(stream.encode())  # flush the encoder's delayed packets
+
+
+def _write_npz(
+    path: Path,
+    frames: np.ndarray,
+    latents: np.ndarray | None,
+    overwrite: bool,
+    audio: np.ndarray | None = None,
+    sample_rate: int | None = None,
+    audio_latents: np.ndarray | None = None,
+) -> Path:
     if latents is None or latents.ndim != 4:
         got = None if latents is None else latents.shape
         raise ValueError(f"npz output stores latents (C, F', H', W') with the frames; got {got}")
+    arrays = dict(frames=frames, latents=latents.astype(np.float32, copy=False))
+    if audio is not None:
+        arrays.update(audio=audio.astype(np.float32, copy=False), audio_sample_rate=np.int64(sample_rate))
+        if audio_latents is not None:
+            arrays["audio_latents"] = np.asarray(audio_latents, dtype=np.float32)
     with _atomic_file(path, overwrite) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, frames=frames, latents=latents.astype(np.float32, copy=False))
+            np.savez(f, **arrays)
     return path
 
 

@@ -1,29 +1,27 @@
-"""Text encode -> latents (+ image condition) -> sharded denoising loop -> gather -> decode.
+"""The LTX-Video pipeline: text encode -> latents (+ image condition) -> denoising loop -> gather -> decode.
 
 Noise is drawn for the global latent with a CPU generator in the order diffusers' LTX pipelines
 draw it (image latent sample, then noise, then decode noise), so a seed gives the same video here
 and there, on any number of processes. Latents stay sharded for the whole loop: the Euler step is
-elementwise, so it runs on each rank's shard.
+elementwise, so it runs on each rank's shard. The loop reads as a single-process loop: whatever a
+layout decides comes from the `Plan` passed in (parallel.py), the identity for one process.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .config import GenerateRequest
-from .dist import Mesh
 from .guidance import Guider, StepScales
-from .ltx import LTXTransformer, Perturbation, load_transformer, rope_tables, sdpa_attention
-from .sharding import SeqShard
-from .usp import USPAttention
+from .ltx import AttnFn, LTXTransformer, Perturbation, load_transformer, rope_tables
+from .ltx import compile_blocks  # noqa: F401 - part of the family surface (families.py)
+from .parallel import Plan
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -104,9 +102,32 @@ class Result:
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
 
+    def outputs(self) -> dict:
+        """What media.write_video writes besides the frames."""
+        return {"latents": self.latents}
 
-class NonFiniteError(RuntimeError):
-    pass
+
+# --- the family surface (families.py) ------------------------------------------------------------
+
+
+def attention_heads(configs: dict) -> int:
+    return configs["transformer"].get("num_attention_heads", 32)
+
+
+def num_layers(configs: dict) -> int:
+    return configs["transformer"].get("num_layers", 0)
+
+
+def build_request(options: dict, configs: dict) -> GenerateRequest:
+    """Flags -> request (request.build_request), with --stg-blocks checked against the model's depth."""
+    from .request import UsageError
+    from .request import build_request as build
+
+    req = build(options)
+    layers, block = num_layers(configs), req.guidance.max_block()
+    if block >= layers:
+        raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
+    return req
 
 
 @torch.no_grad()
@@ -151,11 +172,21 @@ def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[tor
     return scheduler.timesteps, scheduler.sigmas
 
 
-class BranchRunner:
-    """Runs the transformer for a step's branches: batched, one at a time, or spread over the cfg mesh dim."""
+@dataclass
+class Denoiser:
+    """One LTX-Video denoising step: the guidance branches' forward, the guidance combine, the Euler update.
 
-    def __init__(self, c: Components, req: GenerateRequest, mesh: Mesh, text: dict, rope, attn_fn):
-        self.c, self.req, self.mesh, self.text, self.rope, self.attn_fn = c, req, mesh, text, rope, attn_fn
+    `generate` runs it every step and `usp-infer bench` times it; every layout decision comes from `plan`.
+    """
+
+    transformer: LTXTransformer
+    plan: Plan
+    text: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "cond"/"uncond" -> (embeddings, mask)
+    rope: tuple[torch.Tensor, torch.Tensor]  # this rank's rows of the RoPE tables
+    attn_fn: AttnFn
+    guider: Guider
+    branches: str = "batched"  # or "sequential"
+    stg_mode: str = "values"
 
     def _forward(self, names: tuple[str, ...], latents, timestep, scales: StepScales) -> list[torch.Tensor]:
         b = len(names)
@@ -164,45 +195,34 @@ class BranchRunner:
         perturbation = None
         if "perturbed" in names:
             rows = torch.tensor([n == "perturbed" for n in names], device=latents.device)
-            perturbation = Perturbation(scales.stg_blocks, self.req.guidance.stg_mode, rows)
-        out = self.c.transformer(
-            latents.to(self.c.dtype).expand(b, -1, -1), embeds, timestep.expand(b, *timestep.shape[1:]),
+            perturbation = Perturbation(scales.stg_blocks, self.stg_mode, rows)
+        out = self.transformer(
+            latents.to(embeds.dtype).expand(b, -1, -1), embeds, timestep.expand(b, *timestep.shape[1:]),
             mask, self.rope, attn_fn=self.attn_fn, perturbation=perturbation,
         )
         return list(out.float().split(1))
 
-    def _run(self, names, latents, timestep, scales) -> list[torch.Tensor]:
-        if not names:
-            return []
-        if self.req.branches == "sequential":
-            return [p for n in names for p in self._forward((n,), latents, timestep, scales)]
-        return self._forward(names, latents, timestep, scales)
+    def predict(self, latents, timestep, scales: StepScales) -> torch.Tensor:
+        """The guided velocity for this rank's tokens."""
+        def forward(names: tuple[str, ...]) -> list[torch.Tensor]:
+            if self.branches == "sequential":
+                return [p for n in names for p in self._forward((n,), latents, timestep, scales)]
+            return self._forward(names, latents, timestep, scales)
 
-    def __call__(self, names: tuple[str, ...], latents, timestep, scales) -> dict[str, torch.Tensor]:
-        m = self.mesh
-        if m.cfg_degree == 1:
-            return dict(zip(names, self._run(names, latents, timestep, scales)))
-        # Branch j runs on cfg rank j % cfg_degree; every rank then holds every prediction.
-        mine = self._run(names[m.cfg_rank :: m.cfg_degree], latents, timestep, scales)
-        slots = math.ceil(len(names) / m.cfg_degree)
-        local = torch.zeros(slots, *latents.shape[1:], device=latents.device)
-        for i, p in enumerate(mine):
-            local[i] = p[0]
-        gathered = [torch.empty_like(local) for _ in range(m.cfg_degree)]
-        dist.all_gather(gathered, local, group=m.cfg_group)
-        return {n: gathered[j % m.cfg_degree][j // m.cfg_degree].unsqueeze(0) for j, n in enumerate(names)}
+        return self.guider.combine(self.plan.run_branches(scales.branches, forward, like=latents), scales)
 
-
-def _any_nonfinite(x: torch.Tensor, mesh: Mesh) -> bool:
-    # Reduced over the world so that every rank stops at the same step instead of hanging in a collective.
-    bad = (~torch.isfinite(x)).any().float().reshape(1)
-    if mesh.world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bool(bad.item())
+    def step(self, latents, t, sigma, sigma_next, scales: StepScales, level=None) -> torch.Tensor:
+        """Latents one step on. `level` (per token) is the noise level conditioned tokens never go above:
+        they see the timestep of their own level, like LTXImageToVideoPipeline, and are stepped only below it."""
+        timestep = t.expand(1) if level is None else torch.minimum(t, level[..., 0] * 1000.0)
+        pred = self.predict(latents, timestep, scales)
+        if level is None:
+            return latents + (sigma_next - sigma) * pred
+        return latents + (torch.minimum(sigma_next, level) - torch.minimum(sigma, level)) * pred
 
 
 @torch.no_grad()
-def generate(c: Components, req: GenerateRequest, mesh: Mesh, progress: bool = True) -> Result:
+def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True) -> Result:
     from tqdm import tqdm
 
     from .media import load_image
@@ -239,41 +259,29 @@ def generate(c: Components, req: GenerateRequest, mesh: Mesh, progress: bool = T
     else:
         latents = torch.randn((1, channels, frames, height, width), generator=generator)
 
-    shard = SeqShard.for_mesh(tokens, mesh)
+    shard = plan.shard(tokens)
     latents = shard.split(pack(latents)).to(c.device)
     if level is not None:
         # Pads get level 0: they are never stepped and stay exactly zero.
         level = shard.split(level).to(c.device)
     rope = tuple(shard.split(r) for r in rope_tables(t_cfg, frames, height, width, (t_ratio / req.fps, s_ratio, s_ratio), c.device))
-    attn_fn = USPAttention(mesh, shard, mesh.a2a_mode) if mesh.seq_degree > 1 else sdpa_attention
-    run_branches = BranchRunner(c, req, mesh, text, rope, attn_fn)
-    guider = Guider(stats=shard, count=tokens * channels)
+    denoiser = Denoiser(c.transformer, plan, text, rope, plan.self_attention(shard),
+                        Guider(stats=shard, count=tokens * channels), req.branches, req.guidance.stg_mode)
     sigmas = sigmas.to(c.device)
 
     step_times = []
     bar = tqdm(total=req.steps, disable=not progress, unit="step", dynamic_ncols=True)
     for i, t in enumerate(timesteps.to(c.device)):
         start = time.perf_counter()
-        scales = schedule[i]
-        # Conditioned tokens see the timestep of their own (lower) noise level, like LTXImageToVideoPipeline.
-        timestep = t.expand(1) if level is None else torch.minimum(t, level[..., 0] * 1000.0)
-        preds = run_branches(scales.branches, latents, timestep, scales)
-        pred = guider.combine(preds, scales)
-        if level is None:
-            latents = latents + (sigmas[i + 1] - sigmas[i]) * pred
-        else:
-            latents = latents + (torch.minimum(sigmas[i + 1], level) - torch.minimum(sigmas[i], level)) * pred
-        if _any_nonfinite(latents, mesh):
-            raise NonFiniteError(
-                f"non-finite values in the latents at step {i + 1}/{req.steps}; try --dtype float32 or lower guidance scales"
-            )
+        latents = denoiser.step(latents, t, sigmas[i], sigmas[i + 1], schedule[i], level)
+        plan.check_finite(i, req.steps, latents)
         step_times.append(time.perf_counter() - start)
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
         bar.update()
     bar.close()
 
     latents = shard.gather(latents)
-    if not mesh.is_main:
+    if not plan.is_main:
         return Result(None, None, step_times)
     start = time.perf_counter()
     latents = unpack(latents.float().cpu(), frames, height, width)

@@ -14,14 +14,12 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from usp_infer.config import A2A_MODES
 from usp_infer.dist import Mesh
 from usp_infer.ltx import sdpa
 from usp_infer.sharding import SeqShard
 
 
 Pending = Callable[[], Tensor]  # waits for an exchange started earlier and returns what arrived
-MIN_CHUNK_BYTES = 8 * 2**20  # smallest q/k/v message worth pipelining (see USPAttention._chunk_count)
 
 
 def start_all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Pending:
@@ -44,15 +42,9 @@ def start_all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Pending:
             return out
 
         return wait_direct
-    if mode == "functional":
-        pending = funcol.all_to_all_single(x, None, None, group)
-        return lambda: funcol.wait_tensor(pending)
-    raise ValueError(f"a2a mode {mode!r} is unknown; use one of {', '.join(A2A_MODES)}")
-
-
-def all_to_all(x: Tensor, group: ProcessGroup, mode: str) -> Tensor:
-    """start_all_to_all, waited for at once."""
-    return start_all_to_all(x, group, mode)()
+    assert mode == "functional", f"a2a mode {mode!r} (ParallelConfig validates it)"
+    pending = funcol.all_to_all_single(x, None, None, group)
+    return lambda: funcol.wait_tensor(pending)
 
 
 def _as_words(x: Tensor) -> Tensor | None:
@@ -109,24 +101,15 @@ class USPAttention:
     Ulysses (mesh.ulysses_group) turns the sequence shard into a head shard of a longer
     sequence; ring attention (mesh.ring_group) then visits the other rings' keys and values.
     Pads sit at the tail of the global sequence and are cut from the keys, never masked.
-
-    With chunks > 1 the Ulysses exchange is pipelined over that many groups of heads: every
-    group's q/k/v exchange is started at once, and attention on group j runs while group j+1
-    is still in flight and group j-1's output travels back. On 4 x H200 (NVLink) the exchanges
-    cost only ~4% of a 13B step and splitting the attention cost as much as it hid, so the
-    default is one exchange each way (bench/NOTES.md has the numbers).
+    One packed q/k/v exchange goes out and one comes back per call: pipelining it over head groups
+    was measured and hid no more than splitting the attention cost (bench/NOTES.md).
     """
 
-    def __init__(self, mesh: Mesh, shard: SeqShard, a2a_mode: str, chunks: int = 1,
-                 min_chunk_bytes: int = MIN_CHUNK_BYTES) -> None:
+    def __init__(self, mesh: Mesh, shard: SeqShard, a2a_mode: str) -> None:
         assert (shard.degree, shard.rank) == (mesh.seq_degree, mesh.seq_rank), "shard and mesh disagree"
-        if chunks < 1:
-            raise ValueError(f"overlap chunks {chunks} must be at least 1 (1 = no pipelining)")
         self.mesh = mesh
         self.shard = shard
         self.a2a_mode = a2a_mode
-        self.chunks = chunks
-        self.min_chunk_bytes = min_chunk_bytes
         # After Ulysses each ring rank holds `chunk` consecutive tokens; the real keys among them:
         chunk = shard.local * mesh.ulysses_degree
         self._kv_valid = [min(max(shard.total - j * chunk, 0), chunk) for j in range(mesh.ring_degree)]
@@ -135,8 +118,7 @@ class USPAttention:
             self._next = dist.get_global_rank(mesh.ring_group, (mesh.ring_rank + 1) % ring)
             self._prev = dist.get_global_rank(mesh.ring_group, (mesh.ring_rank - 1) % ring)
 
-    # Dynamo would rewrite the direct collective into the functional one and could not keep the
-    # exchanges in flight across the attention calls: under torch.compile this stays eager.
+    # Dynamo would rewrite the direct collective into the functional one: under torch.compile this stays eager.
     @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(B, s_local, H, D) x3 -> (B, s_local, H, D); rows at pad positions hold junk, cut by the gather."""
@@ -147,36 +129,19 @@ class USPAttention:
         p = self.mesh.ulysses_degree
         b, s_local, h, d = q.shape
         assert h % p == 0, f"{h} heads do not split over {p} ranks (validate_layout should have said so)"
-        c = self._chunk_count(q, h // p)
-        hc = h // (p * c)  # heads per rank and chunk; head index = (rank * c + chunk) * hc + i
-        send = q.new_empty(c, p, s_local, 3, b, hc, d)  # send[j] is chunk j's message, dim 1 = destination rank
-        for i, x in enumerate((q, k, v)):  # (B, s/P, H, D) -> (B, s/P, P, c, hc, D) -> (c, P, s/P, B, hc, D)
-            _copy(send[:, :, :, i], x.reshape(b, s_local, p, c, hc, d).permute(3, 2, 1, 0, 4, 5))
-        inbound = [self._start(send[j], group) for j in range(c)]
-        outbound = []
-        for j in range(c):
-            qkv = inbound[j]()  # (P, s/P, 3, B, hc, D): dim 0 = source rank = its sequence chunk
-            qkv = qkv.permute(2, 3, 0, 1, 4, 5).reshape(3, b, p * s_local, hc, d)  # (3, B, s, hc, D), a view
-            out = self._attend(*qkv.unbind(0))  # (B, s, hc, D)
-            back = out.new_empty(p, s_local, b, hc, d)  # dim 0 = destination rank
-            _copy(back, out.unflatten(1, (p, s_local)).permute(1, 2, 0, 3, 4))  # (B, P, s/P, hc, D) -> (P, s/P, B, hc, D)
-            outbound.append(self._start(back, group))
+        hp = h // p  # heads per rank; head index = rank * hp + i
+        send = q.new_empty(p, s_local, 3, b, hp, d)  # dim 0 = destination rank
+        for i, x in enumerate((q, k, v)):  # (B, s/P, H, D) -> (B, s/P, P, hp, D) -> (P, s/P, B, hp, D)
+            _copy(send[:, :, i], x.reshape(b, s_local, p, hp, d).permute(2, 1, 0, 3, 4))
+        qkv = self._start(send, group)()  # (P, s/P, 3, B, hp, D): dim 0 = source rank = its sequence chunk
+        qkv = qkv.permute(2, 3, 0, 1, 4, 5).reshape(3, b, p * s_local, hp, d)  # (3, B, s, hp, D), a view
+        out = self._attend(*qkv.unbind(0))  # (B, s, hp, D)
+        back = out.new_empty(p, s_local, b, hp, d)  # dim 0 = destination rank
+        _copy(back, out.unflatten(1, (p, s_local)).permute(1, 2, 0, 3, 4))  # (B, P, s/P, hp, D) -> (P, s/P, B, hp, D)
+        arrived = self._start(back, group)()  # (P, s/P, B, hp, D): dim 0 = source rank = its heads
         result = q.new_empty(b, s_local, h, d)
-        heads = result.view(b, s_local, p, c, hc, d)  # head index = (source rank * c + chunk) * hc + i
-        for j, wait in enumerate(outbound):  # one copy per chunk, straight into place
-            _copy(heads[:, :, :, j], wait().permute(2, 1, 0, 3, 4))  # (P, s/P, B, hc, D) -> (B, s/P, P, hc, D)
+        _copy(result.view(b, s_local, p, hp, d), arrived.permute(2, 1, 0, 3, 4))  # -> (B, s/P, P, hp, D)
         return result
-
-    def _chunk_count(self, q: Tensor, local_heads: int) -> int:
-        """Head groups to pipeline over: at most `chunks`, dividing the local heads, each message at least
-        `min_chunk_bytes` (below ~8 MiB an exchange is dominated by its fixed cost: splitting it adds calls
-        without hiding more). min_chunk_bytes=0 lifts the size limit.
-        """
-        limit = min(self.chunks, local_heads)
-        if self.min_chunk_bytes:
-            limit = min(limit, 3 * q.numel() * q.element_size() // self.min_chunk_bytes)  # q, k, v together
-        limit = max(limit, 1)
-        return max(n for n in range(1, limit + 1) if local_heads % n == 0)
 
     def _start(self, x: Tensor, group: ProcessGroup) -> Pending:
         """One Ulysses exchange; bench overrides it with a local copy to estimate the exchanges' time share."""
@@ -226,3 +191,39 @@ class USPAttention:
                 k, v = k_next, v_next
         assert out is not None, "ring rank 0's chunk always holds real keys"
         return out.to(q.dtype).transpose(1, 2)  # (B, s, H, D)
+
+
+class KVShardedAttention:
+    """Attention of queries held whole on every rank over keys/values sharded along the sequence.
+
+    Used where a short stream attends to the long one (LTX-2's video->audio: audio queries, video keys).
+    Each rank attends to its own real keys; the partial results merge exactly through their
+    log-sum-exp over the sequence group: out = sum_r e^(lse_r - lse) out_r, lse = log sum_r e^lse_r.
+    The exchange is query-sized (one max and one sum all-reduce of (B, H, Sq, D + 1) fp32), not
+    key-sized as an all-gather of the sharded keys and values would be.
+    """
+
+    def __init__(self, shard: SeqShard) -> None:
+        self.shard = shard
+
+    @torch.compiler.disable
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(B, Sq, H, D), (B, s_local, H, D) x2 -> (B, Sq, H, D)."""
+        assert k.shape[1] == self.shard.local, f"k has {k.shape[1]} tokens, the shard {self.shard.local}"
+        group, n = self.shard.group, self.shard.valid
+        b, sq, h, d = q.shape
+        if n > 0:
+            out, lse = _attention_with_lse(q.transpose(1, 2), k[:, :n].transpose(1, 2), v[:, :n].transpose(1, 2))
+            out, lse = out.float(), lse.float()  # (B, H, Sq, D), (B, H, Sq)
+        else:  # a rank holding only pads contributes nothing: weight e^-inf = 0
+            out = q.new_zeros(b, h, sq, d, dtype=torch.float32)
+            lse = torch.full((b, h, sq), float("-inf"), device=q.device)
+        top = lse.clone()
+        if group is not None:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)  # rank 0 always holds real keys: finite
+        weight = (lse - top).exp()  # (B, H, Sq)
+        packed = torch.cat([out * weight.unsqueeze(-1), weight.unsqueeze(-1)], dim=-1)  # (B, H, Sq, D + 1)
+        if group is not None:
+            dist.all_reduce(packed, group=group)
+        merged = packed[..., :d] / packed[..., d:]
+        return merged.to(q.dtype).transpose(1, 2)  # (B, Sq, H, D)

@@ -1,0 +1,170 @@
+"""A run's items: the batch file read into requests, every output checked, and the resume to-do list."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import GenerateRequest, ParallelConfig, Session
+from .families import Family, resolve
+from .request import ITEM_KEYS, UsageError
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    request: GenerateRequest
+    output: Path
+    where: str = ""  # for messages in a batch: "line 3 of prompts.jsonl"
+
+
+def at(item: Item, message: str) -> str:
+    return f"{item.where}: {message}" if item.where else message
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _finished(item: Item) -> bool:
+    """A sidecar is written only after its output is in place, so a readable one marks a finished item."""
+    from .media import sidecar_path
+
+    # A frames/%04d.png pattern names no file itself; its frames live in the directory.
+    if not (item.output.exists() or "%" in item.output.name and item.output.parent.is_dir()):
+        return False
+    try:
+        record = json.loads(sidecar_path(item.output).read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("request") != json.loads(json.dumps(asdict(item.request))):
+        raise UsageError(
+            f"{at(item, str(item.output))} was made with other settings than this line asks for; "
+            "pass --overwrite to redo it, or give the line another 'output'"
+        )
+    return True
+
+
+def _check_output(item: Item, s: Session) -> bool:
+    """Validate an item's output path; False means 'finished already, skip it' (--resume)."""
+    from .media import output_kind, sidecar_path
+
+    try:
+        kind = output_kind(item.output)
+    except ValueError as e:
+        raise UsageError(at(item, str(e))) from None
+    # Where files will be created: a png directory output is filled itself, everything else lands beside.
+    folder = item.output if kind == "png" and item.output.suffix.lower() != ".png" else item.output.parent
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise UsageError(at(item, f"cannot create output directory {folder}: {existing} is a file; choose another output path"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(at(item, f"output directory {existing} is not writable; choose another output path"))
+    present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
+    if present:
+        if s.resume and not s.overwrite and _finished(item):
+            return False
+        if not s.overwrite and not s.resume:
+            hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")
+            raise UsageError(at(item, f"{present[0]} exists; {hint}"))
+    return True
+
+
+def _check_image(item: Item) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    path = item.request.image
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except FileNotFoundError:
+        raise UsageError(at(item, f"--image {path} does not exist; pass an existing PNG or JPEG file")) from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise UsageError(at(item, f"--image {path} is not a readable PNG or JPEG image; pass a PNG or JPEG file")) from None
+
+
+def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
+    """Every check that needs no weights, for every item, before anything loads or is written."""
+    from .dist import env_world_size, resolve_parallel, validate_layout
+
+    try:
+        family, configs = resolve(s.model)
+        world = env_world_size()
+        parallel = resolve_parallel(s.parallel, world)
+        validate_layout(parallel, world, family.pipeline().attention_heads(configs))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    outputs = [i.output.resolve() for i in items]
+    if len(set(outputs)) != len(outputs):
+        dup = next(o for o in outputs if outputs.count(o) > 1)
+        raise UsageError(f"two items write the same output {dup}; give each its own 'output'")
+    todo = []
+    for item in items:
+        _check_audio_output(item, family)
+        if item.request.image is not None:
+            _check_image(item)
+        if _check_output(item, s):
+            todo.append(item)
+    return parallel, todo, family
+
+
+def _check_audio_output(item: Item, family: Family) -> None:
+    from .media import output_kind
+
+    try:
+        kind = output_kind(item.output)
+    except ValueError:
+        return  # _check_output names it
+    if kind == "wav" and not family.audio:
+        raise UsageError(at(item, f"--output {item.output}: {family.name} models make no audio; "
+                                  "use .mp4, .npz or .png frames"))
+    if kind == "wav" and not getattr(item.request, "audio", True):
+        raise UsageError(at(item, f"--output {item.output} is audio only, but --no-audio skips the audio; "
+                                  "drop one of them"))
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "video"
+
+
+def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict], object]) -> list[Item]:
+    """JSON Lines -> items; each line's keys override the shared flags; `build` makes a line's request.
+    Errors name the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"batch file {path} cannot be read ({e.strerror})") from None
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"line {number} of {path}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where} is not valid JSON ({e.msg}); each line must be one object like {{\"prompt\": \"...\"}}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise UsageError(f"{where} needs a \"prompt\" string")
+        unknown = set(entry) - ITEM_KEYS
+        if unknown:
+            raise UsageError(f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(ITEM_KEYS))}")
+        output = entry.pop("output", None)
+        try:
+            request = build({**flags, **entry})
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        index = len(items)
+        if output is None:
+            output = output_dir / f"{index:04d}-{_slug(request.prompt)}-s{request.seed}.mp4"
+        items.append(Item(index, request, Path(output), where))
+    if not items:
+        raise UsageError(f"batch file {path} has no items")
+    return items
+
+

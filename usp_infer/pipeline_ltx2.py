@@ -1,0 +1,615 @@
+"""LTX-2 / LTX-2.3: Gemma text -> connectors -> video + audio latents (+ image) -> four-branch loop -> decode.
+
+Matches diffusers' `LTX2Pipeline` / `LTX2ImageToVideoPipeline` for the same seed: the image latent
+(argmax, no RNG), then video noise, then audio noise, drawn from one CPU generator; sigmas
+`linspace(1, 1/N, N)` shifted by mu from the video token count; guidance per modality in x0 space
+
+    pred = c + (cfg - 1)(c - u) + stg (c - p) + (mod - 1)(c - m),   then   pred *= r std(c)/std(pred) + 1 - r
+
+with c = cond, u = uncond (negative prompt), p = perturbed (STG blocks' self-attention -> V),
+m = isolated (no audio<->video attention). The loop is written for one process against the
+parallel `Plan`: video tokens go through `shard.split` / `shard.gather`, guidance statistics of
+the video through the shard (global sums), audio stays whole on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
+
+from .config import ParallelConfig
+from .parallel import Plan
+
+BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
+BRANCH_MODES = ("batched", "sequential")
+
+
+# --- request --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModalityGuidance:
+    """Guidance scales of one modality (video or audio). 1 / 0 / 1 / 0 switch a term off."""
+
+    cfg: float = 1.0
+    stg: float = 0.0
+    modality: float = 1.0
+    rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "stg", "modality", "rescale"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"guidance {name} {v} is invalid; use a finite value >= 0")
+
+
+@dataclass(frozen=True)
+class LTX2Guidance:
+    video: ModalityGuidance = ModalityGuidance(3.0, 1.0, 3.0, 0.7)
+    audio: ModalityGuidance = ModalityGuidance(7.0, 1.0, 3.0, 0.7)
+    stg_blocks: tuple[int, ...] = (28,)
+
+    def branches(self) -> tuple[str, ...]:
+        """The branches a step needs: a term whose scale makes it a no-op for both modalities is skipped."""
+        v, a = self.video, self.audio
+        names = ["cond"]
+        if v.cfg != 1.0 or a.cfg != 1.0:
+            names.append("uncond")
+        if (v.stg != 0.0 or a.stg != 0.0) and self.stg_blocks:
+            names.append("perturbed")
+        if v.modality != 1.0 or a.modality != 1.0:
+            names.append("isolated")
+        return tuple(names)
+
+
+# The recipes of diffusers' LTX2Pipeline docs / Lightricks' configs; explicit values override them.
+PRESETS: dict[str, dict] = {
+    "ltx-2.3": dict(steps=30, fps=24.0, guidance=LTX2Guidance()),
+    "ltx-2": dict(steps=40, fps=24.0, guidance=LTX2Guidance(stg_blocks=(29,))),
+}
+
+
+@dataclass(frozen=True)
+class LTX2Request:
+    """One LTX-2 generation. Validated here; the CLI builds it from flags."""
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 768
+    num_frames: int = 121
+    fps: float = 24.0
+    steps: int = 30
+    seed: int = 0
+    max_sequence_length: int = 1024
+    guidance: LTX2Guidance = field(default_factory=LTX2Guidance)
+    image: str | None = None  # conditioning first frame (PNG/JPEG path)
+    image_crf: int = 33  # H.264 re-compression of the image before encoding; 0 = off (diffusers default 33)
+    branches: str = "batched"  # "batched": one transformer call per step; "sequential": one per branch
+    audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
+
+    def __post_init__(self) -> None:
+        if self.height % 32 or self.width % 32 or self.height <= 0 or self.width <= 0:
+            raise ValueError(f"--height/--width {self.height}x{self.width} must be positive multiples of 32")
+        if self.num_frames < 1 or (self.num_frames - 1) % 8:
+            raise ValueError(f"--num-frames {self.num_frames} must be 8k+1 (1, 9, 17, ..., 121)")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps {self.fps} must be positive")
+        if self.steps < 1:
+            raise ValueError(f"--steps {self.steps} must be at least 1")
+        if self.branches not in BRANCH_MODES:
+            raise ValueError(f"--branches {self.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
+        if not 0 <= self.image_crf <= 51:
+            raise ValueError(f"--image-crf {self.image_crf} must be in 0..51 (0 = no re-compression)")
+
+
+# --- components -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Components:
+    model_dir: Path
+    transformer: Any  # usp_infer.ltx2.LTX2Transformer (or anything with its forward)
+    arch: ModuleType  # the module with rope_tables / LTX2Attention / LOCAL_ATTENTION (usp_infer.ltx2)
+    vae: torch.nn.Module
+    audio_vae: torch.nn.Module
+    vocoder: torch.nn.Module
+    connectors: torch.nn.Module
+    text_encoder: torch.nn.Module  # kept on the CPU; moved to `device` only while encoding
+    tokenizer: Any
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.vocoder.config.output_sampling_rate)
+
+
+def load_components(
+    model_dir: Path | str, device: torch.device | str, dtype: torch.dtype, transformer: Any = None, arch: Any = None
+) -> Components:
+    """Load an LTX-2 diffusers folder. The text encoder stays on the CPU until a prompt is encoded."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2 import vocoder as vocoders
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    model_dir, device = Path(model_dir), torch.device(device)
+    index = _read_index(model_dir)
+    arch = arch or importlib.import_module("usp_infer.ltx2")
+    if transformer is None:
+        transformer = arch.load_transformer(model_dir / "transformer", device, dtype)
+    vocoder_cls = getattr(vocoders, index["vocoder"][1])
+
+    def load(cls, name):
+        return cls.from_pretrained(model_dir / name, torch_dtype=dtype).eval()
+
+    return Components(
+        model_dir=model_dir,
+        transformer=transformer.eval(),
+        arch=arch,
+        vae=load(AutoencoderKLLTX2Video, "vae").to(device),
+        audio_vae=load(AutoencoderKLLTX2Audio, "audio_vae").to(device),
+        vocoder=load(vocoder_cls, "vocoder").to(device),
+        connectors=load(LTX2TextConnectors, "connectors").to(device),
+        text_encoder=load(Gemma3ForConditionalGeneration, "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(model_dir / "tokenizer"),
+        scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler")),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _read_index(model_dir: Path) -> dict:
+    import json
+
+    path = model_dir / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; --model must be a diffusers-format LTX-2 folder") from None
+    for name in ("transformer", "vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer", "scheduler"):
+        if not isinstance(index.get(name), list) or not (model_dir / name).is_dir():
+            raise ValueError(f"{model_dir} has no {name}/ component; it must be an LTX-2 pipeline folder")
+    if index["vocoder"][1] not in ("LTX2Vocoder", "LTX2VocoderWithBWE"):
+        raise ValueError(f"{model_dir}: vocoder class {index['vocoder'][1]!r} is not an LTX-2 vocoder")
+    return index
+
+
+# --- the family surface (families.py) ------------------------------------------------------------
+
+
+def read_model_configs(model_dir: Path) -> dict[str, dict]:
+    """The folder's component configs, checked before any weights load."""
+    import json
+
+    _read_index(model_dir)
+    configs = {}
+    for name, file in (("transformer", "config.json"), ("vae", "config.json"), ("audio_vae", "config.json"),
+                       ("vocoder", "config.json"), ("connectors", "config.json"), ("text_encoder", "config.json"),
+                       ("scheduler", "scheduler_config.json")):
+        path = model_dir / name / file
+        try:
+            configs[name] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing; the model folder must be in diffusers layout") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not any((model_dir / "transformer").glob("*.safetensors")):
+        raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
+    t, v, a = configs["transformer"], configs["vae"], configs["audio_vae"]
+    if v.get("latent_channels") != t.get("in_channels"):
+        raise ValueError(f"configs disagree in {model_dir}: vae latent_channels {v.get('latent_channels')} vs "
+                         f"transformer in_channels {t.get('in_channels')}; use a matching checkpoint")
+    audio_width = a.get("latent_channels", 0) * a.get("mel_bins", 0) // 4
+    if t.get("audio_in_channels") not in (None, audio_width):
+        raise ValueError(f"configs disagree in {model_dir}: audio_vae latent_channels x mel_bins / 4 = {audio_width} "
+                         f"vs transformer audio_in_channels {t.get('audio_in_channels')}; use a matching checkpoint")
+    return configs
+
+
+def attention_heads(configs: dict) -> int:
+    """A Ulysses degree must divide the video heads; it is held to the audio heads too (32 and 32 in the real
+    models), so the audio stream could be split the same way."""
+    t = configs["transformer"]
+    return math.gcd(t.get("num_attention_heads", 32), t.get("audio_num_attention_heads", 32))
+
+
+def num_layers(configs: dict) -> int:
+    return configs["transformer"].get("num_layers", 48)
+
+
+def version_preset(configs: dict) -> str:
+    """The recipe of the weights' version: LTX-2.3 weights modulate the text cross-attention, 2.0's do not."""
+    return "ltx-2.3" if configs["transformer"].get("cross_attn_mod") else "ltx-2"
+
+
+# Flag (snake case, also a batch line's key) -> the ModalityGuidance field it sets, per modality.
+_VIDEO_FLAGS = {"guidance_scale": "cfg", "stg_scale": "stg", "modality_scale": "modality", "guidance_rescale": "rescale"}
+_AUDIO_FLAGS = {f"audio_{flag}": name for flag, name in _VIDEO_FLAGS.items()}
+
+
+def build_request(options: dict, configs: dict) -> LTX2Request:
+    """Flags (None = not given) -> one validated request: explicit flags > preset > the weights' own recipe."""
+    from .request import UsageError, parse_blocks, parse_floats
+
+    o = {k: v for k, v in options.items() if v is not None}
+    if "num_inference_steps" in o:
+        o.setdefault("steps", o.pop("num_inference_steps"))
+    name = o.pop("preset", None) or version_preset(configs)
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r} is not an LTX-2 preset; use one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    o.setdefault("steps", preset["steps"])
+    o.setdefault("fps", preset["fps"])
+
+    def scales(flags: dict[str, str], base: ModalityGuidance) -> ModalityGuidance:
+        given = {}
+        for flag, field_name in flags.items():
+            if flag in o:
+                values = parse_floats(f"--{flag.replace('_', '-')}", o.pop(flag))
+                if len(values) != 1:
+                    raise UsageError(f"--{flag.replace('_', '-')} takes one value for LTX-2 models (no schedules)")
+                given[field_name] = values[0]
+        return replace(base, **given)
+
+    g = preset["guidance"]
+    try:
+        video, audio = scales(_VIDEO_FLAGS, g.video), scales(_AUDIO_FLAGS, g.audio)
+        layers = num_layers(configs)
+        # The recipe's STG block of a 48-block model; a shallower one (the tiny test models) takes its last.
+        blocks = tuple(sorted({min(b, layers - 1) for b in g.stg_blocks}))
+        if "stg_blocks" in o:
+            sets = parse_blocks(o.pop("stg_blocks"))
+            if len(sets) != 1:
+                raise UsageError("--stg-blocks takes one set of blocks for LTX-2 models (no per-interval sets)")
+            blocks = sets[0]
+        if any(b >= layers for b in blocks):
+            raise UsageError(f"--stg-blocks {max(blocks)} is out of range: the model has {layers} blocks "
+                             f"(0..{layers - 1})")
+        return LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), **o)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except TypeError as e:
+        raise UsageError(f"bad option: {e}") from None
+
+
+def compile_blocks(transformer) -> None:
+    from .ltx2 import compile_blocks as compile_ltx2
+
+    compile_ltx2(transformer)
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gemma_hidden_states(c: Components, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All Gemma hidden states stacked per token (B, L, D * (layers + 1)) and the left-padded mask (B, L).
+
+    As LTX2Pipeline: prompts stripped, padded on the left to `max_length`, <bos> prepended.
+    """
+    tok = c.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tokens = tok(
+        [p.strip() for p in prompts], padding="max_length", max_length=max_length, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    )
+    ids, mask = tokens.input_ids.to(c.device), tokens.attention_mask.to(c.device)
+    out = c.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # layers x (B, L, D) -> (B, L, D, layers) -> (B, L, D * layers): the connectors' packed layout
+    return torch.stack(out.hidden_states, dim=-1).flatten(2, 3).to(c.dtype), mask
+
+
+@torch.no_grad()
+def encode_prompts(c: Components, prompts: dict[str, str], max_length: int) -> dict[str, tuple]:
+    """{name: (video_text, audio_text, mask)} through Gemma and the connectors.
+
+    The text encoder visits the GPU only for this call, then goes back to the CPU, so the
+    transformer has the memory to itself during denoising.
+    """
+    c.text_encoder.to(c.device)
+    try:
+        encoded = {name: gemma_hidden_states(c, [p], max_length) for name, p in prompts.items()}
+    finally:
+        c.text_encoder.to("cpu")
+        if c.device.type == "cuda":
+            torch.cuda.empty_cache()
+    side = getattr(c.tokenizer, "padding_side", "left")
+    return {name: c.connectors(embeds, mask, padding_side=side) for name, (embeds, mask) in encoded.items()}
+
+
+# --- latents --------------------------------------------------------------------------------------
+
+
+def pack_video(latents: torch.Tensor) -> torch.Tensor:
+    # (B, C, F, H, W) -> (B, F*H*W, C): tokens in f, h, w raster order (patch size 1)
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack_video(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    # (B, F*H*W, C) -> (B, C, F, H, W)
+    return tokens.transpose(1, 2).unflatten(2, (frames, height, width))
+
+
+def pack_audio(latents: torch.Tensor) -> torch.Tensor:
+    # (B, C, L, M) -> (B, L, C*M): one token per latent audio frame, channels outer, mel bins inner
+    return latents.transpose(1, 2).flatten(2, 3)
+
+
+def unpack_audio(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
+    # (B, L, C*M) -> (B, C, L, M)
+    return tokens.unflatten(2, (-1, mel_bins)).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Latent sizes of one request."""
+
+    frames: int  # latent frames F'
+    height: int  # latent H'
+    width: int  # latent W'
+    channels: int
+    audio_frames: int  # audio tokens L
+    audio_channels: int
+    audio_mel: int  # latent mel bins M
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+
+def layout(c: Components, req: LTX2Request) -> Layout:
+    s, t = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
+    a = c.audio_vae
+    per_second = a.config.sample_rate / a.config.mel_hop_length / float(a.temporal_compression_ratio)
+    return Layout(
+        frames=(req.num_frames - 1) // t + 1,
+        height=req.height // s,
+        width=req.width // s,
+        channels=c.vae.config.latent_channels,
+        audio_frames=round(req.num_frames / req.fps * per_second),
+        audio_channels=a.config.latent_channels,
+        audio_mel=a.config.mel_bins // a.mel_compression_ratio,
+    )
+
+
+def _video_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    return vae.latents_mean.view(1, -1, 1, 1, 1).float().cpu(), vae.latents_std.view(1, -1, 1, 1, 1).float().cpu()
+
+
+@torch.no_grad()
+def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: torch.Generator):
+    """(video tokens (1, T_v, C), conditioning mask (1, T_v) or None, audio tokens (1, L, C_a*M)), float32 CPU.
+
+    Draw order as diffusers: image latent (argmax: no draw), video noise, audio noise.
+    """
+    from .media import load_image
+
+    shape = (1, lay.channels, lay.frames, lay.height, lay.width)
+    mask = None
+    if req.image is None:
+        video = torch.randn(shape, generator=generator, dtype=torch.float32)
+    else:
+        pixels = load_image(Path(req.image), req.height, req.width, crf=req.image_crf)
+        pixels = pixels.to(c.device, c.dtype)[None, :, None]  # (3, H, W) -> (1, 3, 1, H, W)
+        encoded = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist.mode().float().cpu()
+        mean, std = _video_stats(c.vae)
+        encoded = (encoded - mean) * c.vae.config.scaling_factor / std
+        cond = torch.zeros((1, 1, lay.frames, lay.height, lay.width))
+        cond[:, :, 0] = 1.0
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        video = encoded.repeat(1, 1, lay.frames, 1, 1) * cond + noise * (1 - cond)
+        mask = pack_video(cond)[..., 0]  # (1, T_v): 1 on the image's tokens
+    audio = torch.randn((1, lay.audio_channels, lay.audio_frames, lay.audio_mel), generator=generator)
+    return pack_video(video), mask, pack_audio(audio)
+
+
+def sigma_schedule(scheduler_config: dict, steps: int, video_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) as LTX2Pipeline sets them: linspace(1, 1/N, N), mu from the video token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    cfg = scheduler.config
+    base_len, max_len = cfg.get("base_image_seq_len", 1024), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.95), cfg.get("max_shift", 2.05)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    mu = video_tokens * m + base_shift - m * base_len  # linear, extrapolated beyond max_len
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
+    # diffusers steps the audio with a deep copy of this scheduler: the same sigmas, so the
+    # stateless Euler update in `generate` serves both modalities.
+    return scheduler.timesteps, scheduler.sigmas
+
+
+# --- guidance -------------------------------------------------------------------------------------
+
+
+class Modality:
+    """LTX-2's modality-isolation term: away from the prediction made without audio<->video attention."""
+
+    def contribution(self, preds: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return (scale - 1.0) * (preds["cond"] - preds["isolated"])
+
+
+def guide(
+    preds: dict[str, torch.Tensor], scales: ModalityGuidance, stats: SeqStats, count: int
+) -> torch.Tensor:
+    """Combine one modality's x0 predictions; terms of branches not run are absent (zero)."""
+    pred = preds["cond"]
+    if "uncond" in preds:
+        pred = pred + CFG().contribution(preds, scales.cfg)
+    if "perturbed" in preds:
+        pred = pred + STG().contribution(preds, scales.stg)
+    if "isolated" in preds:
+        pred = pred + Modality().contribution(preds, scales.modality)
+    if scales.rescale > 0:
+        pred = Rescale().apply(pred, preds["cond"], scales.rescale, stats, count)
+    return pred
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1]; main rank only
+    audio: np.ndarray | None  # (channels, samples) float32 in [-1, 1]; main rank only
+    sample_rate: int
+    latents: np.ndarray | None  # (C, F', H', W') float32, what the video VAE decodes
+    audio_latents: np.ndarray | None  # (C_a, L, M) float32, what the audio VAE decodes
+    step_times: list[float] = field(default_factory=list)
+    decode_time: float = 0.0
+
+    def outputs(self) -> dict:
+        """What media.write_video writes besides the frames."""
+        return {"latents": self.latents, "audio": self.audio, "audio_sample_rate": self.sample_rate,
+                "audio_latents": self.audio_latents}
+
+
+class BranchForward:
+    """Runs the transformer for a subset of branches: one batched call (rows in `names` order) or one call each."""
+
+    def __init__(self, c: Components, req: LTX2Request, text: dict, rope, attn):
+        self.c, self.req, self.text, self.rope, self.attn = c, req, text, rope, attn
+
+    def __call__(self, names, video, audio, timestep, t) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.req.branches == "sequential":
+            return [p for n in names for p in self._forward((n,), video, audio, timestep, t)]
+        return self._forward(tuple(names), video, audio, timestep, t)
+
+    def _forward(self, names, video, audio, timestep, t):
+        b, dev, dt = len(names), video.device, self.c.dtype
+        texts = [self.text["uncond" if n == "uncond" else "cond"] for n in names]
+        rows = lambda flag: torch.tensor([n == flag for n in names], device=dev)  # noqa: E731
+        tt = t.expand(b).to(dev)
+        video_out, audio_out = self.c.transformer(
+            video.to(dt).expand(b, -1, -1),
+            audio.to(dt).expand(b, -1, -1),
+            torch.cat([x[0] for x in texts]),
+            torch.cat([x[1] for x in texts]),
+            torch.cat([x[2] for x in texts]).bool(),
+            torch.cat([x[2] for x in texts]).bool(),
+            timestep.expand(b, *timestep.shape[1:]),
+            tt,  # audio_timestep
+            tt,  # sigma: LTX2Pipeline passes the timestep (x1000) here
+            tt,  # audio_sigma
+            self.rope,
+            attn=self.attn,
+            stg_blocks=self.req.guidance.stg_blocks if "perturbed" in names else (),
+            stg_rows=rows("perturbed") if "perturbed" in names else None,
+            isolate_rows=rows("isolated") if "isolated" in names else None,
+        )
+        return list(zip(video_out.float().split(1), audio_out.float().split(1)))
+
+
+@torch.no_grad()
+def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True) -> Result:
+    from tqdm import tqdm
+
+    plan = plan or Plan.build(ParallelConfig(), str(c.device))  # one process: no process group
+    blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
+    if blocks is not None and any(not 0 <= b < blocks for b in req.guidance.stg_blocks):
+        raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
+    lay = layout(c, req)
+    names = req.guidance.branches()
+    if not c.transformer.cfg.perturbed_attn:  # LTX-2.0 weights: STG changes nothing, so skip its forward
+        names = tuple(n for n in names if n != "perturbed")
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+
+    prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
+    text = encode_prompts(c, prompts, req.max_sequence_length)
+
+    video, cond_mask, audio = initial_latents(c, req, lay, generator)
+    timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
+
+    # Video tokens are sharded for the whole loop; audio is whole on every rank.
+    shard = plan.shard(lay.video_tokens)
+    video = shard.split(video).to(c.device)
+    audio = audio.to(c.device)
+    keep = None if cond_mask is None else shard.split(cond_mask).to(c.device)[..., None] > 0  # (1, T, 1)
+    level = None if cond_mask is None else 1.0 - shard.split(cond_mask).to(c.device)  # per-token timestep factor
+    rope = c.arch.rope_tables(
+        c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device
+    ).map_video(lambda x: shard.split(x, dim=1))
+    attn = replace(
+        c.arch.LOCAL_ATTENTION,
+        video_self=plan.self_attention(shard),
+        video_to_audio=plan.kv_sharded_attention(shard),
+    )
+    forward = BranchForward(c, req, text, rope, attn)
+    video_count, audio_count = lay.video_tokens * lay.channels, audio.shape[1] * audio.shape[2]
+
+    step_times = []
+    bar = tqdm(total=req.steps, disable=not (progress and plan.is_main), unit="step", dynamic_ncols=True)
+    for i, t in enumerate(timesteps):
+        start = time.perf_counter()
+        sigma, dsigma = sigmas[i].item(), (sigmas[i + 1] - sigmas[i]).item()
+        t = t.to(c.device)
+        timestep = t.expand(1) if level is None else t * level  # (1,) or per video token (1, T)
+        preds = plan.run_branches(names, lambda subset: forward(subset, video, audio, timestep, t), like=(video, audio))
+        # velocity -> x0 per branch, guidance per modality, x0 -> velocity
+        video_x0 = {n: video - sigma * p[0] for n, p in preds.items()}
+        audio_x0 = {n: audio - sigma * p[1] for n, p in preds.items()}
+        video_v = (video - guide(video_x0, req.guidance.video, shard, video_count)) / sigma
+        audio_v = (audio - guide(audio_x0, req.guidance.audio, LocalStats(), audio_count)) / sigma
+        stepped = video + dsigma * video_v
+        video = stepped if keep is None else torch.where(keep, video, stepped)  # the image frame is never stepped
+        audio = audio + dsigma * audio_v
+        plan.check_finite(i, req.steps, video, audio)
+        step_times.append(time.perf_counter() - start)
+        bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
+        bar.update()
+    bar.close()
+
+    video = shard.gather(video)
+    if not plan.is_main:
+        return Result(None, None, c.sample_rate, None, None, step_times)
+    start = time.perf_counter()
+    frames, latents = decode_video(c, video, lay)
+    waveform, audio_latents = decode_audio(c, audio, lay) if req.audio else (None, None)
+    return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def decode_video(c: Components, tokens: torch.Tensor, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Packed normalised video latents -> frames (F, H, W, 3) in [0, 1], and the latents the VAE decoded."""
+    mean, std = _video_stats(c.vae)
+    latents = unpack_video(tokens.float().cpu(), lay.frames, lay.height, lay.width)
+    latents = latents * std / c.vae.config.scaling_factor + mean
+    decode_t = None
+    if c.vae.config.timestep_conditioning:  # the real 2.x VAEs are not; diffusers' default decode_timestep is 0
+        decode_t = torch.zeros(1, device=c.device, dtype=c.vae.dtype)
+    video = c.vae.decode(latents.to(c.device, c.vae.dtype), decode_t, return_dict=False)[0]
+    frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()  # (3, F, H, W) -> (F, H, W, 3)
+    return frames, latents[0].numpy()
+
+
+@torch.no_grad()
+def decode_audio(c: Components, tokens: torch.Tensor, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Packed normalised audio latents -> waveform (channels, samples), and the latents the audio VAE decoded.
+
+    The audio VAE's statistics are per packed feature (C_a * M), so denormalise before unpacking.
+    """
+    a = c.audio_vae
+    tokens = tokens.float() * a.latents_std.float().to(tokens.device) + a.latents_mean.float().to(tokens.device)
+    latents = unpack_audio(tokens, lay.audio_mel)  # (1, C_a, L, M)
+    mel = a.decode(latents.to(c.device, a.dtype), return_dict=False)[0]  # (1, 2, T, mel_bins)
+    waveform = c.vocoder(mel.to(c.vocoder.dtype))  # (1, channels, samples)
+    return waveform[0].float().cpu().numpy(), latents[0].float().cpu().numpy()

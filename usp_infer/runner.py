@@ -1,0 +1,203 @@
+"""The run loop shared by generate and batch: validate, load once, run each item, write, and turn every
+failure into one line and an exit code (2 bad input, 1 runtime failure, 130 interrupted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+from .batch import Item, at, plan_items
+from .config import Session
+from .request import UsageError
+from .sidecar import build_sidecar
+
+
+class ItemError(RuntimeError):
+    """A failure of one item, already put in words for the user (which item, and why)."""
+
+
+def one_line(message: object) -> str:
+    """Library messages can span lines (PyAV, safetensors); the CLI promises one line per error."""
+    return "; ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+def close_progress() -> None:
+    """End a progress bar that an exception left open, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def fail(code: int, message: str) -> NoReturn:
+    from .dist import env_rank, env_world_size
+
+    close_progress()
+    rank = env_rank()
+    if code == 2 and rank != 0:
+        raise typer.Exit(code)  # every rank finds the same usage error; one line is enough
+    prefix = f"rank {rank}: " if env_world_size() > 1 and code != 2 else ""
+    typer.echo(f"error: {prefix}{one_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def check_weights(model: Path) -> None:
+    """Open every safetensors header, so a truncated or corrupted file is named instead of failing deep in a loader."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise RuntimeError(f"{path} is truncated or corrupted ({one_line(e)}); copy or download it again") from None
+
+
+def _may_continue(error: Exception, s: Session, world_size: int) -> bool:
+    """--keep-going, except where the ranks could disagree about moving on (which would hang them)."""
+    from .parallel import NonFiniteError
+
+    # Every rank sees the same non-finite check (it is all-reduced); any other error may be one rank's alone.
+    return s.keep_going and (world_size == 1 or isinstance(error, NonFiniteError))
+
+
+def _in_collective(error: Exception) -> bool:
+    """Whether `error` is a communication failure. gloo raises plain RuntimeErrors when a peer dies, and an
+    async collective raises from the `.wait()` in our own code, so the backend's name in the message counts too."""
+    import torch.distributed as dist
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        isinstance(error, dist.DistError)
+        or any("torch/distributed/" in frame.filename.replace(os.sep, "/") for frame in frames)
+        or re.search(r"\bgloo\b|\bNCCL\b", str(error), re.IGNORECASE) is not None
+    )
+
+
+def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
+    """One line for an error that ends a run (or, with --keep-going, an item)."""
+    if not isinstance(error, (ValueError, RuntimeError, OSError)):
+        return f"{type(error).__name__}: {error}"
+    if world_size > 1 and _in_collective(error):
+        first = one_line(error).split(". ")[0]  # gloo/NCCL append paragraphs of generic advice
+        return (
+            f"lost contact with another rank in a collective ({first}); that rank failed, was killed or hangs: "
+            f"see its error. A rank that stops answering is given up on after --dist-timeout {timeout_s:g} s"
+        )
+    return str(error)
+
+
+def _run(items: list[Item], s: Session) -> None:
+    """Validate everything, then load once and run the items in order. Raises typer.Exit."""
+    try:
+        parallel, todo, family = plan_items(items, s)
+    except UsageError as e:
+        fail(2, str(e))
+
+    import torch
+
+    from .dist import env_rank, teardown
+    from .parallel import Plan
+    from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
+
+    pipe = family.pipeline()
+
+    records, failures = [], []
+    if not todo:  # everything is finished (--resume): no process group, no weights
+        return _summarize(items, todo, records, failures, s, env_rank() == 0)
+    mesh = None
+    try:
+        device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        plan = Plan.build(parallel, device)
+        mesh = plan.mesh
+        dtype_name = s.dtype or ("bfloat16" if mesh.device.type == "cuda" else "float32")
+        s = replace(s, dtype=dtype_name)
+        start = time.perf_counter()
+        check_weights(s.model)
+        try:
+            components = pipe.load_components(s.model, mesh.device, getattr(torch, dtype_name))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
+        if s.compile:
+            pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
+        load_s = time.perf_counter() - start
+        for item in todo:
+            start = time.perf_counter()
+            if mesh.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(mesh.device)
+            try:
+                result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet)
+                if mesh.is_main:
+                    remove_stale_temps(item.output)  # left by a run that was killed while writing this item
+                    written = write_video(
+                        item.output, result.frames, fps=item.request.fps, overwrite=s.overwrite or s.resume,
+                        **result.outputs(),
+                    )
+                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s)
+                    write_json_atomic(sidecar_path(item.output), record)
+                    records.append(record)
+                    if not s.quiet and not s.json_summary:
+                        shown = written[0] if len(written) == 1 else item.output
+                        typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
+            except (ValueError, RuntimeError, OSError) as e:
+                if not _may_continue(e, s, mesh.world_size):
+                    raise ItemError(at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
+                failures.append({"item": item.where, "error": one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
+                if mesh.is_main:
+                    close_progress()
+                    typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
+    except Exception as e:  # noqa: BLE001 - the edge: one line, the full traceback only with --debug
+        if s.debug:
+            raise
+        fail(1, str(e) if isinstance(e, ItemError) else _explain(e, mesh.world_size if mesh is not None else 1, s.parallel.timeout_s))
+    finally:
+        teardown()
+    _summarize(items, todo, records, failures, s, mesh.is_main)
+
+
+def _summarize(items: list[Item], todo: list[Item], records: list[dict], failures: list[dict], s: Session, is_main: bool) -> None:
+    """The closing line (or JSON on stdout); exit 1 if any item failed (--keep-going)."""
+    if is_main:
+        summary = {"ran": len(records), "skipped": len(items) - len(todo), "failed": len(failures), "outputs": records, "failures": failures}
+        if s.json_summary:
+            typer.echo(json.dumps(summary, indent=2))
+        elif s.batch and not s.quiet:
+            typer.echo(f"done: {summary['ran']} ran, {summary['skipped']} skipped, {summary['failed']} failed", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+def run_session(items: list[Item], s: Session) -> None:
+    """Run the items; Ctrl-C (or the SIGTERM torchrun sends when a peer dies) exits 130, writes discarded."""
+    from .dist import env_rank
+
+    # SIGTERM would otherwise kill the process on the spot, skipping the cleanup of a half-written temp file.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
+    try:
+        _run(items, s)
+    except KeyboardInterrupt:
+        if s.debug:
+            traceback.print_exc()
+        close_progress()
+        if env_rank() == 0:
+            typer.echo("error: interrupted; finished outputs are kept, the one in progress was discarded", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+_opt = typer.Option

@@ -1,0 +1,66 @@
+"""The JSON sidecar written beside every output: what made it, how long it took, what it used."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .batch import Item
+from .config import Session
+from .families import family_of
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"usp_infer": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def config_hash(model: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(model.glob("*/*.json")) + sorted(model.glob("*.json")):
+        digest.update(path.relative_to(model).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def peak_memory(device) -> dict:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "peak_memory_of": "cuda max_memory_allocated, this item"}
+    # On CPU the only honest number is the process's high-water mark (ru_maxrss is in KiB on Linux).
+    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_of": "process max RSS, whole run so far"}
+
+
+def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float) -> dict:
+    return {
+        "output": str(item.output),
+        "request": asdict(item.request),
+        "seed": item.request.seed,
+        "model": {"path": str(s.model.resolve()), "family": family_of(s.model).name, "config_sha256": config_hash(s.model)},
+        "parallel": {
+            "world_size": mesh.world_size, "cfg": mesh.cfg_degree, "ring": mesh.ring_degree,
+            "ulysses": mesh.ulysses_degree, "a2a_mode": mesh.a2a_mode, "dist_timeout_s": s.parallel.timeout_s,
+        },
+        "device": str(mesh.device),
+        "dtype": s.dtype,
+        "compiled": s.compile,
+        "timings": {
+            "total_s": round(seconds, 4),
+            "denoise_s": round(sum(result.step_times), 4),
+            "decode_s": round(result.decode_time, 4),
+            "step_s": [round(t, 4) for t in result.step_times],
+            "model_load_s": round(load_s, 4),  # once per run, shared by its items
+        },
+        **peak_memory(mesh.device),
+        "versions": versions(),
+    }
+
+
