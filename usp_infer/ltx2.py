@@ -11,7 +11,6 @@ about process groups.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -20,8 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ltx import FeedForward, TwoLayerMLP, _apply_rope, _drop_trailing_pads, _gelu_tanh, _timestep_features, \
-    load_folder, sdpa, sdpa_attention
+from .ltx import (
+    FeedForward,
+    TwoLayerMLP,
+    _apply_rope,
+    _drop_trailing_pads,
+    _gelu_tanh,
+    _timestep_features,
+    load_folder,
+    sdpa,
+    sdpa_attention,
+)
 
 # Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
 # the others are LTX-2.5 features this file does not implement).
@@ -87,9 +95,9 @@ class LTX2Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "vae_scale_factors", tuple(self.vae_scale_factors))
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"LTX2Config.{f.name}={value!r}: must be a positive integer")
+            value, least = getattr(self, f.name), 0 if f.name == "causal_offset" else 1  # 0: a non-causal VAE
+            if f.type == "int" and (not isinstance(value, int) or value < least):
+                raise ValueError(f"LTX2Config.{f.name}={value!r}: must be an integer >= {least}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r}: choose one of {ROPE_TYPES}")
         # Text reaches attn2 (and the prompt modulation tables) at the stream's width: the caption projection
@@ -144,11 +152,11 @@ SHAPES: dict[str, LTX2Config] = {
     "ltx-2-19b": LTX2Config(**_REAL),
     "ltx-2.3-22b": LTX2Config(**_REAL, gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
                               audio_cross_attn_mod=True, use_prompt_embeddings=False, perturbed_attn=True),
-    # A tiny LTX-2.3-shaped model for CPU runs of the pipeline and the benchmark.
-    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
-                            cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8,
-                            audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
-                            num_layers=2, caption_channels=48, rope_type="split", gated_attn=True,
+    # models/ltx2-tiny's transformer (LTX-2.3 flags): the shape CPU runs of the pipeline and the benchmark use.
+    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                            cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8,
+                            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+                            num_layers=2, caption_channels=24, rope_type="split", gated_attn=True,
                             cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
                             use_prompt_embeddings=False, perturbed_attn=True),
 }
@@ -164,7 +172,8 @@ class LTX2Rope:
 
     rope_type "interleaved": (1, S, C/2, 2), the (cos, sin) of each channel pair (2i, 2i+1).
     rope_type "split":       (1, S, H, 2, C/2H), [..., 0, :] cos and [..., 1, :] sin of the pairs (j, j + C/2H)
-                             within each of H chunks (the attention heads).
+                             within each of H chunks: the attention heads (for video_cross, as diffusers
+                             does, the video head count, which equals the audio one in the real models).
     video, audio: self-attention (3-D positions, 1-D time); video_cross, audio_cross: the audio<->video
     attentions (time only, in seconds, at the audio width).
     """
@@ -247,12 +256,20 @@ def rope_tables(
 
 
 def _apply_split_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Turn the pairs (a, b) = (x[j], x[j + r]) of each head chunk of x (B, S, C) by their angle, in fp32."""
-    xs = x.float().unflatten(-1, (table.shape[2], 2, -1))  # (B, S, H, 2, r): the two halves of each chunk
-    cos, sin = table[..., :1, :], table[..., 1:, :]  # (1, S, H, 1, r), broadcast over the halves
-    a, b = xs.unbind(-2)
-    turned = torch.stack([-b, a], dim=-2)
-    return torch.addcmul(xs * cos, turned, sin).flatten(-3).to(x.dtype)  # (a cos - b sin, b cos + a sin)
+    """Turn the pairs (a, b) = (x[j], x[j + r]) of each head chunk of x (B, S, C) by their angle, in fp32 like
+    diffusers: (a cos - b sin, b cos + a sin)."""
+    halves = x.unflatten(-1, (table.shape[2], 2, -1))  # (B, S, H, 2, r): the two halves of each chunk
+    a, b = halves[..., 0, :], halves[..., 1, :]
+    cos, sin = table[..., 0, :], table[..., 1, :]  # (1, S, H, r)
+    if torch.compiler.is_compiling():  # one fused kernel
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-2).flatten(-3).to(x.dtype)
+    # Eager: each half goes straight into the output (mixed-dtype ops compute in fp32 and round once), about
+    # 14 bytes moved per element instead of ~44 for upcast copy, rotated copy, products and downcast.
+    out = torch.empty_like(x)
+    turned = out.unflatten(-1, (table.shape[2], 2, -1))
+    torch.addcmul(a * cos, b, sin, value=-1, out=turned[..., 0, :])
+    torch.addcmul(b * cos, a, sin, out=turned[..., 1, :])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +279,13 @@ def _apply_split_rope(x: Tensor, table: Tensor) -> Tensor:
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def sdpa_text_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+# The injected functions are called straight from the block's frame and kept out of its graphs (like the
+# USP ones): a compiled block then breaks once per attention, not once per frame of nested helpers.
+local_attention = torch.compiler.disable(sdpa_attention)
+
+
+@torch.compiler.disable
+def local_text_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """Text cross-attention, (B, S, H, D) in and out; bias (B, 1, 1, L) is added to the scores."""
     return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias).transpose(1, 2)
 
@@ -281,8 +304,8 @@ class LTX2Attention:
     video_to_audio: AttnFn
 
 
-LOCAL_ATTENTION = LTX2Attention(video_self=sdpa_attention, audio_self=sdpa_attention, text=sdpa_text_attention,
-                                audio_to_video=sdpa_attention, video_to_audio=sdpa_attention)
+LOCAL_ATTENTION = LTX2Attention(video_self=local_attention, audio_self=local_attention, text=local_text_attention,
+                                audio_to_video=local_attention, video_to_audio=local_attention)
 
 
 class Attention(nn.Module):
@@ -299,23 +322,19 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=cfg.attention_out_bias)])  # 1 was a dropout
         self.to_gate_logits = nn.Linear(query_dim, heads) if gated else None
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor,
-        attend: AttnFn,
-        q_rope: Tensor | None = None,
-        k_rope: Tensor | None = None,
-        values_rows: Tensor | None = None,
-    ) -> Tensor:
-        """x (B, S, query_dim) attends to context (B, L, kv_dim); values_rows (B, 1, 1, 1) bool: those rows take
-        V instead of the attention output (STG)."""
+    def project(
+        self, x: Tensor, context: Tensor, q_rope: Tensor | None = None, k_rope: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, query_dim) queries, context (B, L, kv_dim) keys/values -> q, k, v as (B, S|L, H, D)."""
         q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(context)), self.to_v(context)
         if q_rope is not None:
             q, k = self.apply_rope(q, q_rope), self.apply_rope(k, k_rope)
-        heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
-        v = v.unflatten(2, heads)
-        out = attend(q.unflatten(2, heads), k.unflatten(2, heads), v)
+        heads = (self.heads, -1)  # (B, S, H*D) -> (B, S, H, D)
+        return q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)
+
+    def output(self, x: Tensor, out: Tensor, v: Tensor | None = None, values_rows: Tensor | None = None) -> Tensor:
+        """Attention result (B, S, H, D) -> (B, S, query_dim); x is the query input (the gates read it).
+        values_rows (B, 1, 1, 1) bool: those rows take V instead of the attention result (STG)."""
         if values_rows is not None:
             out = torch.where(values_rows, v, out)
         if self.to_gate_logits is not None:  # 2 sigmoid: zero logits give gates of 1
@@ -350,10 +369,21 @@ class _Conditioning:
     keep_cross: Tensor | None  # (B, 1, 1) 0. on modality-isolated rows, 1. elsewhere; None: no row isolated
 
 
-def _modulation(table: Tensor, emb: Tensor, index: Tensor | None) -> tuple[Tensor, ...]:
-    """table (n, D) + emb (N, n, D), per sample (-> n x (B, 1, D)) or gathered per token (-> n x (B, S, D))."""
+def _modulation(table: Tensor, emb: Tensor, index: Tensor | None, scales: slice) -> tuple[Tensor, ...]:
+    """table (n, D) + emb (N, n, D) -> n tensors, per sample (B, 1, D) or gathered per token (B, S, D).
+
+    The `scales` slots come back as 1 + scale: the 1 is added to the N rows here, not to every token's row
+    at every use.
+    """
     ada = table + emb
+    ada[:, scales] += 1
     return (ada[:, None] if index is None else ada[index]).unbind(2)
+
+
+# Slots of the modulation vectors that scale (x * (1 + scale) + shift); the others shift or gate.
+_BLOCK_SCALES = slice(1, None, 3)  # shift, scale, gate for self-attention, FFN, and (9 slots) text queries
+_CROSS_SCALES = slice(0, 4, 2)  # a2v scale, shift, v2a scale, shift, gate
+_SHIFT_SCALE = slice(1, 2)  # shift, scale: the prompt (text K/V) and output modulations
 
 
 class TransformerBlock(nn.Module):
@@ -383,6 +413,7 @@ class TransformerBlock(nn.Module):
         self.audio_norm3, self.audio_ff = norm(da), FeedForward(da)
         self.scale_shift_table = nn.Parameter(torch.randn(9 if cfg.cross_attn_mod else 6, d) / d**0.5)
         self.audio_scale_shift_table = nn.Parameter(torch.randn(9 if cfg.audio_cross_attn_mod else 6, da) / da**0.5)
+        self.video_query_mod, self.audio_query_mod = cfg.cross_attn_mod, cfg.audio_cross_attn_mod
         self.prompt_modulation = cfg.prompt_modulation
         if cfg.prompt_modulation:
             self.prompt_scale_shift_table = nn.Parameter(torch.randn(2, d))
@@ -393,59 +424,67 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: Tensor, a: Tensor, c: _Conditioning, rope: LTX2Rope, attn: LTX2Attention, stg: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V."""
-        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index)
-        amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None)
+        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V.
 
-        # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two.
-        h = torch.addcmul(vmod[0], self.norm1(x), 1 + vmod[1])
-        x = torch.addcmul(x, self.attn1(h, h, attn.video_self, rope.video, rope.video, stg), vmod[2])
-        h = torch.addcmul(amod[0], self.audio_norm1(a), 1 + amod[1])
-        a = torch.addcmul(a, self.audio_attn1(h, h, attn.audio_self, rope.audio, rope.audio, stg), amod[2])
+        Every injected attention is called right here, not in a helper, so a compiled block has one graph
+        between each two of them.
+        """
+        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index, _BLOCK_SCALES)
+        amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None, _BLOCK_SCALES)
 
-        # 2. Text cross-attention; LTX-2.3 modulates the queries (shift, scale, gate = mod[6:9]) and the text.
+        # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two;
+        # every scale that _modulation returns already holds 1 + scale.
+        h = torch.addcmul(vmod[0], self.norm1(x), vmod[1])
+        q, k, v = self.attn1.project(h, h, rope.video, rope.video)
+        x = torch.addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
+        h = torch.addcmul(amod[0], self.audio_norm1(a), amod[1])
+        q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
+        a = torch.addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
+
+        # 2. Text cross-attention. LTX-2.3 modulates the text per block, and each stream's queries (shift, scale,
+        # gate = mod[6:9]); LTX-2.0 attends from the plain norm and adds the result ungated.
         text, audio_text = c.text, c.audio_text
         if self.prompt_modulation:
-            text = torch.addcmul(*self._prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
-            audio_text = torch.addcmul(
-                *self._prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt, audio_text))
-        x = x + self._text(x, self.norm2, self.attn2, vmod, text, lambda q, k, v: attn.text(q, k, v, c.text_bias))
-        a = a + self._text(a, self.audio_norm2, self.audio_attn2, amod, audio_text,
-                           lambda q, k, v: attn.text(q, k, v, c.audio_text_bias))
+            text = torch.addcmul(*_prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
+            audio_text = torch.addcmul(*_prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt,
+                                                            audio_text))
+        h = self.norm2(x)
+        if self.video_query_mod:
+            h = torch.addcmul(vmod[6], h, vmod[7])
+        out = self.attn2.output(h, attn.text(*self.attn2.project(h, text), c.text_bias))
+        x = torch.addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
+        h = self.audio_norm2(a)
+        if self.audio_query_mod:
+            h = torch.addcmul(amod[6], h, amod[7])
+        out = self.audio_attn2.output(h, attn.text(*self.audio_attn2.project(h, audio_text), c.audio_text_bias))
+        a = torch.addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
 
         # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
-            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index)
+            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index, _CROSS_SCALES)
         a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = _modulation(
-            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None)
+            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES)
         if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
             a2v_gate, v2a_gate = a2v_gate * c.keep_cross, v2a_gate * c.keep_cross
         nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
-        q, kv = torch.addcmul(v_a2v_shift, nx, 1 + v_a2v_scale), torch.addcmul(a_a2v_shift, na, 1 + a_a2v_scale)
-        x_a2v = self.audio_to_video_attn(q, kv, attn.audio_to_video, rope.video_cross, rope.audio_cross)
-        q, kv = torch.addcmul(a_v2a_shift, na, 1 + a_v2a_scale), torch.addcmul(v_v2a_shift, nx, 1 + v_v2a_scale)
-        a_v2a = self.video_to_audio_attn(q, kv, attn.video_to_audio, rope.audio_cross, rope.video_cross)
+        h, kv = torch.addcmul(v_a2v_shift, nx, v_a2v_scale), torch.addcmul(a_a2v_shift, na, a_a2v_scale)
+        q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
+        x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
+        h, kv = torch.addcmul(a_v2a_shift, na, a_v2a_scale), torch.addcmul(v_v2a_shift, nx, v_v2a_scale)
+        q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
+        a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
         x, a = torch.addcmul(x, x_a2v, a2v_gate), torch.addcmul(a, a_v2a, v2a_gate)
 
         # 4. FFNs.
-        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), 1 + vmod[4])), vmod[5])
-        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), 1 + amod[4])), amod[5])
+        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
+        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
         return x, a
 
-    @staticmethod
-    def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
-        shift, scale = _modulation(table, emb, None) if emb is not None else table.unbind(0)
-        return shift, text, 1 + scale
 
-    @staticmethod
-    def _text(x: Tensor, norm: nn.Module, attn: Attention, mod: tuple[Tensor, ...], text: Tensor,
-              attend: AttnFn) -> Tensor:
-        h = norm(x)
-        if len(mod) == 9:  # cross_attn_mod: modulated queries and a gated result
-            h = torch.addcmul(mod[6], h, 1 + mod[7])
-            return attn(h, text, attend) * mod[8]
-        return attn(h, text, attend)  # LTX-2.0: normed, unmodulated queries, no gate
+def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """addcmul operands of text * (1 + scale) + shift; without prompt_adaln the table alone is the modulation."""
+    shift, scale = _modulation(table, emb, None, _SHIFT_SCALE) if emb is not None else (table[0], 1 + table[1])
+    return shift, text, scale
 
 
 def compile_blocks(model: LTX2Transformer) -> None:
@@ -542,6 +581,7 @@ class LTX2Transformer(nn.Module):
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
         sharded alike. timestep (B,) or (B, S_v), already x1000; audio_timestep, sigma, audio_sigma (B,).
         stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row);
+        as in diffusers, only perturbed_attn weights (LTX-2.3) have STG: for LTX-2.0 ones stg_blocks do nothing.
         isolate_rows (B,) bool: rows with no audio<->video attention in any block.
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
@@ -584,10 +624,10 @@ class LTX2Transformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             x, a = block(x, a, c, rope, attn, stg if i in perturbed else None)
 
-        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index)
-        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale)
-        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None)
-        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), 1 + scale)
+        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index, _SHIFT_SCALE)
+        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
+        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
+        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
         return self.proj_out(x), self.audio_proj_out(a)
 
     def _check_inputs(
