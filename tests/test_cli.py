@@ -389,7 +389,7 @@ def test_info_text_and_json(tmp_path):
     assert broken.exit_code == 1 and "truncated or corrupted" in error_line(broken.stderr)
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["info"], ["make-tiny"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["info"], ["make-tiny"], ["bench"]])
 def test_help_shows_examples_unwrapped(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0
@@ -402,6 +402,25 @@ def test_help_shows_examples_unwrapped(command):
     for previous, line in zip(lines, lines[1:]):
         assert not line.strip().startswith("--") or previous.endswith("\\"), line
     assert not any(line.endswith("-") for line in lines), lines
+
+
+# What `--help` and a usage error import: torch alone takes 3-5 s to import, so neither may pull it in.
+NO_TORCH = """
+import atexit, sys
+atexit.register(lambda: print(sorted({"torch", "diffusers", "transformers"} & set(sys.modules)), file=sys.stderr))
+from usp_infer.cli import main
+sys.argv = ["usp-infer", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["batch", "--help"], ["--version"],
+                                  ["generate", "--prompt", "a", "--num-frames", "10"],
+                                  ["generate", "--prompt", "a", "--model", "nope"]])
+def test_help_and_usage_errors_do_not_import_torch(args):
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode in (0, 2), run.stderr
+    assert run.stderr.splitlines()[-1] == "[]", run.stderr  # the modules of the three that were imported
 
 
 # --- the example scripts -------------------------------------------------------------------------

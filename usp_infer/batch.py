@@ -90,7 +90,7 @@ def _check_image(item: Item) -> None:
 def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item]]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
     from .dist import env_world_size, resolve_parallel, validate_layout
-    from .pipeline import read_model_configs
+    from .model_folder import read_model_configs
 
     try:
         configs = read_model_configs(s.model)

@@ -51,6 +51,21 @@ app = typer.Typer(
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"usp-infer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 # Options generate and batch share, each declared once and listed by name in both signatures. Request
 # options default to None = "not given", so a preset (and, in batch, a line's own value) can fill them.
 _opt = typer.Option
@@ -275,7 +290,7 @@ def info(
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     from .dist import layouts
-    from .pipeline import read_model_configs
+    from .model_folder import read_model_configs
 
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
@@ -314,19 +329,24 @@ def info(
         typer.echo(f"  --cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}")
 
 
-def _register_bench() -> None:
+BENCH_HELP = (
+    "Time denoising steps of a full-size LTX transformer (random bf16 weights) on 1..N GPUs.\n\n"
+    "\b\nExamples:\n"
+    "  usp-infer bench --shape ltx-video-13b --height 512 --width 768 --num-frames 121\n"
+    "  torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json"
+)
+
+
+# A thin wrapper: its body imports bench (and so torch), so `usp-infer --help` and every other command start
+# without it. Its arguments, --help included, go to the real command, which typer builds on first use.
+@app.command("bench", help=BENCH_HELP, add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench(ctx: typer.Context) -> None:
     from .bench import bench_command  # torch + typer only: runs where diffusers is not installed
 
-    app.command(
-        "bench",
-        help="Time denoising steps of a full-size LTX transformer (random bf16 weights) on 1..N GPUs.\n\n"
-        "\b\nExamples:\n"
-        "  usp-infer bench --shape ltx-video-13b --height 512 --width 768 --num-frames 121\n"
-        "  torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json",
-    )(bench_command)
-
-
-_register_bench()
+    real = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    real.command("bench", help=BENCH_HELP)(bench_command)
+    real(args=ctx.args, prog_name=ctx.command_path)
 
 
 def main() -> None:

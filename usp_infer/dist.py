@@ -9,13 +9,14 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
-from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
+from typing import TYPE_CHECKING
 
 from usp_infer.config import ParallelConfig
+
+if TYPE_CHECKING:  # torch loads only where a mesh is built: layout checks and env_rank run without it
+    import torch
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def env_rank() -> int:
 
 def _timeout_options(backend: str, timeout: timedelta):
     """Backend options carrying our collective timeout: a mesh's groups do not inherit the default group's."""
+    import torch.distributed as dist
+
     options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
     options._timeout = timeout
     return options
@@ -134,6 +137,8 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
     order is rank = (cfg_rank * ring + ring_rank) * ulysses + ulysses_rank: Ulysses runs over
     neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
     """
+    import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     world_size = env_world_size()
@@ -180,12 +185,17 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
 
 def teardown() -> None:
     """Leave the process group; safe to call twice and without one (finally-blocks call it)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def shared_seed(seed: int | None, mesh: Mesh) -> int:
     """The given seed, or one drawn on rank 0 and broadcast, so every rank draws the same noise."""
+    import torch
+    import torch.distributed as dist
+
     if seed is not None:
         return seed
     drawn = torch.tensor([secrets.randbelow(2**32)], dtype=torch.int64, device=mesh.device)
