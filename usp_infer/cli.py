@@ -20,7 +20,15 @@ from .request import UsageError, build_request
 from .runner import check_weights, fail, run_session
 from .guidance import PRESETS
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "ltx-tiny"
+
+
+def _models_dir() -> Path:
+    """The tiny models: package data in an installed copy (usp_infer/models/), the checkout's models/ otherwise."""
+    here = Path(__file__).resolve().parent
+    return here / "models" if (here / "models").is_dir() else here.parent / "models"
+
+
+DEFAULT_MODEL = _models_dir() / "ltx-tiny"
 
 
 def _help(summary: str, *examples: str) -> str:
@@ -261,9 +269,15 @@ def batch(
 
 @app.command("make-tiny", help=_help("Write a deterministic tiny random-weight LTX pipeline (diffusers layout).", "  usp-infer make-tiny /tmp/ltx-tiny --seed 1"))
 def make_tiny(directory: Path = typer.Argument(..., help="Folder to create."), seed: int = _opt(0, help="Weight seed.")) -> None:
+    directory = directory.expanduser()
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        fail(2, f"{directory} exists and is not an empty directory; remove it or pick another path")
     from .tiny import make_tiny as _make
 
-    _make(directory, seed=seed)
+    try:
+        _make(directory, seed=seed)
+    except OSError as e:
+        fail(1, f"cannot write {directory}: {e.strerror or e}")
     typer.echo(f"wrote {directory}", err=True)
 
 
