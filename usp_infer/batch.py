@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def _check_output(item: Item, s: Session) -> bool:
         raise UsageError(at(item, f"cannot create output directory {folder}: {existing} is a file; choose another output path"))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(at(item, f"output directory {existing} is not writable; choose another output path"))
+    try:  # root passes os.access everywhere, and /proc or a read-only mount refuse only an actual write
+        fd, probe = tempfile.mkstemp(prefix=".usp-infer-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(at(item, f"output directory {existing} is not writable ({e.strerror}); choose another output path")) from None
     present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
     if present:
         if s.resume and not s.overwrite and _finished(item):
@@ -87,16 +94,25 @@ def _check_image(item: Item) -> None:
         raise UsageError(at(item, f"--image {path} is not a readable PNG or JPEG image; pass a PNG or JPEG file")) from None
 
 
+def text_length_limit(configs: dict) -> int:
+    """The most tokens a prompt may be padded to: the tokenizer's model_max_length (LTXPipeline's bound)."""
+    limit = configs.get("tokenizer", {}).get("model_max_length")
+    # transformers writes a huge sentinel for "no limit"; T5's relative positions were trained up to 512.
+    return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else 512
+
+
 def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item]]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
-    from .dist import env_world_size, resolve_parallel, validate_layout
+    from .dist import check_device, env_world_size, resolve_parallel, validate_layout
     from .model_folder import read_model_configs
 
     try:
         configs = read_model_configs(s.model)
         world = env_world_size()
-        parallel = resolve_parallel(s.parallel, world)
-        validate_layout(parallel, world, configs["transformer"].get("num_attention_heads"))
+        heads = configs["transformer"].get("num_attention_heads")
+        parallel = resolve_parallel(s.parallel, world, heads)
+        validate_layout(parallel, world, heads)
+        check_device(s.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     layers = configs["transformer"].get("num_layers", 0)
@@ -109,6 +125,10 @@ def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item
         blocks = item.request.guidance.max_block()
         if blocks >= layers:
             raise UsageError(at(item, f"--stg-blocks {blocks} is out of range: the model has {layers} blocks (0..{layers - 1})"))
+        longest = text_length_limit(configs)
+        if item.request.max_sequence_length > longest:
+            raise UsageError(at(item, f"--max-sequence-length {item.request.max_sequence_length} is longer than the "
+                                      f"tokenizer of {s.model} takes ({longest}); use at most {longest}"))
         if item.request.image is not None:
             _check_image(item)
         if _check_output(item, s):
@@ -148,7 +168,7 @@ def read_batch(path: Path, flags: dict, output_dir: Path) -> list[Item]:
         index = len(items)
         if output is None:
             output = output_dir / f"{index:04d}-{_slug(request.prompt)}-s{request.seed}.mp4"
-        items.append(Item(index, request, Path(output), where))
+        items.append(Item(index, request, Path(output).expanduser(), where))
     if not items:
         raise UsageError(f"batch file {path} has no items")
     return items

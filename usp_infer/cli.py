@@ -117,6 +117,16 @@ SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_
                  "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
+def _warn_empty_prompts(items: list[Item], s: Session) -> None:
+    """An empty prompt is legal (the video follows no text), but rarely meant: say so, once per item."""
+    from .dist import env_rank
+
+    for item in items:
+        if not item.request.prompt.strip() and not s.quiet and env_rank() == 0:
+            where = f"{item.where}: " if item.where else ""
+            typer.echo(f"warning: {where}the prompt is empty; the video will follow no text", err=True)
+
+
 def _session_from(flags: dict, **extra) -> Session:
     """Pop the session flags out of `flags` (a command's locals) and validate them."""
     f = {name: flags.pop(name) for name in SESSION_NAMES}
@@ -134,7 +144,7 @@ def _session_from(flags: dict, **extra) -> Session:
     except ValueError as e:
         fail(2, str(e))
     return Session(
-        model=Path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
+        model=Path(f["model"]).expanduser(), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
         quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"], **extra,
     )
 
@@ -197,7 +207,9 @@ def generate(
         request = build_request({"prompt": prompt, **flags})
     except UsageError as e:
         fail(2, str(e))
-    run_session([Item(0, request, output)], s)
+    items = [Item(0, request, output.expanduser())]
+    _warn_empty_prompts(items, s)
+    run_session(items, s)
 
 
 @app.command(
@@ -261,9 +273,10 @@ def batch(
     flags = {k: v for k, v in locals().items() if k not in ("file", "output_dir", "resume", "keep_going")}
     s = _session_from(flags, resume=resume, keep_going=keep_going, batch=True)
     try:
-        items = read_batch(file, flags, output_dir)
+        items = read_batch(file.expanduser(), flags, output_dir.expanduser())
     except UsageError as e:
         fail(2, str(e))
+    _warn_empty_prompts(items, s)
     run_session(items, s)
 
 

@@ -99,16 +99,33 @@ def validate_layout(parallel: ParallelConfig, world_size: int, num_heads: int | 
         )
 
 
-def resolve_parallel(parallel: ParallelConfig, world_size: int) -> ParallelConfig:
+def resolve_parallel(parallel: ParallelConfig, world_size: int, num_heads: int | None = None) -> ParallelConfig:
     """Let Ulysses take the processes that cfg and ring leave, when the user left it at 1.
 
-    `torchrun --nproc_per_node 4` with no degree flags thus runs Ulysses 4. A layout that
+    `torchrun --nproc_per_node 4` with no degree flags thus runs Ulysses 4. When that default does not
+    divide the heads, the error says so (no --ulysses-degree was given) and lists what fits. A layout that
     still does not fit is returned as it is, for validate_layout to report.
     """
     rest, leftover = divmod(world_size, parallel.cfg * parallel.ring)
     if parallel.ulysses == 1 and leftover == 0 and rest > 1:
+        if num_heads is not None and num_heads % rest:
+            given = f" / (cfg {parallel.cfg} x ring {parallel.ring})" if parallel.cfg * parallel.ring > 1 else ""
+            hints = ", or ".join(_flags(layout) for layout in layouts(world_size, num_heads, None))
+            raise ValueError(
+                f"{world_size} processes{given} leave Ulysses {rest} by default, which does not divide {num_heads} "
+                f"attention heads; for {world_size} processes pass {hints}"
+            )
         return replace(parallel, ulysses=rest)
     return parallel
+
+
+def check_device(device: str) -> None:
+    """--device cuda on a machine without CUDA: one line, before anything loads."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu or auto")
 
 
 def env_world_size() -> int:

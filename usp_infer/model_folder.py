@@ -46,6 +46,8 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
         "text_encoder": _read_json(model_dir / "text_encoder" / "config.json"),
         "scheduler": _read_json(model_dir / "scheduler" / "scheduler_config.json"),
     }
+    if (model_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        configs["tokenizer"] = _read_json(model_dir / "tokenizer" / "tokenizer_config.json")
     if not any((model_dir / "transformer").glob("*.safetensors")):
         raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
     t, v, te = configs["transformer"], configs["vae"], configs["text_encoder"]

@@ -93,6 +93,11 @@ def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[tor
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
+    if steps == 1:
+        # The terminal stretch rescales the schedule so that its last sigma is `shift_terminal`; one step has
+        # only sigma 1 (which every shift keeps at 1), so the stretch divides by zero (diffusers' LTXPipeline
+        # gives NaN too). Without it one step is the plain Euler step from sigma 1 to 0: the model's x0 guess.
+        scheduler_config = {**scheduler_config, "shift_terminal": None}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     mu = calculate_shift(
         tokens,
