@@ -107,6 +107,8 @@ DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before t
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
                                "one-time compilation in the first step (worth it for long runs and batches).")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
+VaeTiling = Annotated[bool, _opt("--vae-tiling", help="Decode in tiles (less memory). Chosen by itself when the "
+                                 "estimated full decode would not fit in free memory.")]
 Dtype = Annotated[Optional[str], _opt(help="float32 | bfloat16 | float16 [default: bfloat16 on CUDA, float32 on CPU].")]
 Overwrite = Annotated[bool, _opt(help="Replace existing outputs.")]
 Quiet = Annotated[bool, _opt(help="No progress bar or messages (errors still go to stderr).")]
@@ -114,7 +116,7 @@ JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
 SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
-                 "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+                 "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
 def _warn_empty_prompts(items: list[Item], s: Session) -> None:
@@ -145,7 +147,8 @@ def _session_from(flags: dict, **extra) -> Session:
         fail(2, str(e))
     return Session(
         model=Path(f["model"]).expanduser(), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
-        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"], **extra,
+        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"],
+        vae_tiling=f["vae_tiling"], **extra,
     )
 
 
@@ -194,6 +197,7 @@ def generate(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
     overwrite: Overwrite = False,
@@ -263,6 +267,7 @@ def batch(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
     overwrite: Overwrite = False,
@@ -292,6 +297,32 @@ def make_tiny(directory: Path = typer.Argument(..., help="Folder to create."), s
     except OSError as e:
         fail(1, f"cannot write {directory}: {e.strerror or e}")
     typer.echo(f"wrote {directory}", err=True)
+
+
+@app.command(help=_help(
+    "Decode the latents a run kept when its VAE decode failed (OUTPUT.latents.npz) into the outputs generate "
+    "would have written: the video and its sidecar. Only the VAE loads.",
+    "  usp-infer decode fox.mp4.latents.npz -o fox.mp4 --vae-tiling",
+))
+def decode(
+    latents: Annotated[Path, typer.Argument(help="A .latents.npz that generate or batch kept.")],
+    output: Annotated[Optional[Path], _opt("--output", "-o", help="Where to write [default: the run's own output].")] = None,
+    model: Annotated[Optional[Path], _opt(help="The model folder [default: the one the run used; its configs must match].")] = None,
+    vae_tiling: VaeTiling = False,
+    device: Device = "auto",
+    dtype: Annotated[Optional[str], _opt(help="float32 | bfloat16 | float16 [default: the run's].")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    from .latents import run_decode
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(2, f"--device {device!r} is unknown; use auto, cpu or cuda")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
+    run_decode(latents.expanduser(), None if output is None else output.expanduser(),
+               None if model is None else model.expanduser(), vae_tiling, device, dtype, overwrite, quiet, debug)
 
 
 def _count_parameters(folder: Path) -> int:

@@ -57,10 +57,56 @@ class Result:
     latents: np.ndarray | None  # (C, F', H', W') float32, exactly what the VAE decodes; main rank only
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
+    encode_text_time: float = 0.0
+    decode_timestep: float | None = None  # what the VAE decoder was conditioned on (None: not timestep-conditioned)
+    vae_tiling: bool = False
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class DecodeError(RuntimeError):
+    """The VAE decode failed after a finished denoising loop; `latents` (what it was decoding) are kept."""
+
+    def __init__(self, message: str, result: Result):
+        super().__init__(message)
+        self.result = result
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes a decode may still take on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: assume it fits; a failure still keeps the latents
+
+
+def decode_memory(vae, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """A rough estimate of a full (untiled) decode's peak: ~6 activations of the decoder's last stage, which runs
+    at the output's frames and 1/patch of its height and width with decoder_block_out_channels[0] channels."""
+    _, _, frames, height, width = latent_shape
+    s_ratio, t_ratio = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+    pixels = ((frames - 1) * t_ratio + 1) * height * s_ratio * width * s_ratio
+    values = pixels // vae.config.patch_size**2 * vae.config.decoder_block_out_channels[0]
+    return 6 * values * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_latents(vae, latents: torch.Tensor, decode_t: torch.Tensor | None, tiling: bool) -> np.ndarray:
+    """VAE input latents (1, C, F', H', W') -> frames (F, H, W, 3) float32 in [0, 1]; tiled on request."""
+    if tiling:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    video = vae.decode(latents.to(vae.dtype), decode_t, return_dict=False)[0]
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def needs_tiling(vae, latent_shape: tuple[int, ...], device: torch.device, asked: bool) -> bool:
+    return asked or decode_memory(vae, latent_shape, vae.dtype) > _free_memory(device)
 
 
 @torch.no_grad()
@@ -160,7 +206,9 @@ class Denoiser:
 
 
 @torch.no_grad()
-def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True) -> Result:
+def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True, vae_tiling: bool = False,
+             say=lambda message: None) -> Result:
+    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop."""
     from tqdm import tqdm
 
     from .media import load_image
@@ -178,9 +226,12 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, tokens)
     schedule = [req.guidance.at(float(s)) for s in sigmas[:-1]]
 
+    say("encoding text")
+    start = time.perf_counter()
     text = {"cond": encode_text(c, req.prompt, req.max_sequence_length)}
     if any("uncond" in s.branches for s in schedule):
         text["uncond"] = encode_text(c, req.negative_prompt, req.max_sequence_length)
+    encode_text_time = time.perf_counter() - start
 
     # Global initial latent, drawn exactly as diffusers draws it; then each rank keeps its shard.
     mean, std = _latent_stats(c.vae)
@@ -233,6 +284,17 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         latents = (1 - req.decode_noise_scale) * latents + req.decode_noise_scale * noise
         decode_t = torch.tensor([req.decode_timestep], device=c.device, dtype=latents.dtype)
     latents = latents.to(c.device)
-    video = c.vae.decode(latents.to(c.vae.dtype), decode_t, return_dict=False)[0]
-    frames_np = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
-    return Result(frames_np, latents[0].float().cpu().numpy(), step_times, time.perf_counter() - start)
+    tiling = needs_tiling(c.vae, tuple(latents.shape), c.device, vae_tiling)
+    result = Result(None, latents[0].float().cpu().numpy(), step_times, 0.0, encode_text_time,
+                    None if decode_t is None else req.decode_timestep, tiling)
+    if tiling and not vae_tiling:
+        say(f"decoding in tiles: a full decode needs ~{decode_memory(c.vae, tuple(latents.shape), c.vae.dtype) / 2**30:.1f} GiB, "
+            "more than is free")
+    else:
+        say("decoding" + (" in tiles" if tiling else ""))
+    try:
+        result.frames = decode_latents(c.vae, latents, decode_t, tiling)
+    except (RuntimeError, MemoryError) as e:  # out of memory (torch raises RuntimeError on the CPU), a kernel failure
+        raise DecodeError(f"the VAE decode failed ({type(e).__name__}: {e})", result) from e
+    result.decode_time = time.perf_counter() - start
+    return result

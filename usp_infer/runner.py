@@ -110,7 +110,8 @@ def _run(items: list[Item], s: Session) -> None:
     from .parallel import Plan
     from .ltx import compile_blocks
     from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
-    from .pipeline import generate, load_components
+    from .latents import keep_latents
+    from .pipeline import DecodeError, generate, load_components
 
     records, failures = [], []
     if not todo:  # everything is finished (--resume): no process group, no weights
@@ -122,6 +123,14 @@ def _run(items: list[Item], s: Session) -> None:
         mesh = plan.mesh
         dtype_name = s.dtype or ("bfloat16" if mesh.device.type == "cuda" else "float32")
         s = replace(s, dtype=dtype_name)
+        talk = mesh.is_main and not s.quiet and not s.json_summary
+
+        def say(message: str) -> None:  # what is happening around the step bar (rank 0, stderr)
+            if talk:
+                close_progress()
+                typer.echo(message, err=True)
+
+        say(f"loading {s.model} on {mesh.device} ({dtype_name})")
         start = time.perf_counter()
         check_weights(s.model)
         try:
@@ -131,19 +140,37 @@ def _run(items: list[Item], s: Session) -> None:
         if s.compile:
             compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
         load_s = time.perf_counter() - start
-        for item in todo:
+        for number, item in enumerate(todo, 1):
             start = time.perf_counter()
+            prefix = f"item {number}/{len(todo)}: " if s.batch else ""
+
+            def said(message: str, prefix: str = prefix) -> None:
+                say(prefix + message)
+
+            if s.batch:
+                said(item.where or str(item.output))
             if mesh.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(mesh.device)
             try:
-                result = generate(components, item.request, plan, progress=mesh.is_main and not s.quiet)
+                try:
+                    result = generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
+                                      vae_tiling=s.vae_tiling, say=said)
+                except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
+                    kept = keep_latents(item, s, e.result)
+                    raise RuntimeError(
+                        f"{e}; the final latents are kept in {kept}: decode them with "
+                        f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
+                    ) from e
                 if mesh.is_main:
+                    said(f"writing {item.output}")
+                    write_start = time.perf_counter()
                     remove_stale_temps(item.output)  # left by a run that was killed while writing this item
                     written = write_video(
                         item.output, result.frames, fps=item.request.fps, latents=result.latents,
                         overwrite=s.overwrite or s.resume,
                     )
-                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s)
+                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s,
+                                           time.perf_counter() - write_start)
                     write_json_atomic(sidecar_path(item.output), record)
                     records.append(record)
                     if not s.quiet and not s.json_summary:
