@@ -316,6 +316,9 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
     for name in names:
         assert Path(name).is_file() and Path(name + ".json").is_file()
     assert "line 3 of prompts.jsonl" in result.stderr
+    # Progress a user can follow: what happens around each step bar, and which item of how many.
+    for said in ("loading ", "item 1/3: line 1 of prompts.jsonl", "item 2/3: encoding text", "item 3/3: decoding", "item 3/3: writing custom/one.npz"):
+        assert said in result.stderr, said
     assert result.stderr.strip().endswith("done: 3 ran, 0 skipped, 0 failed")
     first, second, third = (json.loads(Path(n + ".json").read_text())["request"] for n in names)
     assert (first["seed"], first["steps"], first["num_frames"], first["guidance"]["cfg"]) == (5, 2, 9, [3.0])
