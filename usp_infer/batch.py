@@ -65,12 +65,6 @@ def _check_output(item: Item, s: Session) -> bool:
         raise UsageError(at(item, f"cannot create output directory {folder}: {existing} is a file; choose another output path"))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(at(item, f"output directory {existing} is not writable; choose another output path"))
-    try:  # root passes os.access everywhere, and /proc or a read-only mount refuse only an actual write
-        fd, probe = tempfile.mkstemp(prefix=".usp-infer-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(at(item, f"output directory {existing} is not writable ({e.strerror}); choose another output path")) from None
     present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
     if present:
         if s.resume and not s.overwrite and _finished(item):
@@ -78,7 +72,24 @@ def _check_output(item: Item, s: Session) -> bool:
         if not s.overwrite and not s.resume:
             hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")
             raise UsageError(at(item, f"{present[0]} exists; {hint}"))
+    _probe_write(item, existing)
     return True
+
+
+def _probe_write(item: Item, directory: Path) -> None:
+    """Create and delete a file in `directory`: root passes os.access everywhere, and /proc or a read-only mount
+    refuse only an actual write. The directory's times are put back, so a refused run has changed nothing."""
+    times = directory.stat()
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".usp-infer-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(at(item, f"output directory {directory} is not writable ({e.strerror}); choose another output path")) from None
+    try:
+        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
+    except OSError:
+        pass
 
 
 def _check_image(item: Item) -> None:

@@ -130,9 +130,9 @@ def _run(items: list[Item], s: Session) -> None:
                 close_progress()
                 typer.echo(message, err=True)
 
-        say(f"loading {s.model} on {mesh.device} ({dtype_name})")
         start = time.perf_counter()
-        check_weights(s.model)
+        check_weights(s.model)  # a broken file is one line, before any progress line
+        say(f"loading {s.model} on {mesh.device} ({dtype_name})")
         try:
             components = load_components(s.model, mesh.device, getattr(torch, dtype_name))
         except (OSError, ValueError, RuntimeError) as e:
