@@ -7,12 +7,14 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
-# diffusers is carried as wheels (.whl/) for the baseline. Every launch writes JSON records and a log into
-# $OUT, so a set cut short keeps what it finished.
+# diffusers is carried as wheels (.whl/) for the baseline. Every launch writes JSON records and a log; after
+# each, everything is packed into $OUT/results.tgz, so a set cut short keeps what it finished.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
 WHAT=${1:?name what to run: one, big or ltxv}
+W=/tmp/ltx2-bench
+rm -rf "$W" && mkdir -p "$W/prof"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -23,15 +25,17 @@ S24="--height 1024 --width 1536 --num-frames 121"  # 24,576 video tokens
 
 bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE (default: this checkout)
   local name=$1 limit=$2; shift 2
-  (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$OUT/$name.json" "$@") \
-    >"$OUT/$name.log" 2>&1
+  (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$W/$name.json" "$@") \
+    >"$W/$name.log" 2>&1
   echo "$(date +%T) $name: exit $?"
-  tail -n 6 "$OUT/$name.log"
+  tail -n 6 "$W/$name.log"
+  tar czf "$OUT/results.tgz" -C "$W" .
 }
 
 case "$WHAT" in
 one)
-  bench ltx23-6144 330 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers
+  bench ltx23-6144 330 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers \
+    --profile "$W/prof/ltx23-6144"
   bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
   ;;
 big)

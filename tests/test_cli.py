@@ -105,6 +105,16 @@ def _output_exists(tmp: Path) -> list:
     return ["-o", "old.mp4"]
 
 
+def _other_family(tmp: Path) -> list:
+    model = model_copy(tmp)
+    path = model / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    config["_class_name"] = "WanTransformer3DModel"  # as Wan's folders name it; it has no caption_channels
+    del config["caption_channels"]
+    path.write_text(json.dumps(config))
+    return ["--model", model]
+
+
 BAD_INPUTS = {
     # id: (make the situation -> extra args, exit code, what stderr must name)
     "model-missing": (lambda t: ["--model", t / "nope"], 2, ["--model", "nope", "is not a directory", "diffusers-format"]),
@@ -128,6 +138,13 @@ BAD_INPUTS = {
     "output-dir-not-creatable": (_parent_is_file, 2, ["cannot create output directory", "file.txt is a file", "choose another output path"]),
     "output-exists": (_output_exists, 2, ["old.mp4 exists; pass --overwrite to replace it"]),
     "output-kind": (lambda t: ["-o", "out.avi"], 2, ["unsupported output 'out.avi'", ".mp4"]),
+    # /proc passes os.access for root and refuses only an actual write: caught before the generation, path named.
+    "output-unwritable": (lambda t: ["-o", "/proc/a.mp4"], 2, ["output directory /proc is not writable", "choose another output path"]),
+    "other-family": (_other_family, 2, ["holds a WanTransformer3DModel transformer, another model family", "LTX-Video 0.9.x (LTXVideoTransformer3DModel)"]),
+    "max-sequence-length-too-long": (lambda t: ["--max-sequence-length", "100000"], 2, ["--max-sequence-length 100000 is longer than the tokenizer", "(128); use at most 128"]),
+    **({} if torch.cuda.is_available() else {
+        "device-cuda-without-cuda": (lambda t: ["--device", "cuda"], 2, ["--device cuda: this torch is a CPU-only build", "use --device cpu or auto"]),
+    }),
 }
 
 
@@ -144,6 +161,63 @@ def test_bad_input_one_line_right_code_nothing_written(case, tmp_path, monkeypat
         assert needle in line
     assert result.stdout == ""
     assert snapshot(tmp_path) == before  # no output, no sidecar, no temp file, no directory
+
+
+@pytest.mark.parametrize("world, flags, needles", [
+    (3, [], ["3 processes leave Ulysses 3 by default, which does not divide 4 attention heads",
+             "pass --ring-degree 3, or --cfg-degree 3"]),
+    (6, ["--ring-degree", "2"], ["6 processes / (cfg 1 x ring 2) leave Ulysses 3 by default", "--ring-degree 3 --ulysses-degree 2"]),
+])
+def test_default_layout_that_does_not_fit_names_its_cause(world, flags, needles, tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 3` with no flags: no "--ulysses-degree 3" the user never gave; what fits instead."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # the check runs before any process group: one process stands in
+    result = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4", *flags)
+    assert result.exit_code == 2
+    line = error_line(result.stderr)
+    assert "--ulysses-degree 3" not in line and all(n in line for n in needles), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_step_makes_a_video(tmp_path):
+    """One step used to give NaN latents (the terminal stretch divides by zero); now it is the Euler step 1 -> 0."""
+    from usp_infer.pipeline import sigma_schedule
+
+    config = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    timesteps, sigmas = sigma_schedule(config, 1, 6)
+    assert timesteps.tolist() == [1000.0] and sigmas.tolist() == [1.0, 0.0]
+    result = cli("generate", "--prompt", "a fox", *FAST, "--steps", "1", "-o", tmp_path / "one.npz")
+    assert result.exit_code == 0, result.output
+    frames = np.load(tmp_path / "one.npz")["frames"]
+    assert np.isfinite(frames).all() and frames.std() > 0
+
+
+def test_make_tiny_into_a_used_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = cli("make-tiny", tmp_path)
+    assert result.exit_code == 2
+    assert f"{tmp_path} exists and is not an empty directory; remove it or pick another path" in error_line(result.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_bench_refuses_a_shape_the_cpu_cannot_hold(monkeypatch):
+    from usp_infer import bench
+
+    monkeypatch.setattr(bench, "_available_memory", lambda: 16 * 2**30)  # a 16 GiB machine, wherever this runs
+    result = cli("bench", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "--shape ltx-video-13b on the CPU needs 24.3 GiB of bfloat16 weights" in error_line(result.stderr)
+    assert "use --shape ltx-tiny" in result.stderr
+
+
+def test_empty_prompt_warns_and_tilde_expands(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = cli("generate", "--prompt", " ", *FAST, "-o", "~/a.mp4")
+    assert result.exit_code == 0, result.output
+    assert "warning: the prompt is empty; the video will follow no text" in result.stderr
+    assert (tmp_path / "a.mp4").is_file() and not (tmp_path / "~").exists()
+    quiet = cli("generate", "--prompt", "", *FAST, "-o", "~/b.mp4", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; the file-as-parent case covers root")
@@ -242,6 +316,9 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
     for name in names:
         assert Path(name).is_file() and Path(name + ".json").is_file()
     assert "line 3 of prompts.jsonl" in result.stderr
+    # Progress a user can follow: what happens around each step bar, and which item of how many.
+    for said in ("loading ", "item 1/3: line 1 of prompts.jsonl", "item 2/3: encoding text", "item 3/3: decoding", "item 3/3: writing custom/one.npz"):
+        assert said in result.stderr, said
     assert result.stderr.strip().endswith("done: 3 ran, 0 skipped, 0 failed")
     first, second, third = (json.loads(Path(n + ".json").read_text())["request"] for n in names)
     assert (first["seed"], first["steps"], first["num_frames"], first["guidance"]["cfg"]) == (5, 2, 9, [3.0])
@@ -389,7 +466,7 @@ def test_info_text_and_json(tmp_path):
     assert broken.exit_code == 1 and "truncated or corrupted" in error_line(broken.stderr)
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["info"], ["make-tiny"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["info"], ["make-tiny"], ["bench"]])
 def test_help_shows_examples_unwrapped(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0
@@ -402,6 +479,25 @@ def test_help_shows_examples_unwrapped(command):
     for previous, line in zip(lines, lines[1:]):
         assert not line.strip().startswith("--") or previous.endswith("\\"), line
     assert not any(line.endswith("-") for line in lines), lines
+
+
+# What `--help` and a usage error import: torch alone takes 3-5 s to import, so neither may pull it in.
+NO_TORCH = """
+import atexit, sys
+atexit.register(lambda: print(sorted({"torch", "diffusers", "transformers"} & set(sys.modules)), file=sys.stderr))
+from usp_infer.cli import main
+sys.argv = ["usp-infer", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["batch", "--help"], ["--version"],
+                                  ["generate", "--prompt", "a", "--num-frames", "10"],
+                                  ["generate", "--prompt", "a", "--model", "nope"]])
+def test_help_and_usage_errors_do_not_import_torch(args):
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode in (0, 2), run.stderr
+    assert run.stderr.splitlines()[-1] == "[]", run.stderr  # the modules of the three that were imported
 
 
 # --- the example scripts -------------------------------------------------------------------------

@@ -300,3 +300,62 @@ def test_layout_error_under_torchrun(tmp_path):
     assert job.stderr.count(expected) == 1, job.stderr[-3000:]
     assert leftovers(tmp_path) == []
 
+
+
+# --- a decode that fails after the loop: the latents are kept, `usp-infer decode` finishes the job ------------
+
+
+def test_failed_decode_keeps_latents_and_decode_reproduces_the_frames(tmp_path, monkeypatch):
+    runner = CliRunner()
+    args = ["generate", "--prompt", "a fox", *FAST, "--seed", "3"]
+    reference = runner.invoke(app, [*args, "-o", str(tmp_path / "ref.npz"), "--quiet"])
+    assert reference.exit_code == 0, reference.output
+
+    real = pipeline.decode_latents
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(pipeline, "decode_latents", out_of_memory)
+    out = tmp_path / "fox.npz"
+    failed = runner.invoke(app, [*args, "-o", str(out)])
+    assert failed.exit_code == 1
+    line = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    kept = tmp_path / "fox.npz.latents.npz"
+    assert len(line) == 1 and "the VAE decode failed" in line[0] and "not enough memory" in line[0]
+    assert f"the final latents are kept in {kept}: decode them with `usp-infer decode {kept} -o {out}" in line[0]
+    assert "decoding" in failed.stderr  # the phase it failed in was announced
+    assert kept.is_file() and not out.exists() and not (tmp_path / "fox.npz.json").exists()
+
+    monkeypatch.setattr(pipeline, "decode_latents", real)
+    decoded = runner.invoke(app, ["decode", str(kept), "--quiet"])  # -o defaults to the run's own output
+    assert decoded.exit_code == 0, decoded.output
+    ref, again = np.load(tmp_path / "ref.npz"), np.load(out)
+    # Same latents, same VAE, same device and dtype: the frames are the run's, bit for bit.
+    assert np.array_equal(again["frames"], ref["frames"]) and np.array_equal(again["latents"], ref["latents"])
+    side = json.loads((tmp_path / "fox.npz.json").read_text())
+    assert side["decoded_from"] == str(kept) and side["request"]["seed"] == 3
+    # A second decode refuses to replace the output; tiling on request still gives a video.
+    assert runner.invoke(app, ["decode", str(kept)]).exit_code == 2
+    tiled = runner.invoke(app, ["decode", str(kept), "-o", str(tmp_path / "tiled.mp4"), "--vae-tiling", "--quiet"])
+    assert tiled.exit_code == 0 and (tmp_path / "tiled.mp4").is_file()
+
+
+def test_decode_of_a_bad_file_is_one_line(tmp_path):
+    (tmp_path / "x.latents.npz").write_bytes(b"not numpy")
+    result = CliRunner().invoke(app, ["decode", str(tmp_path / "x.latents.npz")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert "is not a .latents.npz that usp-infer kept" in result.stderr
+
+
+def test_decode_memory_estimate_picks_tiles(monkeypatch):
+    """1024x1024x257 on a CPU with little free memory decodes in tiles instead of running out of memory."""
+    import torch
+
+    vae = type("VAE", (), {"spatial_compression_ratio": 32, "temporal_compression_ratio": 8, "dtype": torch.float32,
+                           "config": type("C", (), {"patch_size": 4, "decoder_block_out_channels": (128, 256, 512, 512)})})()
+    shape = (1, 128, 33, 32, 32)  # the latents of 257 frames at 1024x1024
+    assert pipeline.decode_memory(vae, shape, torch.float32) > 30 * 2**30
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: 16 * 2**30)
+    assert pipeline.needs_tiling(vae, shape, torch.device("cpu"), asked=False)
+    assert not pipeline.needs_tiling(vae, (1, 128, 2, 2, 3), torch.device("cpu"), asked=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,7 +74,24 @@ def _check_output(item: Item, s: Session) -> bool:
         if not s.overwrite and not s.resume:
             hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")
             raise UsageError(at(item, f"{present[0]} exists; {hint}"))
+    _probe_write(item, existing)
     return True
+
+
+def _probe_write(item: Item, directory: Path) -> None:
+    """Create and delete a file in `directory`: root passes os.access everywhere, and /proc or a read-only mount
+    refuse only an actual write. The directory's times are put back, so a refused run has changed nothing."""
+    times = directory.stat()
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".usp-infer-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(at(item, f"output directory {directory} is not writable ({e.strerror}); choose another output path")) from None
+    try:
+        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
+    except OSError:
+        pass
 
 
 def _check_image(item: Item) -> None:
@@ -89,15 +107,25 @@ def _check_image(item: Item) -> None:
         raise UsageError(at(item, f"--image {path} is not a readable PNG or JPEG image; pass a PNG or JPEG file")) from None
 
 
+def text_length_limit(configs: dict, default: int) -> int:
+    """The most tokens a prompt may be padded to: the tokenizer's model_max_length (LTXPipeline's bound), or the
+    family's `default` where the tokenizer writes transformers' huge "no limit" sentinel."""
+    limit = configs.get("tokenizer", {}).get("model_max_length")
+    return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else default
+
+
 def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
-    from .dist import env_world_size, resolve_parallel, validate_layout
+    from .dist import check_device, env_world_size, resolve_parallel, validate_layout
 
     try:
         family, configs = resolve(s.model)
         world = env_world_size()
-        parallel = resolve_parallel(s.parallel, world)
-        validate_layout(parallel, world, family.pipeline().attention_heads(configs))
+        pipe = family.pipeline()
+        heads = pipe.attention_heads(configs)
+        parallel = resolve_parallel(s.parallel, world, heads)
+        validate_layout(parallel, world, heads)
+        check_device(s.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     outputs = [i.output.resolve() for i in items]
@@ -107,6 +135,10 @@ def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item
     todo = []
     for item in items:
         _check_audio_output(item, family)
+        longest = text_length_limit(configs, pipe.MAX_TEXT_TOKENS)
+        if item.request.max_sequence_length > longest:
+            raise UsageError(at(item, f"--max-sequence-length {item.request.max_sequence_length} is longer than the "
+                                      f"tokenizer of {s.model} takes ({longest}); use at most {longest}"))
         if item.request.image is not None:
             _check_image(item)
         if _check_output(item, s):
@@ -162,7 +194,7 @@ def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict]
         index = len(items)
         if output is None:
             output = output_dir / f"{index:04d}-{_slug(request.prompt)}-s{request.seed}.mp4"
-        items.append(Item(index, request, Path(output), where))
+        items.append(Item(index, request, Path(output).expanduser(), where))
     if not items:
         raise UsageError(f"batch file {path} has no items")
     return items

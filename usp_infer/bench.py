@@ -482,6 +482,32 @@ def _validated(shape: str, height: int, width: int, num_frames: int, branches: i
         raise ValueError(f"--dtype {dtype!r} is unknown; use bfloat16, float16 or float32")
 
 
+def _available_memory() -> int:
+    """Bytes the kernel could give us now (MemAvailable counts reclaimable cache); free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_fits_host(s: Setup) -> None:
+    """On the CPU the weights live in host memory: refuse a shape that would not fit, before building it."""
+    if s.device.type != "cpu":
+        return
+    from .ltx2 import LTX2Transformer
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        params = sum(p.numel() for p in (LTX2Transformer if s.ltx2 else LTXTransformer)(s.cfg).parameters())
+    need = params * s.dtype.itemsize
+    free = _available_memory()
+    if need > free / 2:  # weights, activations and the branches' batch need the other half and more
+        raise ValueError(
+            f"--shape {s.shape} on the CPU needs {need / 2**30:.1f} GiB of {str(s.dtype).removeprefix('torch.')} weights "
+            f"and {free / 2**30:.1f} GiB of memory is free; use --shape ltx-tiny or ltx2-tiny on the CPU, or run on a GPU"
+        )
+
+
 def bench_command(
     shape: str = typer.Option("ltx-video-13b", help=f"Model shape, random weights: {', '.join(SHAPES)}."),
     height: int = typer.Option(512, help="Pixels, a multiple of 32."),
@@ -531,6 +557,7 @@ def bench_command(
                              "cpu" if device == "auto" else device)
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
                   getattr(torch, dtype), image)
+        _check_fits_host(s)
         if layouts is None:
             layouts = f"{cfg_parallel}x{ring_degree}x{ulysses_degree or world // (cfg_parallel * ring_degree) or 1}"
         chosen = _parse_layouts(layouts, world, s)

@@ -100,7 +100,9 @@ def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None
 def step_flops(cfg: LTX2Config, s) -> dict[str, float]:
     grid = s.grid
     branches = len([n for n in guidance(cfg, s.branches).branches() if n != "perturbed" or cfg.perturbed_attn])
-    return flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, branches)
+    parts = flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, branches)
+    parts.pop("total")  # the record sums the parts itself
+    return parts
 
 
 def diffusers_cases(s, seed: int, randomize, measure) -> list[tuple[str, list[float], list[float], bool]]:
@@ -150,18 +152,20 @@ def diffusers_cases(s, seed: int, randomize, measure) -> list[tuple[str, list[fl
         state = {"video": video, "audio": audio, "finite": True}
 
         def predict() -> dict[str, tuple[Tensor, Tensor]]:
-            stg = dict(spatio_temporal_guidance_blocks=list(g.stg_blocks))
+            def stg(rows: tuple[str, ...]) -> dict:  # its perturbation mask is 0 on perturbed rows, in the model dtype
+                mask = torch.tensor([0.0 if n == "perturbed" else 1.0 for n in rows], device=device, dtype=s.dtype)
+                return dict(spatio_temporal_guidance_blocks=list(g.stg_blocks), perturbation_mask=mask)
+
             if mode == "batched":
                 rows = names
-                mask = torch.tensor([0.0 if n == "perturbed" else 1.0 for n in rows], device=device)
-                out = call(rows, state, **(stg | {"perturbation_mask": mask} if "perturbed" in rows else {}))
+                out = call(rows, state, **(stg(rows) if "perturbed" in rows else {}))
                 return {n: (out[0][i : i + 1].float(), out[1][i : i + 1].float()) for i, n in enumerate(rows)}
             preds = {}
             pair = tuple(n for n in names if n in ("cond", "uncond"))
             out = call(pair, state)
             preds |= {n: (out[0][i : i + 1].float(), out[1][i : i + 1].float()) for i, n in enumerate(pair)}
             if "perturbed" in names:
-                out = call(("perturbed",), state, **stg)
+                out = call(("perturbed",), state, **stg(("perturbed",)))
                 preds["perturbed"] = (out[0].float(), out[1].float())
             if "isolated" in names:
                 out = call(("isolated",), state, isolate_modalities=True)

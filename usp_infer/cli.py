@@ -20,7 +20,15 @@ from .request import UsageError, build_for
 from .runner import check_weights, fail, run_session
 from .guidance import PRESETS
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "ltx-tiny"
+
+
+def _models_dir() -> Path:
+    """The tiny models: package data in an installed copy (usp_infer/models/), the checkout's models/ otherwise."""
+    here = Path(__file__).resolve().parent
+    return here / "models" if (here / "models").is_dir() else here.parent / "models"
+
+
+DEFAULT_MODEL = _models_dir() / "ltx-tiny"
 
 
 def _help(summary: str, *examples: str) -> str:
@@ -49,6 +57,21 @@ app = typer.Typer(
     ),
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"usp-infer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
 
 
 # Options generate and batch share, each declared once and listed by name in both signatures. Request
@@ -92,6 +115,8 @@ DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before t
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
                                "one-time compilation in the first step (worth it for long runs and batches).")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
+VaeTiling = Annotated[bool, _opt("--vae-tiling", help="Decode in tiles (less memory). Chosen by itself when the "
+                                 "estimated full decode would not fit in free memory.")]
 Dtype = Annotated[Optional[str], _opt(help="float32 | bfloat16 | float16 [default: bfloat16 on CUDA, float32 on CPU].")]
 Overwrite = Annotated[bool, _opt(help="Replace existing outputs.")]
 Quiet = Annotated[bool, _opt(help="No progress bar or messages (errors still go to stderr).")]
@@ -99,7 +124,17 @@ JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
 SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
-                 "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+                 "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+
+
+def _warn_empty_prompts(items: list[Item], s: Session) -> None:
+    """An empty prompt is legal (the video follows no text), but rarely meant: say so, once per item."""
+    from .dist import env_rank
+
+    for item in items:
+        if not item.request.prompt.strip() and not s.quiet and env_rank() == 0:
+            where = f"{item.where}: " if item.where else ""
+            typer.echo(f"warning: {where}the prompt is empty; the video will follow no text", err=True)
 
 
 def _session_from(flags: dict, **extra) -> Session:
@@ -119,8 +154,9 @@ def _session_from(flags: dict, **extra) -> Session:
     except ValueError as e:
         fail(2, str(e))
     return Session(
-        model=Path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
-        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"], **extra,
+        model=Path(f["model"]).expanduser(), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
+        quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"],
+        vae_tiling=f["vae_tiling"], **extra,
     )
 
 
@@ -187,6 +223,7 @@ def generate(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
     overwrite: Overwrite = False,
@@ -200,7 +237,9 @@ def generate(
         request = _request_builder(s)({"prompt": prompt, **flags})
     except UsageError as e:
         fail(2, str(e))
-    run_session([Item(0, request, output)], s)
+    items = [Item(0, request, output.expanduser())]
+    _warn_empty_prompts(items, s)
+    run_session(items, s)
 
 
 @app.command(
@@ -261,6 +300,7 @@ def batch(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
     overwrite: Overwrite = False,
@@ -271,18 +311,51 @@ def batch(
     flags = {k: v for k, v in locals().items() if k not in ("file", "output_dir", "resume", "keep_going")}
     s = _session_from(flags, resume=resume, keep_going=keep_going, batch=True)
     try:
-        items = read_batch(file, flags, output_dir, _request_builder(s))
+        items = read_batch(file.expanduser(), flags, output_dir.expanduser(), _request_builder(s))
     except UsageError as e:
         fail(2, str(e))
+    _warn_empty_prompts(items, s)
     run_session(items, s)
 
 
 @app.command("make-tiny", help=_help("Write a deterministic tiny random-weight LTX pipeline (diffusers layout).", "  usp-infer make-tiny /tmp/ltx-tiny --seed 1"))
 def make_tiny(directory: Path = typer.Argument(..., help="Folder to create."), seed: int = _opt(0, help="Weight seed.")) -> None:
+    directory = directory.expanduser()
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        fail(2, f"{directory} exists and is not an empty directory; remove it or pick another path")
     from .tiny import make_tiny as _make
 
-    _make(directory, seed=seed)
+    try:
+        _make(directory, seed=seed)
+    except OSError as e:
+        fail(1, f"cannot write {directory}: {e.strerror or e}")
     typer.echo(f"wrote {directory}", err=True)
+
+
+@app.command(help=_help(
+    "Decode the latents a run kept when its VAE decode failed (OUTPUT.latents.npz) into the outputs generate "
+    "would have written: the video and its sidecar. Only the VAE loads.",
+    "  usp-infer decode fox.mp4.latents.npz -o fox.mp4 --vae-tiling",
+))
+def decode(
+    latents: Annotated[Path, typer.Argument(help="A .latents.npz that generate or batch kept.")],
+    output: Annotated[Optional[Path], _opt("--output", "-o", help="Where to write [default: the run's own output].")] = None,
+    model: Annotated[Optional[Path], _opt(help="The model folder [default: the one the run used; its configs must match].")] = None,
+    vae_tiling: VaeTiling = False,
+    device: Device = "auto",
+    dtype: Annotated[Optional[str], _opt(help="float32 | bfloat16 | float16 [default: the run's].")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    from .latents import run_decode
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(2, f"--device {device!r} is unknown; use auto, cpu or cuda")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
+    run_decode(latents.expanduser(), None if output is None else output.expanduser(),
+               None if model is None else model.expanduser(), vae_tiling, device, dtype, overwrite, quiet, debug)
 
 
 def _count_parameters(folder: Path) -> int:
@@ -308,35 +381,43 @@ def info(
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     from .dist import layouts
-    from .pipeline import read_model_configs
+    from .families import resolve
 
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
     try:
-        configs = read_model_configs(model)
+        family, configs = resolve(model.expanduser())
     except ValueError as e:
         fail(2, str(e))
+    pipe = family.pipeline()
     t = configs["transformer"]
-    heads = t["num_attention_heads"]
     try:
         check_weights(model)
     except RuntimeError as e:
         fail(1, str(e))
-    params = {name: _count_parameters(model / name) for name in ("transformer", "vae", "text_encoder")}
+    components = [name for name in configs if (model / name).is_dir() and any((model / name).glob("*.safetensors"))]
+    params = {name: _count_parameters(model / name) for name in components}
+    shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
+                  "audio_attention_head_dim", "in_channels", "caption_channels")
     summary = {
         "model": str(model),
-        "transformer": {k: t[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "caption_channels")},
+        "family": family.name,
+        "needs": family.summary,
+        "presets": list(family.presets),
+        "transformer": {k: t[k] for k in shape_keys if k in t},
         "parameters": params,
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
-        "tokens": "((frames-1)/8+1) * (height/32) * (width/32)",
-        "layouts": [{"cfg": c, "ring": r, "ulysses": u} for c, r, u in layouts(gpus, heads, 3)],
+        "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
+        "layouts": [{"cfg": c, "ring": r, "ulysses": u} for c, r, u in layouts(gpus, pipe.attention_heads(configs), None)
+                    if c <= pipe.MAX_BRANCHES],
         "configs": configs,
     }
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"model        {model}")
+    typer.echo(f"family       {family.name}: {family.summary}; presets {', '.join(family.presets)}")
     typer.echo("transformer  " + ", ".join(f"{k} {v}" for k, v in summary["transformer"].items()))
     typer.echo("parameters   " + ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in params.items()))
     typer.echo(f"frames       {summary['frames']}")
@@ -347,19 +428,24 @@ def info(
         typer.echo(f"  --cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}")
 
 
-def _register_bench() -> None:
+BENCH_HELP = (
+    "Time denoising steps of a full-size LTX transformer (random bf16 weights) on 1..N GPUs.\n\n"
+    "\b\nExamples:\n"
+    "  usp-infer bench --shape ltx-video-13b --height 512 --width 768 --num-frames 121\n"
+    "  torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json"
+)
+
+
+# A thin wrapper: its body imports bench (and so torch), so `usp-infer --help` and every other command start
+# without it. Its arguments, --help included, go to the real command, which typer builds on first use.
+@app.command("bench", help=BENCH_HELP, add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench(ctx: typer.Context) -> None:
     from .bench import bench_command  # torch + typer only: runs where diffusers is not installed
 
-    app.command(
-        "bench",
-        help="Time denoising steps of a full-size LTX transformer (random bf16 weights) on 1..N GPUs.\n\n"
-        "\b\nExamples:\n"
-        "  usp-infer bench --shape ltx-video-13b --height 512 --width 768 --num-frames 121\n"
-        "  torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json",
-    )(bench_command)
-
-
-_register_bench()
+    real = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    real.command("bench", help=BENCH_HELP)(bench_command)
+    real(args=ctx.args, prog_name=ctx.command_path)
 
 
 def main() -> None:

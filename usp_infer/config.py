@@ -104,4 +104,5 @@ class Session:
     json_summary: bool = False
     debug: bool = False
     compile: bool = False
+    vae_tiling: bool = False  # decode in tiles even when a full decode would fit
     batch: bool = False  # print the "done: ..." line

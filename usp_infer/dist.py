@@ -9,13 +9,14 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
-from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
+from typing import TYPE_CHECKING
 
 from usp_infer.config import ParallelConfig
+
+if TYPE_CHECKING:  # torch loads only where a mesh is built: layout checks and env_rank run without it
+    import torch
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,33 @@ def validate_layout(parallel: ParallelConfig, world_size: int, num_heads: int | 
         )
 
 
-def resolve_parallel(parallel: ParallelConfig, world_size: int) -> ParallelConfig:
+def resolve_parallel(parallel: ParallelConfig, world_size: int, num_heads: int | None = None) -> ParallelConfig:
     """Let Ulysses take the processes that cfg and ring leave, when the user left it at 1.
 
-    `torchrun --nproc_per_node 4` with no degree flags thus runs Ulysses 4. A layout that
+    `torchrun --nproc_per_node 4` with no degree flags thus runs Ulysses 4. When that default does not
+    divide the heads, the error says so (no --ulysses-degree was given) and lists what fits. A layout that
     still does not fit is returned as it is, for validate_layout to report.
     """
     rest, leftover = divmod(world_size, parallel.cfg * parallel.ring)
     if parallel.ulysses == 1 and leftover == 0 and rest > 1:
+        if num_heads is not None and num_heads % rest:
+            given = f" / (cfg {parallel.cfg} x ring {parallel.ring})" if parallel.cfg * parallel.ring > 1 else ""
+            hints = ", or ".join(_flags(layout) for layout in layouts(world_size, num_heads, None))
+            raise ValueError(
+                f"{world_size} processes{given} leave Ulysses {rest} by default, which does not divide {num_heads} "
+                f"attention heads; for {world_size} processes pass {hints}"
+            )
         return replace(parallel, ulysses=rest)
     return parallel
+
+
+def check_device(device: str) -> None:
+    """--device cuda on a machine without CUDA: one line, before anything loads."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu or auto")
 
 
 def env_world_size() -> int:
@@ -122,6 +140,8 @@ def env_rank() -> int:
 
 def _timeout_options(backend: str, timeout: timedelta):
     """Backend options carrying our collective timeout: a mesh's groups do not inherit the default group's."""
+    import torch.distributed as dist
+
     options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
     options._timeout = timeout
     return options
@@ -134,6 +154,8 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
     order is rank = (cfg_rank * ring + ring_rank) * ulysses + ulysses_rank: Ulysses runs over
     neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
     """
+    import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     world_size = env_world_size()
@@ -180,12 +202,17 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
 
 def teardown() -> None:
     """Leave the process group; safe to call twice and without one (finally-blocks call it)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def shared_seed(seed: int | None, mesh: Mesh) -> int:
     """The given seed, or one drawn on rank 0 and broadcast, so every rank draws the same noise."""
+    import torch
+    import torch.distributed as dist
+
     if seed is not None:
         return seed
     drawn = torch.tensor([secrets.randbelow(2**32)], dtype=torch.int64, device=mesh.device)

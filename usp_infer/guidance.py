@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # tensors only flow through: the CLI imports the configs here without loading torch
+    import torch
 
 STG_MODES = ("values", "skip", "residual", "block")
 

@@ -9,7 +9,6 @@ layout decides comes from the `Plan` passed in (parallel.py), the identity for o
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,50 +20,8 @@ from .config import GenerateRequest
 from .guidance import Guider, StepScales
 from .ltx import AttnFn, LTXTransformer, Perturbation, load_transformer, rope_tables
 from .ltx import compile_blocks  # noqa: F401 - part of the family surface (families.py)
+from .model_folder import COMPONENTS, read_model_configs  # noqa: F401 - part of the family surface
 from .parallel import Plan
-
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing; the model folder must be in diffusers layout (see models/README.md)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
-def read_model_configs(model_dir: Path) -> dict[str, dict]:
-    """Read and cross-check a diffusers-format LTX folder's configs, before any weights load."""
-    if not model_dir.is_dir():
-        raise ValueError(f"--model {model_dir} is not a directory; pass a diffusers-format LTX folder (see models/README.md)")
-    for name in COMPONENTS:
-        if not (model_dir / name).is_dir():
-            raise ValueError(f"--model {model_dir} has no {name}/ folder; it must be a diffusers-format LTX pipeline")
-    configs = {
-        "transformer": _read_json(model_dir / "transformer" / "config.json"),
-        "vae": _read_json(model_dir / "vae" / "config.json"),
-        "text_encoder": _read_json(model_dir / "text_encoder" / "config.json"),
-        "scheduler": _read_json(model_dir / "scheduler" / "scheduler_config.json"),
-    }
-    if not any((model_dir / "transformer").glob("*.safetensors")):
-        raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
-    t, v, te = configs["transformer"], configs["vae"], configs["text_encoder"]
-    if v.get("latent_channels") != t.get("in_channels") or t.get("in_channels") != t.get("out_channels", t.get("in_channels")):
-        raise ValueError(
-            f"configs disagree in {model_dir}: vae latent_channels {v.get('latent_channels')} vs transformer "
-            f"in_channels {t.get('in_channels')} / out_channels {t.get('out_channels')}; use a matching checkpoint"
-        )
-    if te.get("d_model") != t.get("caption_channels"):
-        raise ValueError(
-            f"configs disagree in {model_dir}: text_encoder d_model {te.get('d_model')} vs transformer "
-            f"caption_channels {t.get('caption_channels')}; use a matching checkpoint"
-        )
-    if t.get("patch_size", 1) != 1 or t.get("patch_size_t", 1) != 1:
-        raise ValueError(f"{model_dir}: transformer patch sizes other than 1 are not supported")
-    return configs
-
 
 @dataclass
 class Components:
@@ -101,6 +58,9 @@ class Result:
     latents: np.ndarray | None  # (C, F', H', W') float32, exactly what the VAE decodes; main rank only
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
+    encode_text_time: float = 0.0
+    decode_timestep: float | None = None  # what the VAE decoder was conditioned on (None: not timestep-conditioned)
+    vae_tiling: bool = False
 
     def outputs(self) -> dict:
         """What media.write_video writes besides the frames."""
@@ -108,6 +68,10 @@ class Result:
 
 
 # --- the family surface (families.py) ------------------------------------------------------------
+
+
+MAX_TEXT_TOKENS = 512  # where the tokenizer names no limit: T5's relative positions were trained up to 512
+MAX_BRANCHES = 3  # uncond, cond, STG-perturbed
 
 
 def attention_heads(configs: dict) -> int:
@@ -128,6 +92,49 @@ def build_request(options: dict, configs: dict) -> GenerateRequest:
     if block >= layers:
         raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
     return req
+
+
+class DecodeError(RuntimeError):
+    """The VAE decode failed after a finished denoising loop; `latents` (what it was decoding) are kept."""
+
+    def __init__(self, message: str, result: Result):
+        super().__init__(message)
+        self.result = result
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes a decode may still take on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: assume it fits; a failure still keeps the latents
+
+
+def decode_memory(vae, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """A rough estimate of a full (untiled) decode's peak: ~6 activations of the decoder's last stage, which runs
+    at the output's frames and 1/patch of its height and width with decoder_block_out_channels[0] channels."""
+    _, _, frames, height, width = latent_shape
+    s_ratio, t_ratio = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+    pixels = ((frames - 1) * t_ratio + 1) * height * s_ratio * width * s_ratio
+    values = pixels // vae.config.patch_size**2 * vae.config.decoder_block_out_channels[0]
+    return 6 * values * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_latents(vae, latents: torch.Tensor, decode_t: torch.Tensor | None, tiling: bool) -> np.ndarray:
+    """VAE input latents (1, C, F', H', W') -> frames (F, H, W, 3) float32 in [0, 1]; tiled on request."""
+    if tiling:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    video = vae.decode(latents.to(vae.dtype), decode_t, return_dict=False)[0]
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def needs_tiling(vae, latent_shape: tuple[int, ...], device: torch.device, asked: bool) -> bool:
+    return asked or decode_memory(vae, latent_shape, vae.dtype) > _free_memory(device)
 
 
 @torch.no_grad()
@@ -160,6 +167,11 @@ def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[tor
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
+    if steps == 1:
+        # The terminal stretch rescales the schedule so that its last sigma is `shift_terminal`; one step has
+        # only sigma 1 (which every shift keeps at 1), so the stretch divides by zero (diffusers' LTXPipeline
+        # gives NaN too). Without it one step is the plain Euler step from sigma 1 to 0: the model's x0 guess.
+        scheduler_config = {**scheduler_config, "shift_terminal": None}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     mu = calculate_shift(
         tokens,
@@ -222,7 +234,9 @@ class Denoiser:
 
 
 @torch.no_grad()
-def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True) -> Result:
+def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True, vae_tiling: bool = False,
+             say=lambda message: None) -> Result:
+    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop."""
     from tqdm import tqdm
 
     from .media import load_image
@@ -240,9 +254,12 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, tokens)
     schedule = [req.guidance.at(float(s)) for s in sigmas[:-1]]
 
+    say("encoding text")
+    start = time.perf_counter()
     text = {"cond": encode_text(c, req.prompt, req.max_sequence_length)}
     if any("uncond" in s.branches for s in schedule):
         text["uncond"] = encode_text(c, req.negative_prompt, req.max_sequence_length)
+    encode_text_time = time.perf_counter() - start
 
     # Global initial latent, drawn exactly as diffusers draws it; then each rank keeps its shard.
     mean, std = _latent_stats(c.vae)
@@ -292,6 +309,17 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         latents = (1 - req.decode_noise_scale) * latents + req.decode_noise_scale * noise
         decode_t = torch.tensor([req.decode_timestep], device=c.device, dtype=latents.dtype)
     latents = latents.to(c.device)
-    video = c.vae.decode(latents.to(c.vae.dtype), decode_t, return_dict=False)[0]
-    frames_np = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
-    return Result(frames_np, latents[0].float().cpu().numpy(), step_times, time.perf_counter() - start)
+    tiling = needs_tiling(c.vae, tuple(latents.shape), c.device, vae_tiling)
+    result = Result(None, latents[0].float().cpu().numpy(), step_times, 0.0, encode_text_time,
+                    None if decode_t is None else req.decode_timestep, tiling)
+    if tiling and not vae_tiling:
+        say(f"decoding in tiles: a full decode needs ~{decode_memory(c.vae, tuple(latents.shape), c.vae.dtype) / 2**30:.1f} GiB, "
+            "more than is free")
+    else:
+        say("decoding" + (" in tiles" if tiling else ""))
+    try:
+        result.frames = decode_latents(c.vae, latents, decode_t, tiling)
+    except (RuntimeError, MemoryError) as e:  # out of memory (torch raises RuntimeError on the CPU), a kernel failure
+        raise DecodeError(f"the VAE decode failed ({type(e).__name__}: {e})", result) from e
+    result.decode_time = time.perf_counter() - start
+    return result

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -210,6 +210,9 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
             raise ValueError(f"{path} is missing; the model folder must be in diffusers layout") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    tokenizer_config = model_dir / "tokenizer" / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        configs["tokenizer"] = json.loads(tokenizer_config.read_text())
     if not any((model_dir / "transformer").glob("*.safetensors")):
         raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
     t, v, a = configs["transformer"], configs["vae"], configs["audio_vae"]
@@ -221,6 +224,10 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
         raise ValueError(f"configs disagree in {model_dir}: audio_vae latent_channels x mel_bins / 4 = {audio_width} "
                          f"vs transformer audio_in_channels {t.get('audio_in_channels')}; use a matching checkpoint")
     return configs
+
+
+MAX_TEXT_TOKENS = 1024  # where the tokenizer names no limit: LTX2Pipeline's (and the connectors') length
+MAX_BRANCHES = 4  # cond, uncond, STG-perturbed, modality-isolated
 
 
 def attention_heads(configs: dict) -> int:
@@ -556,8 +563,12 @@ class Denoiser:
 
 
 @torch.no_grad()
-def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True) -> Result:
+def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True,
+             vae_tiling: bool = False, say: Callable[[str], None] | None = None) -> Result:
+    """One video with sound; `say` hears what is happening around the step bar (the main rank's only)."""
     from tqdm import tqdm
+
+    say = say or (lambda message: None)
 
     plan = plan or Plan.build(ParallelConfig(), str(c.device))  # one process: no process group
     blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
@@ -570,6 +581,7 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
     generator = torch.Generator("cpu").manual_seed(req.seed)
 
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
+    say("encoding text")
     text = encode_prompts(c, prompts, req.max_sequence_length)
 
     video, cond_mask, audio = initial_latents(c, req, lay, generator)
@@ -609,6 +621,9 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
     if not plan.is_main:
         return Result(None, None, c.sample_rate, None, None, step_times)
     start = time.perf_counter()
+    say("decoding" + (" in tiles" if vae_tiling else ""))
+    if vae_tiling:
+        c.vae.enable_tiling()
     frames, latents = decode_video(c, video, lay)
     waveform, audio_latents = decode_audio(c, audio, lay) if req.audio else (None, None)
     return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start)

@@ -3,6 +3,7 @@ defaults). `build_request` is the LTX-Video family's; `build_for` dispatches by 
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from .config import GenerateRequest
@@ -62,6 +63,8 @@ GUIDANCE_DEFAULTS = {f.name: f.default for f in fields(GuidanceConfig)}  # the o
 def build_request(options: dict) -> GenerateRequest:
     """Flags (None = not given) -> one validated request: explicit flags > preset > defaults."""
     options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(options.get("image"), str):
+        options["image"] = os.path.expanduser(options["image"])  # "~/a.png" from a batch line or a quoted flag
     if "num_inference_steps" in options:
         options.setdefault("steps", options.pop("num_inference_steps"))
     preset_name = options.pop("preset", None)

@@ -109,6 +109,8 @@ def _run(items: list[Item], s: Session) -> None:
     from .dist import env_rank, teardown
     from .parallel import Plan
     from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
+    from .latents import keep_latents
+    from .pipeline import DecodeError
 
     pipe = family.pipeline()
 
@@ -122,8 +124,16 @@ def _run(items: list[Item], s: Session) -> None:
         mesh = plan.mesh
         dtype_name = s.dtype or ("bfloat16" if mesh.device.type == "cuda" else "float32")
         s = replace(s, dtype=dtype_name)
+        talk = mesh.is_main and not s.quiet and not s.json_summary
+
+        def say(message: str) -> None:  # what is happening around the step bar (rank 0, stderr)
+            if talk:
+                close_progress()
+                typer.echo(message, err=True)
+
         start = time.perf_counter()
-        check_weights(s.model)
+        check_weights(s.model)  # a broken file is one line, before any progress line
+        say(f"loading {s.model} on {mesh.device} ({dtype_name})")
         try:
             components = pipe.load_components(s.model, mesh.device, getattr(torch, dtype_name))
         except (OSError, ValueError, RuntimeError) as e:
@@ -131,19 +141,37 @@ def _run(items: list[Item], s: Session) -> None:
         if s.compile:
             pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
         load_s = time.perf_counter() - start
-        for item in todo:
+        for number, item in enumerate(todo, 1):
             start = time.perf_counter()
+            prefix = f"item {number}/{len(todo)}: " if s.batch else ""
+
+            def said(message: str, prefix: str = prefix) -> None:
+                say(prefix + message)
+
+            if s.batch:
+                said(item.where or str(item.output))
             if mesh.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(mesh.device)
             try:
-                result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet)
+                try:
+                    result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
+                                           vae_tiling=s.vae_tiling, say=said)
+                except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
+                    kept = keep_latents(item, s, e.result)
+                    raise RuntimeError(
+                        f"{e}; the final latents are kept in {kept}: decode them with "
+                        f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
+                    ) from e
                 if mesh.is_main:
+                    said(f"writing {item.output}")
+                    write_start = time.perf_counter()
                     remove_stale_temps(item.output)  # left by a run that was killed while writing this item
                     written = write_video(
                         item.output, result.frames, fps=item.request.fps, overwrite=s.overwrite or s.resume,
                         **result.outputs(),
                     )
-                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s)
+                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s,
+                                           time.perf_counter() - write_start)
                     write_json_atomic(sidecar_path(item.output), record)
                     records.append(record)
                     if not s.quiet and not s.json_summary:

@@ -39,7 +39,7 @@ def peak_memory(device) -> dict:
     return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_of": "process max RSS, whole run so far"}
 
 
-def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float) -> dict:
+def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float, write_s: float = 0.0) -> dict:
     return {
         "output": str(item.output),
         "request": asdict(item.request),
@@ -52,10 +52,13 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "device": str(mesh.device),
         "dtype": s.dtype,
         "compiled": s.compile,
+        "vae_tiling": result.vae_tiling,
         "timings": {
             "total_s": round(seconds, 4),
+            "encode_text_s": round(result.encode_text_time, 4),
             "denoise_s": round(sum(result.step_times), 4),
             "decode_s": round(result.decode_time, 4),
+            "write_s": round(write_s, 4),
             "step_s": [round(t, 4) for t in result.step_times],
             "model_load_s": round(load_s, 4),  # once per run, shared by its items
         },

@@ -1,0 +1,68 @@
+"""A model folder's configs, read and cross-checked before any weights load (no torch: usage errors stay fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Transformer classes we run, by the `_class_name` diffusers writes into transformer/config.json.
+SUPPORTED_TRANSFORMERS = {"LTXVideoTransformer3DModel": "LTX-Video 0.9.x"}
+
+
+def _check_family(model_dir: Path) -> None:
+    """Name the transformer class a folder holds when it is not one we run (Wan, CogVideoX, ...)."""
+    try:
+        found = json.loads((model_dir / "transformer" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # missing or unreadable: the component checks below say so
+    if found is not None and found not in SUPPORTED_TRANSFORMERS:
+        supported = ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_TRANSFORMERS.items())
+        raise ValueError(f"--model {model_dir} holds a {found} transformer, another model family; supported: {supported}")
+
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; the model folder must be in diffusers layout (see models/README.md)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_model_configs(model_dir: Path) -> dict[str, dict]:
+    """Read and cross-check a diffusers-format LTX folder's configs, before any weights load."""
+    if not model_dir.is_dir():
+        raise ValueError(f"--model {model_dir} is not a directory; pass a diffusers-format LTX folder (see models/README.md)")
+    _check_family(model_dir)
+    for name in COMPONENTS:
+        if not (model_dir / name).is_dir():
+            raise ValueError(f"--model {model_dir} has no {name}/ folder; it must be a diffusers-format LTX pipeline")
+    configs = {
+        "transformer": _read_json(model_dir / "transformer" / "config.json"),
+        "vae": _read_json(model_dir / "vae" / "config.json"),
+        "text_encoder": _read_json(model_dir / "text_encoder" / "config.json"),
+        "scheduler": _read_json(model_dir / "scheduler" / "scheduler_config.json"),
+    }
+    if (model_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        configs["tokenizer"] = _read_json(model_dir / "tokenizer" / "tokenizer_config.json")
+    if not any((model_dir / "transformer").glob("*.safetensors")):
+        raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
+    t, v, te = configs["transformer"], configs["vae"], configs["text_encoder"]
+    if v.get("latent_channels") != t.get("in_channels") or t.get("in_channels") != t.get("out_channels", t.get("in_channels")):
+        raise ValueError(
+            f"configs disagree in {model_dir}: vae latent_channels {v.get('latent_channels')} vs transformer "
+            f"in_channels {t.get('in_channels')} / out_channels {t.get('out_channels')}; use a matching checkpoint"
+        )
+    if te.get("d_model") != t.get("caption_channels"):
+        raise ValueError(
+            f"configs disagree in {model_dir}: text_encoder d_model {te.get('d_model')} vs transformer "
+            f"caption_channels {t.get('caption_channels')}; use a matching checkpoint"
+        )
+    if t.get("patch_size", 1) != 1 or t.get("patch_size_t", 1) != 1:
+        raise ValueError(f"{model_dir}: transformer patch sizes other than 1 are not supported")
+    return configs
+
+
