@@ -13,8 +13,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
 WHAT=${1:?name what to run: one, big or ltxv}
-W=/tmp/ltx2-bench
-rm -rf "$W" && mkdir -p "$W/prof"
+W=/tmp/ltx2-bench  # kept across the sets of one call: every set adds its files, results.tgz holds them all
+mkdir -p "$W/prof"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,13 +33,16 @@ bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE 
 }
 
 case "$WHAT" in
+profile)
+  bench ltx23-6144-prof 300 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --profile "$W/prof/ltx23-6144"
+  ;;
 one)
   bench ltx23-6144 330 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers \
     --profile "$W/prof/ltx23-6144"
   bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
   ;;
 big)
-  bench ltx23-24576 540 --shape ltx-2.3-22b $S24 --warmup 1 --steps 3 --compile --baseline diffusers
+  bench ltx23-24576 480 --shape ltx-2.3-22b $S24 --warmup 1 --steps 3 --compile --baseline diffusers
   ;;
 ltx2-19b)
   bench ltx20-6144 300 --shape ltx-2-19b $S6 --warmup 2 --steps 5 --baseline diffusers
@@ -52,7 +55,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use one, big, ltx2-19b or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, big, ltx2-19b or ltxv" >&2
   exit 2
   ;;
 esac
