@@ -45,7 +45,11 @@ big)
   bench ltx23-24576 480 --shape ltx-2.3-22b $S24 --warmup 1 --steps 3 --compile --baseline diffusers
   ;;
 ltx2-19b)
-  bench ltx20-6144 300 --shape ltx-2-19b $S6 --warmup 2 --steps 5 --baseline diffusers
+  bench ltx20-6144 200 --shape ltx-2-19b $S6 --warmup 2 --steps 5 --baseline diffusers
+  ;;
+i2v)  # image-to-video steps of both families, eager and compiled (their text-to-video twins: sets one, ltxv)
+  bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
+  bench ltxv13b-6144-i2v 150 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile --image
   ;;
 ltxv)
   bench ltxv13b-6144 240 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile
