@@ -409,8 +409,8 @@ def info(
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
-        "layouts": [{"cfg": c, "ring": r, "ulysses": u} for c, r, u in layouts(gpus, pipe.attention_heads(configs), None)
-                    if c <= pipe.MAX_BRANCHES],
+        "layouts": [{"cfg": c, "ring": r, "ulysses": u}
+                    for c, r, u in layouts(gpus, pipe.attention_heads(configs), pipe.MAX_BRANCHES)],
         "configs": configs,
     }
     if json_summary:

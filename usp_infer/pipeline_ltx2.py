@@ -289,11 +289,29 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
         if any(b >= layers for b in blocks):
             raise UsageError(f"--stg-blocks {max(blocks)} is out of range: the model has {layers} blocks "
                              f"(0..{layers - 1})")
-        return LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), **o)
+        req = LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), **o)
+        _check_audio_tokens(req, configs["audio_vae"])
+        return req
     except ValueError as e:
         raise UsageError(str(e)) from None
     except TypeError as e:
         raise UsageError(f"bad option: {e}") from None
+
+
+def audio_tokens_per_second(audio_vae_config: dict) -> float:
+    """Latent audio frames a second: mel frames (sample rate / hop) over the audio VAE's 4x time compression."""
+    return audio_vae_config.get("sample_rate", 16000) / audio_vae_config.get("mel_hop_length", 160) / 4.0
+
+
+def _check_audio_tokens(req: LTX2Request, audio_vae_config: dict) -> None:
+    from .request import UsageError
+
+    per_second = audio_tokens_per_second(audio_vae_config)
+    if round(req.num_frames / req.fps * per_second) < 1:
+        frames = math.ceil(0.5 * req.fps / per_second)
+        raise UsageError(f"--num-frames {req.num_frames} at --fps {req.fps:g} lasts {req.num_frames / req.fps:.3f} s, "
+                         f"which gives no audio token ({per_second:g} a second); use at least "
+                         f"{8 * math.ceil((frames - 1) / 8) + 1} frames or a lower --fps")
 
 
 def compile_blocks(transformer) -> None:
@@ -386,7 +404,7 @@ class Layout:
 def layout(c: Components, req: LTX2Request) -> Layout:
     s, t = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
     a = c.audio_vae
-    per_second = a.config.sample_rate / a.config.mel_hop_length / float(a.temporal_compression_ratio)
+    per_second = audio_tokens_per_second(a.config)
     return Layout(
         frames=(req.num_frames - 1) // t + 1,
         height=req.height // s,
@@ -483,6 +501,8 @@ class Result:
     audio_latents: np.ndarray | None  # (C_a, L, M) float32, what the audio VAE decodes
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
+    encode_text_time: float = 0.0
+    vae_tiling: bool = False
 
     def outputs(self) -> dict:
         """What media.write_video writes besides the frames."""
@@ -582,7 +602,9 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
 
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
     say("encoding text")
+    start = time.perf_counter()
     text = encode_prompts(c, prompts, req.max_sequence_length)
+    encode_text_time = time.perf_counter() - start
 
     video, cond_mask, audio = initial_latents(c, req, lay, generator)
     timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
@@ -619,14 +641,15 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
 
     video = shard.gather(video)
     if not plan.is_main:
-        return Result(None, None, c.sample_rate, None, None, step_times)
+        return Result(None, None, c.sample_rate, None, None, step_times, encode_text_time=encode_text_time)
     start = time.perf_counter()
     say("decoding" + (" in tiles" if vae_tiling else ""))
     if vae_tiling:
         c.vae.enable_tiling()
     frames, latents = decode_video(c, video, lay)
     waveform, audio_latents = decode_audio(c, audio, lay) if req.audio else (None, None)
-    return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start)
+    return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start,
+                  encode_text_time, vae_tiling)
 
 
 @torch.no_grad()

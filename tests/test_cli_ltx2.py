@@ -1,0 +1,118 @@
+"""The command line with an LTX-2 folder: the family is the folder's, the outputs carry sound, and it
+equals diffusers' LTX2Pipeline; the other family's flags and impossible audio requests fail in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from diffusers import LTX2Pipeline
+from test_cli import cli, error_line, snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+LTX2 = ROOT / "models" / "ltx2-tiny"
+LTXV = ROOT / "models" / "ltx-tiny"
+PROMPT, NEGATIVE = "a dog barking at the sea", "blurry, silent"
+# 64x64 pixels, 9 frames at 24 fps: 2 latent frames of 2x2 tokens and 9 audio tokens; 2 steps.
+FAST = ["--height", "64", "--width", "64", "--num-frames", "9", "--steps", "2", "--max-sequence-length", "16"]
+# Every term, video and audio apart (the tiny model has 2 blocks: STG on its last).
+GUIDED = ["--guidance-scale", "3", "--stg-scale", "1", "--modality-scale", "2.5", "--guidance-rescale", "0.7",
+          "--audio-guidance-scale", "5", "--audio-stg-scale", "0.5", "--audio-modality-scale", "2",
+          "--audio-guidance-rescale", "0.5", "--stg-blocks", "1"]
+# Same fp32 math as diffusers with the same draws: differences are op-order rounding (~1e-6 here).
+ATOL = 1e-4
+
+
+def test_generate_npz_equals_ltx2_pipeline(tmp_path):
+    out = tmp_path / "x.npz"
+    result = cli("generate", "--model", LTX2, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, *FAST, *GUIDED,
+                 "--seed", "3", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    ours = np.load(out)
+    pipe = LTX2Pipeline.from_pretrained(LTX2)
+    pipe.set_progress_bar_config(disable=True)
+    video, audio = pipe(
+        prompt=PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_frames=9, frame_rate=24.0,
+        num_inference_steps=2, max_sequence_length=16, guidance_scale=3.0, stg_scale=1.0, modality_scale=2.5,
+        guidance_rescale=0.7, audio_guidance_scale=5.0, audio_stg_scale=0.5, audio_modality_scale=2.0,
+        audio_guidance_rescale=0.5, spatio_temporal_guidance_blocks=[1], use_cross_timestep=True,
+        generator=torch.Generator().manual_seed(3), output_type="np", return_dict=False,
+    )
+    np.testing.assert_allclose(ours["frames"], video[0], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(ours["audio"], np.asarray(audio[0], dtype=np.float32), rtol=0, atol=ATOL)
+    assert int(ours["audio_sample_rate"]) == pipe.vocoder.config.output_sampling_rate
+    assert {"latents", "audio_latents"} <= set(ours.files)
+    side = json.loads((tmp_path / "x.npz.json").read_text())
+    assert side["model"]["family"] == "ltx-2"
+    assert side["request"]["guidance"]["audio"] == {"cfg": 5.0, "stg": 0.5, "modality": 2.0, "rescale": 0.5}
+
+
+def test_defaults_are_the_weights_recipe_and_outputs_have_sound(tmp_path):
+    mp4, wav = tmp_path / "a.mp4", tmp_path / "a.wav"
+    assert cli("generate", "--model", LTX2, "--prompt", PROMPT, *FAST, "-o", mp4, "--quiet").exit_code == 0
+    side = json.loads((tmp_path / "a.mp4.json").read_text())
+    # LTX-2.3-style weights: diffusers' 2.3 recipe (the tiny model's STG block is its last, 1)
+    assert side["request"]["guidance"] == {"video": {"cfg": 3.0, "stg": 1.0, "modality": 3.0, "rescale": 0.7},
+                                           "audio": {"cfg": 7.0, "stg": 1.0, "modality": 3.0, "rescale": 0.7},
+                                           "stg_blocks": [1]}
+    with av.open(str(mp4)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0]
+        assert (video.codec_context.name, video.width, video.height) == ("h264", 64, 64)
+        assert audio.codec_context.name == "aac" and audio.channels == 2
+        rate = audio.rate
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == 9
+    assert cli("generate", "--model", LTX2, "--prompt", PROMPT, *FAST, "-o", wav, "--quiet").exit_code == 0
+    with av.open(str(wav)) as container:
+        assert container.streams.audio[0].rate == rate
+    silent = tmp_path / "silent.mp4"
+    assert cli("generate", "--model", LTX2, "--prompt", PROMPT, *FAST, "--no-audio", "-o", silent,
+               "--quiet").exit_code == 0
+    with av.open(str(silent)) as container:
+        assert [s.type for s in container.streams] == ["video"]
+
+
+def test_batch_runs_the_ltx2_family(tmp_path):
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"prompt": "waves", "seed": 1, "audio_guidance_scale": 4}) + "\n"
+                     + json.dumps({"prompt": "rain", "output": str(tmp_path / "rain.wav")}) + "\n")
+    result = cli("batch", lines, "--model", LTX2, *FAST, "--output-dir", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    first = next((tmp_path / "out").glob("*.mp4.json"))
+    assert json.loads(first.read_text())["request"]["guidance"]["audio"]["cfg"] == 4.0
+    assert (tmp_path / "rain.wav").is_file()
+
+
+def test_info_names_the_family():
+    out = json.loads(cli("info", LTX2, "--gpus", "4", "--json").stdout)
+    assert out["family"] == "ltx-2" and "Gemma" in out["needs"]
+    assert {"cfg": 4, "ring": 1, "ulysses": 1} in out["layouts"]  # four branches: cfg 4 fits
+    assert json.loads(cli("info", LTXV, "--json").stdout)["family"] == "ltx-video"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([LTXV, "--modality-scale", "2"], "--modality-scale is a flag of ltx-2 models, but "),
+    ([LTXV, "--no-audio"], "--no-audio is a flag of ltx-2 models"),
+    ([LTXV, "--image-crf", "0"], "--image-crf is a flag of ltx-2 models"),
+    ([LTX2, "--cfg-star"], "--cfg-star is a flag of ltx-video models, but "),
+    ([LTX2, "--decode-timestep", "0.05"], "--decode-timestep is a flag of ltx-video models"),
+    ([LTX2, "--image-crf", "60"], "--image-crf 60 must be in 0..51"),
+    ([LTX2, "--fps", "60", "--num-frames", "1"], "gives no audio token"),
+    ([LTX2, "--guidance-scale", "1,2"], "--guidance-scale takes one value for LTX-2 models"),
+    ([LTX2, "--stg-blocks", "5"], "--stg-blocks 5 is out of range: the model has 2 blocks"),
+    ([LTX2, "--preset", "ltx-video-2b"], "--preset 'ltx-video-2b' is not an LTX-2 preset"),
+    ([LTXV, "-o", "{tmp}/a.wav"], "ltx-video models make no audio"),
+    ([LTX2, "--no-audio", "-o", "{tmp}/a.wav"], "is audio only, but --no-audio skips the audio"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    model, *rest = args
+    rest = [str(a).format(tmp=tmp_path) for a in rest]
+    before = snapshot(tmp_path)
+    result = cli("generate", "--model", model, "--prompt", PROMPT, "-o", tmp_path / "x.mp4", *rest)
+    assert result.exit_code == 2 and message in error_line(result.stderr)
+    assert snapshot(tmp_path) == before
