@@ -67,17 +67,24 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
 
 @dataclass
 class Components:
+    """What one rank holds. Rank 0 holds everything; the other ranks of a run only the transformer (None
+    for the rest): rank 0 encodes the text and the image, decodes and writes, and broadcasts its inputs."""
+
     model_dir: Path
     transformer: LTXTransformer
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
     tokenizer: object
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    # (prompt, max_length) -> (embeddings, mask) on the CPU, filled by encode_prompts before the text
+    # encoder is released, so that it is not on the GPU while the transformer denoises.
+    text_cache: dict = field(default_factory=dict)
 
 
-def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Components:
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, main: bool = True) -> Components:
+    """All components (`main`), or the transformer alone (the other ranks of a multi-process run)."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler
@@ -87,11 +94,31 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -
     transformers.utils.logging.disable_progress_bar()
 
     transformer = load_transformer(model_dir / "transformer", device, dtype).eval()
-    vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
-    text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    vae = text_encoder = tokenizer = None
+    if main:
+        vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
+        text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
     return Components(model_dir, transformer, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+
+
+def encode_prompts(c: Components, requests) -> None:
+    """Encode every prompt (and negative prompt) of `requests` once, into c.text_cache, then free the text
+    encoder: it never shares the GPU with the denoising loop."""
+    for req in requests:
+        for prompt in (req.prompt, req.negative_prompt):
+            encode_text(c, prompt, req.max_sequence_length)
+    release_text_encoder(c)
+
+
+def release_text_encoder(c: Components) -> None:
+    import gc
+
+    c.text_encoder = None
+    gc.collect()
+    if c.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -108,13 +135,17 @@ class NonFiniteError(RuntimeError):
 
 @torch.no_grad()
 def encode_text(c: Components, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 embeddings (1, L, D) and their attention mask (1, L), as LTXPipeline computes them."""
-    tokens = c.tokenizer(
-        [prompt], padding="max_length", max_length=max_length, truncation=True,
-        add_special_tokens=True, return_tensors="pt",
-    )
-    embeds = c.text_encoder(tokens.input_ids.to(c.device))[0].to(c.dtype)
-    return embeds, tokens.attention_mask.bool().to(c.device)
+    """T5 embeddings (1, L, D) and their attention mask (1, L) on the CPU, as LTXPipeline computes them."""
+    key = (prompt, max_length)
+    if key not in c.text_cache:
+        assert c.text_encoder is not None, "prompt not in text_cache and the text encoder is released"
+        tokens = c.tokenizer(
+            [prompt], padding="max_length", max_length=max_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        )
+        embeds = c.text_encoder(tokens.input_ids.to(c.device))[0].to(c.dtype)
+        c.text_cache[key] = (embeds.cpu(), tokens.attention_mask.bool())
+    return c.text_cache[key]
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -197,32 +228,32 @@ class Denoiser:
         return latents + (torch.minimum(sigma_next, level) - torch.minimum(sigma, level)) * pred
 
 
-@torch.no_grad()
-def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True) -> Result:
-    from tqdm import tqdm
+@dataclass
+class Inputs:
+    """What rank 0 prepares for one item and every rank receives (CPU tensors)."""
 
+    text: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "cond"/"uncond" -> (embeddings, mask)
+    latents: torch.Tensor  # (1, C, F, H, W): the global initial latent (noise, with the image latent mixed in)
+    level: torch.Tensor | None  # (1, S, 1): per-token noise level conditioned tokens never go above
+    ratios: tuple[int, int]  # the VAE's (temporal, spatial) compression
+
+
+@torch.no_grad()
+def prepare_inputs(c: Components, req: GenerateRequest, schedule) -> tuple[Inputs, torch.Generator]:
+    """Rank 0's part before the loop: text embeddings and the global initial latent, drawn exactly as diffusers
+    draws it (image latent sample, then noise); the generator goes on to draw the decode noise."""
     from .media import load_image
 
-    t_cfg = c.transformer.cfg
-    if req.guidance.max_block() >= t_cfg.num_layers:
-        raise ValueError(
-            f"--stg-blocks {req.guidance.max_block()} is out of range: the model has {t_cfg.num_layers} blocks "
-            f"(0..{t_cfg.num_layers - 1})"
-        )
     s_ratio, t_ratio = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
     frames, height, width = (req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio
-    tokens, channels = frames * height * width, t_cfg.in_channels
+    channels = c.transformer.cfg.in_channels
     generator = torch.Generator("cpu").manual_seed(req.seed)
-    timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, tokens)
-    schedule = [req.guidance.at(float(s)) for s in sigmas[:-1]]
-
     text = {"cond": encode_text(c, req.prompt, req.max_sequence_length)}
     if any("uncond" in s.branches for s in schedule):
         text["uncond"] = encode_text(c, req.negative_prompt, req.max_sequence_length)
 
-    # Global initial latent, drawn exactly as diffusers draws it; then each rank keeps its shard.
     mean, std = _latent_stats(c.vae)
-    level = None  # per-token noise level that conditioned tokens never go above
+    level = None
     if req.image is not None:
         image = load_image(Path(req.image), req.height, req.width).to(c.device, c.dtype)
         encoded = c.vae.encode(image[None, :, None]).latent_dist.sample(generator).float().cpu()
@@ -234,15 +265,49 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         level = 1.0 - pack(cond_mask)
     else:
         latents = torch.randn((1, channels, frames, height, width), generator=generator)
+    return Inputs(text, latents, level, (t_ratio, s_ratio)), generator
+
+
+@torch.no_grad()
+def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True) -> Result:
+    from tqdm import tqdm
+
+    t_cfg = c.transformer.cfg
+    if req.guidance.max_block() >= t_cfg.num_layers:
+        raise ValueError(
+            f"--stg-blocks {req.guidance.max_block()} is out of range: the model has {t_cfg.num_layers} blocks "
+            f"(0..{t_cfg.num_layers - 1})"
+        )
+    # The schedule depends on the token count, which needs the VAE's ratios: the other ranks have no VAE, so
+    # rank 0 works it out and they take the ratios from its inputs (the schedule is cheap to redo).
+    def schedule_for(ratios):
+        t_ratio, s_ratio = ratios
+        grid = ((req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio)
+        timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, grid[0] * grid[1] * grid[2])
+        return grid, timesteps, sigmas, [req.guidance.at(float(s)) for s in sigmas[:-1]]
+
+    kept = {}
+
+    def prepare() -> Inputs:
+        _, _, _, schedule = schedule_for((c.vae.temporal_compression_ratio, c.vae.spatial_compression_ratio))
+        inputs, kept["generator"] = prepare_inputs(c, req, schedule)
+        return inputs
+
+    inputs = plan.from_main(prepare)
+    (frames, height, width), timesteps, sigmas, schedule = schedule_for(inputs.ratios)
+    t_ratio, s_ratio = inputs.ratios
+    tokens = frames * height * width
+    text = {name: (e.to(c.device), m.to(c.device)) for name, (e, m) in inputs.text.items()}
 
     shard = plan.shard(tokens)
-    latents = shard.split(pack(latents)).to(c.device)
-    if level is not None:
+    latents = shard.split(pack(inputs.latents)).to(c.device)
+    level = None
+    if inputs.level is not None:
         # Pads get level 0: they are never stepped and stay exactly zero.
-        level = shard.split(level).to(c.device)
+        level = shard.split(inputs.level).to(c.device)
     rope = tuple(shard.split(r) for r in rope_tables(t_cfg, frames, height, width, (t_ratio / req.fps, s_ratio, s_ratio), c.device))
     denoiser = Denoiser(c.transformer, plan, text, rope, plan.self_attention(shard),
-                        Guider(stats=shard, count=tokens * channels), req.branches, req.guidance.stg_mode)
+                        Guider(stats=shard, count=tokens * t_cfg.in_channels), req.branches, req.guidance.stg_mode)
     sigmas = sigmas.to(c.device)
 
     step_times = []
@@ -263,6 +328,8 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     if not plan.is_main:
         return Result(None, None, step_times)
     start = time.perf_counter()
+    generator = kept["generator"]
+    mean, std = _latent_stats(c.vae)
     latents = unpack(latents.float().cpu(), frames, height, width)
     latents = (latents * std / c.vae.config.scaling_factor + mean).to(c.dtype)
     decode_t = None
