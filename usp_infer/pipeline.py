@@ -219,13 +219,16 @@ class Denoiser:
         return self.guider.combine(self.plan.run_branches(scales.branches, forward, like=latents), scales)
 
     def step(self, latents, t, sigma, sigma_next, scales: StepScales, level=None) -> torch.Tensor:
-        """Latents one step on. `level` (per token) is the noise level conditioned tokens never go above:
-        they see the timestep of their own level, like LTXImageToVideoPipeline, and are stepped only below it."""
+        """Latents one step on. `level` (per token, (1, S, 1)) is the noise level a conditioned token starts
+        at (1 - strength): as in LTX-Video (and diffusers' LTXConditionPipeline, whose per-token Euler step
+        this is), such a token sees the timestep min(t, level) and is stepped only once sigma has come down
+        to its level, from min(sigma, level) to the next sigma; until then it is kept as it is."""
         timestep = t.expand(1) if level is None else torch.minimum(t, level[..., 0] * 1000.0)
         pred = self.predict(latents, timestep, scales)
         if level is None:
             return latents + (sigma_next - sigma) * pred
-        return latents + (torch.minimum(sigma_next, level) - torch.minimum(sigma, level)) * pred
+        active = sigma - 1e-6 < level  # LTX-Video's tokens_to_denoise_mask, with its epsilon
+        return torch.where(active, latents + (sigma_next - torch.minimum(sigma, level)) * pred, latents)
 
 
 @dataclass
