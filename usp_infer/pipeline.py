@@ -78,47 +78,56 @@ class Components:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
-    # (prompt, max_length) -> (embeddings, mask) on the CPU, filled by encode_prompts before the text
-    # encoder is released, so that it is not on the GPU while the transformer denoises.
+    # (prompt, max_length) -> (embeddings, mask) on the CPU: what encode_prompts made, or what encode_text
+    # made with the text encoder here.
     text_cache: dict = field(default_factory=dict)
 
 
-def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, main: bool = True) -> Components:
-    """All components (`main`), or the transformer alone (the other ranks of a multi-process run)."""
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, main: bool = True,
+                    text_encoder: bool = True) -> Components:
+    """All components (`main`), or the transformer alone (the other ranks of a multi-process run).
+    `text_encoder=False`: no text encoder either; the runner fills text_cache with encode_prompts first."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, T5EncoderModel
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
     transformer = load_transformer(model_dir / "transformer", device, dtype).eval()
-    vae = text_encoder = tokenizer = None
+    vae = encoder = tokenizer = None
     if main:
         vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
-        text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+        if text_encoder:
+            encoder, tokenizer = _load_text_encoder(model_dir, device, dtype)
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
-    return Components(model_dir, transformer, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+    return Components(model_dir, transformer, vae, encoder, tokenizer, scheduler_config, device, dtype)
 
 
-def encode_prompts(c: Components, requests) -> None:
-    """Encode every prompt (and negative prompt) of `requests` once, into c.text_cache, then free the text
-    encoder: it never shares the GPU with the denoising loop."""
+def _load_text_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+
+
+def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, requests) -> dict:
+    """Load the text encoder, encode every prompt (and negative prompt) of `requests` once, and free it:
+    returns a text_cache for Components. Run before the transformer loads, the text encoder never shares
+    the GPU with it, so a rank's peak is the larger of the two, not their sum."""
+    import gc
+
+    encoder, tokenizer = _load_text_encoder(model_dir, device, dtype)
+    c = Components(model_dir, None, None, encoder, tokenizer, {}, device, dtype)
     for req in requests:
         for prompt in (req.prompt, req.negative_prompt):
             encode_text(c, prompt, req.max_sequence_length)
-    release_text_encoder(c)
-
-
-def release_text_encoder(c: Components) -> None:
-    import gc
-
-    c.text_encoder = None
+    cache = c.text_cache
+    del c, encoder
     gc.collect()
-    if c.device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+    return cache
 
 
 @dataclass
@@ -138,7 +147,7 @@ def encode_text(c: Components, prompt: str, max_length: int) -> tuple[torch.Tens
     """T5 embeddings (1, L, D) and their attention mask (1, L) on the CPU, as LTXPipeline computes them."""
     key = (prompt, max_length)
     if key not in c.text_cache:
-        assert c.text_encoder is not None, "prompt not in text_cache and the text encoder is released"
+        assert c.text_encoder is not None, "prompt not in text_cache, and no text encoder loaded"
         tokens = c.tokenizer(
             [prompt], padding="max_length", max_length=max_length, truncation=True,
             add_special_tokens=True, return_tensors="pt",

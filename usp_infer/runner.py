@@ -176,12 +176,15 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     try:
         if mesh.is_main:
             check_weights(s.model)
+        dtype = getattr(torch, s.dtype)
         try:
-            components = load_components(s.model, mesh.device, getattr(torch, s.dtype), main=mesh.is_main)
+            # Rank 0 alone encodes the text, once per prompt, before the transformer loads (the text encoder
+            # is freed first); the VAE loads only there too. The other ranks hold the transformer alone.
+            texts = encode_prompts(s.model, mesh.device, dtype, [item.request for item in todo]) if mesh.is_main else {}
+            components = load_components(s.model, mesh.device, dtype, main=mesh.is_main, text_encoder=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
-        if mesh.is_main:
-            encode_prompts(components, [item.request for item in todo])  # then the text encoder is freed
+        components.text_cache = texts
     except (OSError, ValueError, RuntimeError) as e:
         error = e
     agree(error, mesh.control_group)  # a rank that failed to load ends every rank, with its message
