@@ -323,6 +323,30 @@ def test_batch_under_torchrun_slow_writer_and_ranks_that_disagree(tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
+def test_load_failure_on_one_rank_is_said_once(tmp_path):
+    """Only rank 1's copy of the weights is truncated (per-rank directories, relative --model): every rank
+    stops, and rank 0 prints rank 1's message once."""
+    import shutil
+
+    for rank in (0, 1):
+        shutil.copytree(ROOT / "models" / "ltx-tiny", tmp_path / f"rank{rank}" / "model")
+    weights = tmp_path / "rank1" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
+            "generate", "--model", "model", "--prompt", "a fox", *FAST, "--dist-timeout", "10", "-o", "fox.mp4"]
+    job = Job(args, tmp_path, env={"USP_TEST_RANK_CWD": str(tmp_path / "rank{rank}")})
+    try:
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill_all()
+    assert rc != 0
+    said = [line for line in job.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith(
+        "error: rank 1: model/transformer/diffusion_pytorch_model.safetensors is truncated or corrupted (") and said[0].endswith(
+        "); copy or download it again"), said
+    assert not (tmp_path / "rank0" / "fox.mp4").exists()
+
+
 def test_layout_error_under_torchrun(tmp_path):
     """Degrees whose product is not the world size: a usage error before anything loads, said once."""
     job = Job(torchrun(2, "generate", "--prompt", "a fox", *FAST, "--ulysses-degree", "4", "-o", "fox.mp4"), tmp_path)

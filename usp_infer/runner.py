@@ -174,8 +174,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     start = time.perf_counter()
     error = None
     try:
-        if mesh.is_main:
-            check_weights(s.model)
+        check_weights(s.model)  # every rank: each loads its own copy of the transformer
         dtype = getattr(torch, s.dtype)
         try:
             # Rank 0 alone encodes the text, once per prompt, before the transformer loads (the text encoder
@@ -185,7 +184,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
         except (OSError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
         components.text_cache = texts
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever one rank's load raised ends every rank, said once
         error = e
     agree(error, mesh.control_group)  # a rank that failed to load ends every rank, with its message
     if s.compile:
