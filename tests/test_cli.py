@@ -7,6 +7,7 @@ tiny model takes, so the whole file stays within seconds of start-up time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -332,22 +333,40 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
     assert count_loads == [MODEL]  # nothing to do: nothing loaded
     assert snapshot(tmp_path) == before
 
-    # Half-finished items are redone: an output without its sidecar (killed between the two renames),
-    # a sidecar whose output was deleted.
-    Path(names[0] + ".json").unlink()
+    # A sidecar whose output was deleted, or whose output is not the file it describes (a crash before the
+    # data reached the disk leaves an empty file): ours and unfinished, so it is redone.
     Path(names[1]).unlink()
+    Path(names[0]).write_bytes(b"")
     redo = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume")
     assert redo.exit_code == 0 and redo.stderr.strip().endswith("done: 2 ran, 1 skipped, 0 failed")
-    assert all(Path(n).is_file() and Path(n + ".json").is_file() for n in names)
+    assert all(Path(n).stat().st_size > 0 and Path(n + ".json").is_file() for n in names)
     assert Path(names[2]).stat().st_mtime_ns == before[names[2]][1]
+    side = json.loads(Path(names[0] + ".json").read_text())
+    assert side["output_size"] == Path(names[0]).stat().st_size
+    assert side["output_sha256"] == hashlib.sha256(Path(names[0]).read_bytes()).hexdigest()
+    other_model = model_copy(tmp_path / "elsewhere")
+    config = other_model / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": 2, "_note": "retrained"'))
     before = snapshot(tmp_path)
 
-    # A finished output made with other settings is not silently kept (nor replaced) by --resume.
-    changed = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", "--seed", "9")
-    assert changed.exit_code == 2 and "was made with other settings" in error_line(changed.stderr)
+    # A finished output made with other settings is not silently kept (nor replaced) by --resume:
+    # another request, dtype or model (its configs) than the sidecar records.
+    for flags, what in ((["--seed", "9"], "request"), (["--dtype", "bfloat16"], "dtype"), (["--model", str(other_model)], "model config")):
+        changed = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", *flags)
+        assert changed.exit_code == 2 and f"was made with other settings than this line asks for ({what} differ)" in error_line(changed.stderr)
     without = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
     assert without.exit_code == 2 and "pass --overwrite to replace it, or --resume" in error_line(without.stderr)
     assert snapshot(tmp_path) == before
+
+    # A file at an item's path without our sidecar is the user's: --resume never replaces it.
+    Path(names[2] + ".json").unlink()
+    mine = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume")
+    assert mine.exit_code == 2
+    assert error_line(mine.stderr) == (
+        f"error: line 4 of prompts.jsonl: {names[2]} exists but has no usp-infer sidecar, so this run did not write it; "
+        "pass --overwrite to replace it, or give the line another 'output'"
+    )
+    assert Path(names[2]).stat().st_mtime_ns == before[names[2]][1]
 
 
 # A scale of 1e300 passes validation (finite, >= 0) but overflows float32 at the first step: the honest

@@ -33,8 +33,8 @@ BOUND_S = 60  # the issue's promise: every process gone within a minute of a ran
 class Job:
     """A process tree (torchrun or a single process) in its own session, stderr collected as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.err = b""
         self.workers: set[int] = set()
@@ -285,6 +285,66 @@ def test_batch_under_torchrun_keep_going(tmp_path):
     side = json.loads((tmp_path / "three.npz.json").read_text())
     assert side["parallel"]["world_size"] == side["parallel"]["ulysses"] == 2
     assert np.isfinite(np.load(tmp_path / "three.npz")["frames"]).all()
+
+
+def test_batch_under_torchrun_slow_writer_and_ranks_that_disagree(tmp_path):
+    """Rank 0 takes longer to write each video than --dist-timeout, and each rank runs from its own directory,
+    so that its relative batch file and outputs are other files than rank 0's (nodes without a shared disk):
+    rank 1's batch file has other prompts, and a file of the user's sits at one of its output paths.
+
+    The other ranks must wait for the writes without a deadline, and run rank 0's plan: three whole videos,
+    rank 0's prompts, each equal to the single-process result (mixed shards of two prompts would not be)."""
+    for rank, prompts in ((0, ["fox", "owl", "elk"]), (1, ["moth", "bee"])):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        lines = [{"prompt": p, "seed": i, "output": f"out/{p}.npz"} for i, p in enumerate(prompts)]
+        (folder / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "rank1" / "out").mkdir()
+    (tmp_path / "rank1" / "out" / "fox.npz").write_bytes(b"the user's")  # rank 1 alone would refuse this
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
+            "batch", "prompts.jsonl", *FAST, "--resume", "--dist-timeout", "2"]
+    job = Job(args, tmp_path, env={"USP_TEST_SLOW_WRITE_S": "3", "USP_TEST_RANK_CWD": str(tmp_path / "rank{rank}")})
+    try:
+        rc = job.wait(timeout=180)
+    finally:
+        job.kill_all()
+    assert rc == 0, job.stderr[-3000:]
+    assert job.stderr.count("done: 3 ran, 0 skipped, 0 failed") == 1
+    names = ["elk.npz", "fox.npz", "owl.npz"]
+    assert leftovers(tmp_path / "rank0" / "out") == sorted(names + [f"{n}.json" for n in names])
+    assert leftovers(tmp_path / "rank1") == ["fox.npz", "out", "prompts.jsonl"]  # rank 1 wrote nothing
+    assert (tmp_path / "rank1" / "out" / "fox.npz").read_bytes() == b"the user's"
+    side = json.loads((tmp_path / "rank0" / "out" / "owl.npz.json").read_text())
+    assert side["request"]["prompt"] == "owl" and len(side["peak_memory_gb_per_rank"]) == 2
+    # The single-process owl: fp32, the layouts differ only in the order of additions (~1e-6, test_parallel).
+    single = CliRunner().invoke(app, ["generate", "--prompt", "owl", "--seed", "1", *FAST, "-o", str(tmp_path / "owl.npz")])
+    assert single.exit_code == 0, single.output
+    got, want = (np.load(p)["latents"] for p in (tmp_path / "rank0" / "out" / "owl.npz", tmp_path / "owl.npz"))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_load_failure_on_one_rank_is_said_once(tmp_path):
+    """Only rank 1's copy of the weights is truncated (per-rank directories, relative --model): every rank
+    stops, and rank 0 prints rank 1's message once."""
+    import shutil
+
+    for rank in (0, 1):
+        shutil.copytree(ROOT / "models" / "ltx-tiny", tmp_path / f"rank{rank}" / "model")
+    weights = tmp_path / "rank1" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
+            "generate", "--model", "model", "--prompt", "a fox", *FAST, "--dist-timeout", "10", "-o", "fox.mp4"]
+    job = Job(args, tmp_path, env={"USP_TEST_RANK_CWD": str(tmp_path / "rank{rank}")})
+    try:
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill_all()
+    assert rc != 0
+    said = [line for line in job.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith(
+        "error: rank 1: model/transformer/diffusion_pytorch_model.safetensors is truncated or corrupted (") and said[0].endswith(
+        "); copy or download it again"), said
+    assert not (tmp_path / "rank0" / "fox.mp4").exists()
 
 
 def test_layout_error_under_torchrun(tmp_path):

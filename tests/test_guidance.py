@@ -114,3 +114,23 @@ def test_preset_then_flags_override():
     assert r.steps == 30 and r.guidance.cfg_star and len(r.guidance.timesteps) == 7
     with pytest.raises(UsageError, match="--preset 'nope' is unknown"):
         build_request({"prompt": "x", "preset": "nope"})
+
+
+def test_rescale_with_cfg_only_follows_diffusers():
+    """Decision: rescale applies whenever --guidance-rescale is not 0, with or without STG, as diffusers' LTX
+    pipelines apply guidance_rescale (LTX-Video's own pipeline rescales only inside its STG branch; a
+    preset that wants that gives rescale 0 where STG is 0). Reference: diffusers' rescale_noise_cfg and the
+    formula of Lin et al. 2023 (sec. 3.4) written out here, per sample, unbiased std as torch.std."""
+    from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
+
+    p = preds(seed=3, names=("cond", "uncond"))
+    c, u = p["cond"], p["uncond"]
+    for r in (0.3, 0.7, 1.0):
+        out = Guider(count=15).combine(p, scales(cfg=4.0, rescale=r))
+        guided = u + 4.0 * (c - u)
+        std = lambda x: x.std(dim=(1, 2), keepdim=True)  # noqa: E731
+        by_formula = r * guided * std(c) / std(guided) + (1 - r) * guided
+        torch.testing.assert_close(out, by_formula, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, rescale_noise_cfg(guided, c, guidance_rescale=r), rtol=1e-12, atol=1e-12)
+    # and it matters: a rescale skipped without STG would give the plain CFG result
+    assert (Guider(count=15).combine(p, scales(cfg=4.0, rescale=0.7)) - (u + 4.0 * (c - u))).abs().max() > 1e-2

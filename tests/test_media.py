@@ -317,3 +317,34 @@ def test_load_image_not_an_image(tmp_path, content):
 def test_module_imports_av_lazily():
     # PyAV is only needed for mp4; the GPU image lacks it unless carried.
     assert "av" not in vars(media)
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.npz", "frames", "frames/%04d.png", "existing/"])
+def test_data_reaches_the_disk_before_the_rename_and_the_name_after(tmp_path, monkeypatch, name):
+    """fsync of every written file before it is renamed into place, and of the directory after: otherwise a
+    crash can leave an empty or partial file under the final name, which --resume would take as finished."""
+    (tmp_path / "existing").mkdir()
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rename = media.os.fsync, media.os.replace, media.os.rename
+    paths_of: dict[int, str] = {}
+    real_open = media.os.open
+
+    def opened(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        paths_of[fd] = str(path)
+        return fd
+
+    monkeypatch.setattr(media.os, "open", opened)
+    monkeypatch.setattr(media.os, "fsync", lambda fd: (events.append(("fsync", paths_of.get(fd, "?"))), real_fsync(fd))[1])
+    monkeypatch.setattr(media.os, "replace", lambda a, b: (events.append(("rename", str(a))), real_replace(a, b))[1])
+    monkeypatch.setattr(media.os, "rename", lambda a, b: (events.append(("rename", str(a))), real_rename(a, b))[1])
+    write_video(str(tmp_path / name), np.full((2, 32, 32, 3), 0.5, np.float32), fps=8.0,
+                latents=np.zeros((4, 1, 1, 1), np.float32))
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert renames, events
+    for i in renames:
+        moved = events[i][1]
+        assert ("fsync", moved) in events[:i], f"{moved} renamed before it was fsync'ed: {events}"
+        # the directory that now holds the new name is fsync'ed after the (last) rename into it
+        holder = str(Path(moved).parent)
+        assert ("fsync", holder) in events[i + 1:], f"{holder} not fsync'ed after the rename of {moved}: {events}"

@@ -62,3 +62,87 @@ def test_image_to_video_equals_diffusers(tmp_path):
     np.testing.assert_allclose(ours["frames"], ref, rtol=0, atol=ATOL)
     plain = run_cli(tmp_path, "--overwrite")
     assert np.abs(plain["frames"] - ref).max() > 1e-2  # the image really conditions the video
+
+
+# --- soft image conditioning (--image-strength < 1) against LTX-Video's formulas, written out here ----
+
+
+def _ltx_video_soft_loop(latents, conditioning_mask, timesteps, sigmas, model):
+    """LTX-Video's loop for conditioned tokens (and diffusers' LTXConditionPipeline, which ports it), written
+    from their code: a token with conditioning mask m sees the timestep min(t, (1 - m) * 1000); the scheduler
+    steps each token from its own sigma to the largest schedule sigma below it; and only tokens with
+    t / 1000 - 1e-6 < 1 - m are updated (tokens_to_denoise_mask)."""
+    x = latents.clone()
+    for t in timesteps:
+        per_token_t = torch.min(t.expand(conditioning_mask.shape), (1 - conditioning_mask) * 1000.0)  # (1, S)
+        pred = model(x, per_token_t)
+        own = per_token_t / 1000.0
+        below = sigmas[:, None, None] < own[None] - 1e-6
+        next_sigma = (below * sigmas[:, None, None]).max(dim=0).values
+        denoised = x - (own - next_sigma)[..., None] * pred  # scheduler.step(-pred, ...): sample + dt * (-pred)
+        update = (t / 1000 - 1e-6 < (1.0 - conditioning_mask))[..., None]
+        x = torch.where(update, denoised, x)
+    return x
+
+
+def test_soft_image_conditioning_step_follows_ltx_video():
+    from usp_infer.config import ParallelConfig
+    from usp_infer.guidance import Guider, StepScales
+    from usp_infer.parallel import Plan
+    from usp_infer.pipeline import Denoiser, sigma_schedule
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tokens, channels, steps = 18, 4, 8
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(1, tokens, channels, generator=g, dtype=torch.float64)
+    weights = torch.randn(channels, channels, generator=g, dtype=torch.float64)
+
+    def velocity(x, timestep):  # depends on the latents and on each token's timestep
+        return torch.tanh(x @ weights) + (timestep / 1000.0)[..., None] * x
+
+    class Transformer:  # the Denoiser's view of a transformer: (latents, text, timestep, mask, rope) -> velocity
+        def __call__(self, x, embeds, timestep, mask, rope, attn_fn=None, perturbation=None):
+            return velocity(x, timestep.expand(x.shape[:2]))
+
+    timesteps, sigmas = sigma_schedule(dict(FlowMatchEulerDiscreteScheduler.load_config(MODEL / "scheduler")), steps, tokens)
+    sigmas = sigmas.double()
+    for strength in (0.6, 0.3, 1.0):
+        mask = torch.zeros(1, tokens, dtype=torch.float64)
+        mask[:, :6] = strength  # the first latent frame (2 x 3 tokens) holds the image
+        want = _ltx_video_soft_loop(start, mask, timesteps.double(), sigmas, velocity)
+
+        text = {"cond": (torch.zeros(1, 1, 2, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool))}
+        denoiser = Denoiser(Transformer(), Plan.build(ParallelConfig(), "cpu"), text, rope=(None, None),
+                            attn_fn=None, guider=Guider())
+        cfg_off = StepScales(1.0, 0.0, 0.0, False, ())
+        got, level = start.clone(), (1.0 - mask)[..., None]
+        for i, t in enumerate(timesteps.double()):
+            got = denoiser.step(got, t, sigmas[i], sigmas[i + 1], cfg_off, level)
+        # The Denoiser casts each prediction to float32 (~6e-8 relative) over 8 steps: ~1e-7 here; a wrong
+        # timestep (min -> product) or update rule moves tokens by 1e-2 and more.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if strength < 1:  # the conditioned tokens did move: the comparison is not vacuous
+            assert (got[:, :6] - start[:, :6]).abs().max() > 1e-2
+
+
+def test_soft_image_conditioning_initial_latents_follow_ltx_video():
+    """LTX-Video starts a conditioned frame at lerp(noise, image latent, strength); noise is drawn after the
+    image latent's sample, from one CPU generator (diffusers' order)."""
+    from usp_infer.config import GenerateRequest
+    from usp_infer.media import load_image
+    from usp_infer.pipeline import load_components, prepare_inputs
+
+    image_path = Path(__file__).resolve().parent / "data" / "first_frame.png"
+    c = load_components(MODEL, torch.device("cpu"), torch.float32)
+    req = GenerateRequest(prompt="x", height=64, width=96, num_frames=17, steps=2, seed=5, max_sequence_length=8,
+                          image=str(image_path), image_strength=0.6)
+    inputs, _ = prepare_inputs(c, req, schedule=[])
+    g = torch.Generator().manual_seed(5)
+    image = load_image(image_path, 64, 96)[None, :, None]
+    mean, std = (getattr(c.vae, n).view(1, -1, 1, 1, 1) for n in ("latents_mean", "latents_std"))
+    encoded = (c.vae.encode(image).latent_dist.sample(g) - mean) / std
+    noise = torch.randn((1, 8, 3, 2, 3), generator=g)
+    want = noise.clone()
+    want[:, :, :1] = torch.lerp(noise[:, :, :1], encoded, 0.6)
+    torch.testing.assert_close(inputs.latents, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inputs.level[0, :, 0], torch.tensor([0.4] * 6 + [1.0] * 12), rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from dist_utils import run_spawn
 
@@ -148,9 +149,52 @@ def _kv_sharded_job(world: int) -> dict:
     return errors
 
 
+def _spy_job(world: int) -> dict:
+    """Which all-to-all API each a2a mode calls through a whole USP attention (both give the same bytes on
+    gloo, so only a spy tells a swapped implementation apart). Module attributes are looked up per call."""
+    calls: list[str] = []
+    real = {"direct": dist.all_to_all_single, "functional": funcol.all_to_all_single}
+
+    def spy(name):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return real[name](*args, **kwargs)
+        return counted
+
+    dist.all_to_all_single, funcol.all_to_all_single = spy("direct"), spy("functional")
+    try:
+        found = {}
+        mesh = init_mesh(_parallel(1, 1, world), "cpu")
+        for mode in ("direct", "functional"):
+            calls.clear()
+            _usp_vs_full(mesh, 13, mode, torch.float32)
+            found[mode] = sorted(set(calls)), len(calls)
+        return found
+    finally:
+        dist.all_to_all_single, funcol.all_to_all_single = real["direct"], real["functional"]
+
+
+def _nonfinite_job(world: int) -> dict:
+    """Plan.any_nonfinite when only one rank holds the NaN (or inf): every rank must say True, on every
+    layout, or the ranks leave the loop at different steps (a hang, or one rank's error alone)."""
+    from usp_infer.parallel import Plan
+
+    found = {}
+    for layout in WORLD_LAYOUTS[world][-1:] + [(1, 1, world)]:
+        plan = Plan(init_mesh(_parallel(*layout), "cpu"))
+        for bad_rank in [None, *range(world)]:
+            for bad in (float("nan"), float("inf")):
+                latents, other = torch.zeros(1, 3, 4), torch.zeros(1, 3)
+                if plan.mesh.rank == bad_rank:
+                    latents[0, -1, 2] = bad
+                found[layout, bad_rank, bad] = plan.any_nonfinite(other, latents)
+    return found
+
+
 def _job(world: int) -> dict:
-    return {"attention": _attention_job(world), "a2a": _a2a_job(world), "kv_sharded": _kv_sharded_job(world),
-            "shard": _shard_job(world), "mesh": _mesh_job(world)}
+    return {"nonfinite": _nonfinite_job(world), "attention": _attention_job(world), "a2a": _a2a_job(world),
+            "kv_sharded": _kv_sharded_job(world), "shard": _shard_job(world), "mesh": _mesh_job(world),
+            "spy": _spy_job(world)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
@@ -175,6 +219,22 @@ def test_all_to_all_modes_bitwise(spawned: tuple[int, list[dict]]) -> None:
         checks = result["a2a"]
         failed = [case for case, ok in checks.items() if not (all(ok) if isinstance(ok, tuple) else ok)]
         assert not failed, f"rank {rank} of {world}: {failed}"
+
+
+def test_each_a2a_mode_calls_its_own_api(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    for rank, result in enumerate(results):
+        # Ulysses: q, k, v there (one exchange, or one each) and the output back: at least two calls.
+        (direct, n_direct), (functional, n_functional) = result["spy"]["direct"], result["spy"]["functional"]
+        assert direct == ["direct"] and functional == ["functional"], f"rank {rank} of {world}: {result['spy']}"
+        assert n_direct == n_functional >= 2
+
+
+def test_nonfinite_on_one_rank_stops_every_rank(spawned: tuple[int, list[dict]]) -> None:
+    world, results = spawned
+    for rank, result in enumerate(results):
+        wrong = {case: said for case, said in result["nonfinite"].items() if said != (case[1] is not None)}
+        assert not wrong, f"rank {rank} of {world}: {wrong}"
 
 
 def test_parallel_config_rejects_bad_values() -> None:

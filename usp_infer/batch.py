@@ -33,9 +33,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _finished(item: Item) -> bool:
-    """A sidecar is written only after its output is in place, so a readable one marks a finished item."""
-    from .media import sidecar_path
+def _finished(item: Item, s: Session) -> bool:
+    """Whether --resume may skip `item`: its sidecar (written only after the output is in place) was made for
+    the same request, model configs and dtype, and the output on disk is the one it describes (size and sha256).
+
+    No readable sidecar: the file is not ours, and is never replaced without --overwrite. A sidecar whose
+    output is missing or differs (a crash before the data reached the disk): ours, unfinished, redone.
+    """
+    from .media import fingerprint, sidecar_path
+    from .sidecar import config_hash
 
     # A frames/%04d.png pattern names no file itself; its frames live in the directory.
     if not (item.output.exists() or "%" in item.output.name and item.output.parent.is_dir()):
@@ -43,13 +49,25 @@ def _finished(item: Item) -> bool:
     try:
         record = json.loads(sidecar_path(item.output).read_text())
     except (OSError, ValueError):
-        return False
-    if record.get("request") != json.loads(json.dumps(asdict(item.request))):
+        record = None
+    if not isinstance(record, dict):
         raise UsageError(
-            f"{at(item, str(item.output))} was made with other settings than this line asks for; "
+            f"{at(item, str(item.output))} exists but has no usp-infer sidecar, so this run did not write it; "
+            "pass --overwrite to replace it, or give the line another 'output'"
+        )
+    made = {"request": record.get("request"), "model config": record.get("model", {}).get("config_sha256"), "dtype": record.get("dtype")}
+    wanted = {"request": json.loads(json.dumps(asdict(item.request))), "model config": config_hash(s.model), "dtype": s.dtype}
+    differ = [name for name in made if made[name] != wanted[name]]
+    if differ:
+        raise UsageError(
+            f"{at(item, str(item.output))} was made with other settings than this line asks for ({', '.join(differ)} differ); "
             "pass --overwrite to redo it, or give the line another 'output'"
         )
-    return True
+    try:
+        on_disk = fingerprint(item.output)
+    except OSError:
+        return False
+    return all(record.get(key) == value for key, value in on_disk.items())
 
 
 def _check_output(item: Item, s: Session) -> bool:
@@ -69,7 +87,7 @@ def _check_output(item: Item, s: Session) -> bool:
         raise UsageError(at(item, f"output directory {existing} is not writable; choose another output path"))
     present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
     if present:
-        if s.resume and not s.overwrite and _finished(item):
+        if s.resume and not s.overwrite and _finished(item, s):
             return False
         if not s.overwrite and not s.resume:
             hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")
@@ -167,7 +185,14 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict], object]) -> list[Item]:
     """JSON Lines -> items; each line's keys override the shared flags; `build` makes a line's request.
-    Errors name the line."""
+    Errors name the line.
+
+    Under torchrun only rank 0 reads the file (the others return no items and run rank 0's, which the
+    runner broadcasts): ranks whose disks differ cannot disagree about the work."""
+    from .dist import env_rank
+
+    if env_rank() != 0:
+        return []
     try:
         lines = path.read_text().splitlines()
     except OSError as e:

@@ -42,6 +42,7 @@ class Mesh:
     seq_group: ProcessGroup | None  # ring x ulysses: every rank that holds a piece of one sequence
     a2a_mode: str
     device_mesh: DeviceMesh | None = None  # dims ("cfg", "ring", "ulysses"); None for one process
+    control_group: ProcessGroup | None = None  # all ranks, gloo, no --dist-timeout deadline (see CONTROL_TIMEOUT)
 
     @property
     def seq_degree(self) -> int:
@@ -147,7 +148,86 @@ def _timeout_options(backend: str, timeout: timedelta):
     return options
 
 
-def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
+# The control group's ops wait for one rank's own work (rank 0 planning, encoding, decoding, writing): that
+# is bounded by the disk and the encoder, not by --dist-timeout. A rank that dies still ends these waits at
+# once (its sockets close, and torchrun stops the others); only a rank that hangs here is waited for this long.
+CONTROL_TIMEOUT = timedelta(hours=24)
+
+
+class AgreedError(RuntimeError):
+    """An error every rank raises together (one rank's failure, broadcast): rank 0 alone reports it, and every
+    rank may move on to the next item (--keep-going) without the ranks falling out of step."""
+
+
+def join_world(device: str, timeout_s: float) -> ProcessGroup | None:
+    """Join torchrun's default process group (collective timeout `timeout_s`) and open the control group
+    (gloo, CPU objects, CONTROL_TIMEOUT); None for one process. init_mesh reuses both."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = env_world_size()
+    if world_size == 1:
+        return None
+    if not dist.is_initialized():
+        on_cuda = torch.device(device).type == "cuda"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if on_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if on_cuda else "gloo", rank=env_rank(), world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=torch.device("cuda", local_rank) if on_cuda else None)
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def from_main(make, group: ProcessGroup | None):
+    """make() on rank 0 and its result on every rank; the others wait in the control group (no --dist-timeout
+    deadline). A ValueError/RuntimeError/OSError (or UsageError) of make() is raised on every rank as an
+    AgreedError with the same message (a UsageError stays one, for exit code 2)."""
+    import torch.distributed as dist
+    from .request import UsageError
+
+    if group is None:
+        return make()
+    box: list = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", make())
+        except UsageError as e:
+            box[0], error = ("usage", str(e)), e
+        except (ValueError, RuntimeError, OSError) as e:
+            box[0], error = ("error", str(e)), e
+    dist.broadcast_object_list(box, src=0, group=group)
+    kind, value = box[0]
+    if kind == "usage":
+        raise UsageError(value) from error
+    if kind == "error":
+        raise AgreedError(value) from error
+    return value
+
+
+def gather_objects(obj, group: ProcessGroup | None) -> list:
+    """Every rank's `obj`, in rank order, on every rank (control group: no --dist-timeout deadline)."""
+    import torch.distributed as dist
+
+    if group is None:
+        return [obj]
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj, group=group)
+    return every
+
+
+def agree(error: BaseException | None, group: ProcessGroup | None) -> None:
+    """Raise, on every rank, the first rank's error of a step each rank did on its own (loading)."""
+    errors = gather_objects(None if error is None else str(error), group)
+    if error is not None and group is None:
+        raise error
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise AgreedError(message if rank == 0 else f"rank {rank}: {message}") from error
+
+
+def init_mesh(parallel: ParallelConfig, device: str, control: ProcessGroup | None = None) -> Mesh:
     """Join the process group (if there is more than one process) and build the (cfg, ring, ulysses) mesh.
 
     The mesh is a named `DeviceMesh` (so weight sharding can later attach to its dimensions). Its rank
@@ -155,7 +235,6 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
     neighbouring ranks (within a node, where all-to-all is cheap), ring across them.
     """
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     world_size = env_world_size()
@@ -175,9 +254,8 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
     if world_size > 1:
         backend = "nccl" if on_cuda else "gloo"
         # An already joined default group is reused, so one job can build several meshes over it.
-        if not dist.is_initialized():
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=place if on_cuda else None)
+        if control is None:
+            control = join_world(device, parallel.timeout_s)
         device_mesh = init_device_mesh(
             place.type, (cfg, ring, uly), mesh_dim_names=("cfg", "ring", "ulysses"),
             backend_override={dim: (backend, _timeout_options(backend, timeout)) for dim in range(3)},
@@ -196,7 +274,7 @@ def init_mesh(parallel: ParallelConfig, device: str) -> Mesh:
         cfg_degree=cfg, ring_degree=ring, ulysses_degree=uly,
         cfg_rank=rank // (ring * uly), ring_rank=rank // uly % ring, ulysses_rank=rank % uly,
         cfg_group=groups["cfg"], ring_group=groups["ring"], ulysses_group=groups["ulysses"], seq_group=groups["seq"],
-        a2a_mode=parallel.a2a_mode, device_mesh=device_mesh,
+        a2a_mode=parallel.a2a_mode, device_mesh=device_mesh, control_group=control,
     )
 
 

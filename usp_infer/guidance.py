@@ -7,6 +7,10 @@ With c = cond, u = uncond, p = perturbed (STG) predictions, as the LTX-Video aut
     STG        pred = pred + stg * (c - p)
     rescale    pred = pred * (r * std(c) / std(pred) + (1 - r))     (per sample)
 
+Rescale applies whenever r != 0, on CFG-only steps too: that is diffusers' guidance_rescale in its LTX
+pipelines. LTX-Video's own pipeline rescales only inside its STG branch (STG on); its presets below give
+rescale with STG, so they are unaffected, but `--guidance-rescale` with `--stg-scale 0` rescales here.
+
 Every scale may be a per-step schedule: one value per interval of `guidance_timesteps`
 thresholds (sigmas in [0, 1], descending), selected exactly as the LTX-Video pipeline does.
 The statistics (dot products, norms, std) span the whole sequence: they go through a

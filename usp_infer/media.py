@@ -121,6 +121,36 @@ def write_json_atomic(path: Path, data: dict, overwrite: bool = True) -> None:
         tmp.write_text(text)
 
 
+def output_files(path: Path | str) -> list[Path]:
+    """The files an output consists of: the file itself, or a png output's frames (sorted)."""
+    path = Path(path)
+    if output_kind(path) != "png":
+        return [path]
+    directory, pattern = _frame_layout(path)
+    prefix, suffix = _FIELD.split(pattern)
+    ours = re.compile(re.escape(prefix) + r"\d+" + re.escape(suffix))
+    return sorted(p for p in directory.iterdir() if ours.fullmatch(p.name)) if directory.is_dir() else []
+
+
+def fingerprint(path: Path | str) -> dict:
+    """Size and sha256 of an output as it is on disk (a png output: over its frames, names included), which
+    the sidecar records and --resume compares, so a truncated or replaced file is not taken as finished."""
+    import hashlib
+
+    def file_sha256(f: Path) -> str:
+        with open(f, "rb") as opened:
+            return hashlib.file_digest(opened, "sha256").hexdigest()
+
+    files = output_files(path)
+    size = sum(f.stat().st_size for f in files)
+    if output_kind(path) != "png":
+        return {"output_size": size, "output_sha256": file_sha256(files[0])}
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return {"output_size": size, "output_sha256": digest.hexdigest(), "output_frames": len(files)}
+
+
 def load_image(path: Path, height: int, width: int, crf: int = 0) -> torch.Tensor:
     """Read a PNG/JPEG as float32 (3, height, width) in [-1, 1], resized to cover and center-cropped.
 
@@ -229,15 +259,28 @@ def remove_stale_temps(output: Path | str) -> list[Path]:
     return stale
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk, so a crash cannot leave it empty or
+    half-written under its final name: data first, then the rename, then the directory holding the name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on any error."""
+    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on any error.
+    The data is fsync'ed before the rename and the directory after it."""
     _refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -343,7 +386,10 @@ def _write_pngs(path: Path, frames: np.ndarray, overwrite: bool) -> list[Path]:
             tmp_dir.mkdir()
             for name, image in zip(names, images):
                 image.save(tmp_dir / name, format="PNG")
+                _fsync(tmp_dir / name)
+            _fsync(tmp_dir)
             os.rename(tmp_dir, directory)
+            _fsync(directory.parent)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
@@ -373,8 +419,10 @@ def _replace_frames(
         for target, image in zip(targets, images):
             temps.append(_temp_name(target))
             image.save(temps[-1], format="PNG")
+            _fsync(temps[-1])
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
+        _fsync(directory)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -11,7 +11,10 @@ depends on the layout:
 - `kv_sharded_attention(shard)`: attention of whole (replicated) queries over the sharded sequence;
 - `run_branches(names, forward)`: guidance branches placed on cfg ranks and gathered;
 - `any_nonfinite(...)`: the finite check, reduced so that every rank stops at the same step;
-- `broadcast(obj)`: one rank's decision (a batch plan, an error) made every rank's.
+- `broadcast(obj)` / `from_main(make)`: rank 0's object (a batch plan, text embeddings, a write's outcome,
+  an error) made every rank's; `gather(obj)`: every rank's object (peak memory) on every rank. These go
+  through the control group, which has no --dist-timeout deadline: the others wait there while rank 0
+  alone encodes, decodes or writes.
 
 Nothing outside this module, `dist`, `sharding` and `usp` touches process groups.
 """
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import ParallelConfig
-from .dist import Mesh, init_mesh
+from .dist import Mesh, from_main, gather_objects, init_mesh
 from .ltx import AttnFn, sdpa_attention
 from .sharding import SeqShard
 
@@ -42,9 +45,10 @@ class Plan:
     mesh: Mesh
 
     @classmethod
-    def build(cls, parallel: ParallelConfig, device: str) -> Plan:
-        """Join the process group (torchrun's environment) and build the mesh; one process needs none."""
-        return cls(init_mesh(parallel, device))
+    def build(cls, parallel: ParallelConfig, device: str, control: dist.ProcessGroup | None = None) -> Plan:
+        """Join the process group (torchrun's environment) and build the mesh; one process needs none.
+        `control`: the control group dist.join_world opened (for the batch plan), else a new one."""
+        return cls(init_mesh(parallel, device, control))
 
     @property
     def device(self) -> torch.device:
@@ -120,9 +124,13 @@ class Plan:
                                  "try --dtype float32 or lower guidance scales")
 
     def broadcast(self, obj: object) -> object:
-        """Rank 0's `obj` on every rank (pickled; for plans and messages, not tensors)."""
-        if self.mesh.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        """Rank 0's `obj` on every rank (pickled: CPU objects, small tensors included), no --dist-timeout deadline."""
+        return self.from_main(lambda: obj)
+
+    def from_main(self, make: Callable[[], object]) -> object:
+        """make() run on rank 0 alone, its result on every rank; its error raised on every rank (dist.from_main)."""
+        return from_main(make, self.mesh.control_group)
+
+    def gather(self, obj: object) -> list:
+        """Every rank's `obj` in rank order, on every rank, no --dist-timeout deadline."""
+        return gather_objects(obj, self.mesh.control_group)

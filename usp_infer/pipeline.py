@@ -25,31 +25,67 @@ from .parallel import Plan
 
 @dataclass
 class Components:
+    """What one rank holds. Rank 0 holds everything; the other ranks of a run only the transformer (None
+    for the rest): rank 0 encodes the text and the image, decodes and writes, and broadcasts its inputs."""
+
     model_dir: Path
     transformer: LTXTransformer
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
     tokenizer: object
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    # (prompt, max_length) -> (embeddings, mask) on the CPU: what encode_prompts made, or what encode_text
+    # made with the text encoder here.
+    text_cache: dict = field(default_factory=dict)
 
 
-def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Components:
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, main: bool = True,
+                    text_encoder: bool = True) -> Components:
+    """All components (`main`), or the transformer alone (the other ranks of a multi-process run).
+    `text_encoder=False`: no text encoder either; the runner fills text_cache with encode_prompts first."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, T5EncoderModel
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
     transformer = load_transformer(model_dir / "transformer", device, dtype).eval()
-    vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
-    text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    vae = encoder = tokenizer = None
+    if main:
+        vae = AutoencoderKLLTXVideo.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
+        if text_encoder:
+            encoder, tokenizer = _load_text_encoder(model_dir, device, dtype)
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
-    return Components(model_dir, transformer, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+    return Components(model_dir, transformer, vae, encoder, tokenizer, scheduler_config, device, dtype)
+
+
+def _load_text_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+
+
+def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, requests) -> dict:
+    """Load the text encoder, encode every prompt (and negative prompt) of `requests` once, and free it:
+    returns a text_cache for Components. Run before the transformer loads, the text encoder never shares
+    the GPU with it, so a rank's peak is the larger of the two, not their sum."""
+    import gc
+
+    encoder, tokenizer = _load_text_encoder(model_dir, device, dtype)
+    c = Components(model_dir, None, None, encoder, tokenizer, {}, device, dtype)
+    for req in requests:
+        for prompt in (req.prompt, req.negative_prompt):
+            encode_text(c, prompt, req.max_sequence_length)
+    cache = c.text_cache
+    del c, encoder
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return cache
 
 
 @dataclass
@@ -139,13 +175,17 @@ def needs_tiling(vae, latent_shape: tuple[int, ...], device: torch.device, asked
 
 @torch.no_grad()
 def encode_text(c: Components, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 embeddings (1, L, D) and their attention mask (1, L), as LTXPipeline computes them."""
-    tokens = c.tokenizer(
-        [prompt], padding="max_length", max_length=max_length, truncation=True,
-        add_special_tokens=True, return_tensors="pt",
-    )
-    embeds = c.text_encoder(tokens.input_ids.to(c.device))[0].to(c.dtype)
-    return embeds, tokens.attention_mask.bool().to(c.device)
+    """T5 embeddings (1, L, D) and their attention mask (1, L) on the CPU, as LTXPipeline computes them."""
+    key = (prompt, max_length)
+    if key not in c.text_cache:
+        assert c.text_encoder is not None, "prompt not in text_cache, and no text encoder loaded"
+        tokens = c.tokenizer(
+            [prompt], padding="max_length", max_length=max_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        )
+        embeds = c.text_encoder(tokens.input_ids.to(c.device))[0].to(c.dtype)
+        c.text_cache[key] = (embeds.cpu(), tokens.attention_mask.bool())
+    return c.text_cache[key]
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -224,46 +264,44 @@ class Denoiser:
         return self.guider.combine(self.plan.run_branches(scales.branches, forward, like=latents), scales)
 
     def step(self, latents, t, sigma, sigma_next, scales: StepScales, level=None) -> torch.Tensor:
-        """Latents one step on. `level` (per token) is the noise level conditioned tokens never go above:
-        they see the timestep of their own level, like LTXImageToVideoPipeline, and are stepped only below it."""
+        """Latents one step on. `level` (per token, (1, S, 1)) is the noise level a conditioned token starts
+        at (1 - strength): as in LTX-Video (and diffusers' LTXConditionPipeline, whose per-token Euler step
+        this is), such a token sees the timestep min(t, level) and is stepped only once sigma has come down
+        to its level, from min(sigma, level) to the next sigma; until then it is kept as it is."""
         timestep = t.expand(1) if level is None else torch.minimum(t, level[..., 0] * 1000.0)
         pred = self.predict(latents, timestep, scales)
         if level is None:
             return latents + (sigma_next - sigma) * pred
-        return latents + (torch.minimum(sigma_next, level) - torch.minimum(sigma, level)) * pred
+        active = sigma - 1e-6 < level  # LTX-Video's tokens_to_denoise_mask, with its epsilon
+        return torch.where(active, latents + (sigma_next - torch.minimum(sigma, level)) * pred, latents)
+
+
+@dataclass
+class Inputs:
+    """What rank 0 prepares for one item and every rank receives (CPU tensors)."""
+
+    text: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "cond"/"uncond" -> (embeddings, mask)
+    latents: torch.Tensor  # (1, C, F, H, W): the global initial latent (noise, with the image latent mixed in)
+    level: torch.Tensor | None  # (1, S, 1): per-token noise level conditioned tokens never go above
+    ratios: tuple[int, int]  # the VAE's (temporal, spatial) compression
 
 
 @torch.no_grad()
-def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True, vae_tiling: bool = False,
-             say=lambda message: None) -> Result:
-    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop."""
-    from tqdm import tqdm
-
+def prepare_inputs(c: Components, req: GenerateRequest, schedule) -> tuple[Inputs, torch.Generator]:
+    """Rank 0's part before the loop: text embeddings and the global initial latent, drawn exactly as diffusers
+    draws it (image latent sample, then noise); the generator goes on to draw the decode noise."""
     from .media import load_image
 
-    t_cfg = c.transformer.cfg
-    if req.guidance.max_block() >= t_cfg.num_layers:
-        raise ValueError(
-            f"--stg-blocks {req.guidance.max_block()} is out of range: the model has {t_cfg.num_layers} blocks "
-            f"(0..{t_cfg.num_layers - 1})"
-        )
     s_ratio, t_ratio = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
     frames, height, width = (req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio
-    tokens, channels = frames * height * width, t_cfg.in_channels
+    channels = c.transformer.cfg.in_channels
     generator = torch.Generator("cpu").manual_seed(req.seed)
-    timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, tokens)
-    schedule = [req.guidance.at(float(s)) for s in sigmas[:-1]]
-
-    say("encoding text")
-    start = time.perf_counter()
     text = {"cond": encode_text(c, req.prompt, req.max_sequence_length)}
     if any("uncond" in s.branches for s in schedule):
         text["uncond"] = encode_text(c, req.negative_prompt, req.max_sequence_length)
-    encode_text_time = time.perf_counter() - start
 
-    # Global initial latent, drawn exactly as diffusers draws it; then each rank keeps its shard.
     mean, std = _latent_stats(c.vae)
-    level = None  # per-token noise level that conditioned tokens never go above
+    level = None
     if req.image is not None:
         image = load_image(Path(req.image), req.height, req.width).to(c.device, c.dtype)
         encoded = c.vae.encode(image[None, :, None]).latent_dist.sample(generator).float().cpu()
@@ -275,15 +313,54 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         level = 1.0 - pack(cond_mask)
     else:
         latents = torch.randn((1, channels, frames, height, width), generator=generator)
+    return Inputs(text, latents, level, (t_ratio, s_ratio)), generator
+
+
+@torch.no_grad()
+def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True, vae_tiling: bool = False,
+             say=lambda message: None) -> Result:
+    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop."""
+    from tqdm import tqdm
+
+    t_cfg = c.transformer.cfg
+    if req.guidance.max_block() >= t_cfg.num_layers:
+        raise ValueError(
+            f"--stg-blocks {req.guidance.max_block()} is out of range: the model has {t_cfg.num_layers} blocks "
+            f"(0..{t_cfg.num_layers - 1})"
+        )
+    # The schedule depends on the token count, which needs the VAE's ratios: the other ranks have no VAE, so
+    # rank 0 works it out and they take the ratios from its inputs (the schedule is cheap to redo).
+    def schedule_for(ratios):
+        t_ratio, s_ratio = ratios
+        grid = ((req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio)
+        timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, grid[0] * grid[1] * grid[2])
+        return grid, timesteps, sigmas, [req.guidance.at(float(s)) for s in sigmas[:-1]]
+
+    kept = {}
+
+    def prepare() -> Inputs:
+        say("encoding text")
+        start = time.perf_counter()
+        _, _, _, schedule = schedule_for((c.vae.temporal_compression_ratio, c.vae.spatial_compression_ratio))
+        inputs, kept["generator"] = prepare_inputs(c, req, schedule)
+        kept["encode_text_time"] = time.perf_counter() - start
+        return inputs
+
+    inputs = plan.from_main(prepare)
+    (frames, height, width), timesteps, sigmas, schedule = schedule_for(inputs.ratios)
+    t_ratio, s_ratio = inputs.ratios
+    tokens = frames * height * width
+    text = {name: (e.to(c.device), m.to(c.device)) for name, (e, m) in inputs.text.items()}
 
     shard = plan.shard(tokens)
-    latents = shard.split(pack(latents)).to(c.device)
-    if level is not None:
+    latents = shard.split(pack(inputs.latents)).to(c.device)
+    level = None
+    if inputs.level is not None:
         # Pads get level 0: they are never stepped and stay exactly zero.
-        level = shard.split(level).to(c.device)
+        level = shard.split(inputs.level).to(c.device)
     rope = tuple(shard.split(r) for r in rope_tables(t_cfg, frames, height, width, (t_ratio / req.fps, s_ratio, s_ratio), c.device))
     denoiser = Denoiser(c.transformer, plan, text, rope, plan.self_attention(shard),
-                        Guider(stats=shard, count=tokens * channels), req.branches, req.guidance.stg_mode)
+                        Guider(stats=shard, count=tokens * t_cfg.in_channels), req.branches, req.guidance.stg_mode)
     sigmas = sigmas.to(c.device)
 
     step_times = []
@@ -301,6 +378,8 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     if not plan.is_main:
         return Result(None, None, step_times)
     start = time.perf_counter()
+    generator = kept["generator"]
+    mean, std = _latent_stats(c.vae)
     latents = unpack(latents.float().cpu(), frames, height, width)
     latents = (latents * std / c.vae.config.scaling_factor + mean).to(c.dtype)
     decode_t = None
@@ -310,7 +389,7 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         decode_t = torch.tensor([req.decode_timestep], device=c.device, dtype=latents.dtype)
     latents = latents.to(c.device)
     tiling = needs_tiling(c.vae, tuple(latents.shape), c.device, vae_tiling)
-    result = Result(None, latents[0].float().cpu().numpy(), step_times, 0.0, encode_text_time,
+    result = Result(None, latents[0].float().cpu().numpy(), step_times, 0.0, kept["encode_text_time"],
                     None if decode_t is None else req.decode_timestep, tiling)
     if tiling and not vae_tiling:
         say(f"decoding in tiles: a full decode needs ~{decode_memory(c.vae, tuple(latents.shape), c.vae.dtype) / 2**30:.1f} GiB, "

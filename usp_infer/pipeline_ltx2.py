@@ -121,31 +121,34 @@ class Components:
     model_dir: Path
     transformer: Any  # usp_infer.ltx2.LTX2Transformer (or anything with its forward)
     arch: ModuleType  # the module with rope_tables / LTX2Attention / LOCAL_ATTENTION (usp_infer.ltx2)
-    vae: torch.nn.Module
-    audio_vae: torch.nn.Module
-    vocoder: torch.nn.Module
-    connectors: torch.nn.Module
-    text_encoder: torch.nn.Module  # kept on the CPU; moved to `device` only while encoding
+    vae: torch.nn.Module | None  # None on the ranks that neither encode an image nor decode
+    audio_vae: torch.nn.Module | None
+    vocoder: torch.nn.Module | None
+    connectors: torch.nn.Module | None  # None where the text comes from text_cache
+    text_encoder: torch.nn.Module | None  # kept on the CPU; moved to `device` only while encoding
     tokenizer: Any
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    # (prompt, max_sequence_length) -> (video text, audio text, mask) on the CPU, as the connectors made them
+    text_cache: dict = field(default_factory=dict)
 
     @property
     def sample_rate(self) -> int:
-        return int(self.vocoder.config.output_sampling_rate)
+        return int(self.vocoder.config.output_sampling_rate) if self.vocoder is not None else 0
 
 
 def load_components(
-    model_dir: Path | str, device: torch.device | str, dtype: torch.dtype, transformer: Any = None, arch: Any = None
+    model_dir: Path | str, device: torch.device | str, dtype: torch.dtype, transformer: Any = None, arch: Any = None,
+    *, main: bool = True, text_encoder: bool = True,
 ) -> Components:
-    """Load an LTX-2 diffusers folder. The text encoder stays on the CPU until a prompt is encoded."""
+    """Load an LTX-2 diffusers folder: everything (`main`), or the transformer alone (the other ranks of a
+    multi-process run). `text_encoder=False`: no Gemma or connectors; encode_prompts fills text_cache first.
+    The text encoder stays on the CPU until a prompt is encoded."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from diffusers.pipelines.ltx2 import vocoder as vocoders
-    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -159,20 +162,31 @@ def load_components(
     def load(cls, name):
         return cls.from_pretrained(model_dir / name, torch_dtype=dtype).eval()
 
+    encoder, tokenizer, connectors = _load_text(model_dir, device, dtype) if main and text_encoder else (None,) * 3
     return Components(
         model_dir=model_dir,
         transformer=transformer.eval(),
         arch=arch,
-        vae=load(AutoencoderKLLTX2Video, "vae").to(device),
-        audio_vae=load(AutoencoderKLLTX2Audio, "audio_vae").to(device),
-        vocoder=load(vocoder_cls, "vocoder").to(device),
-        connectors=load(LTX2TextConnectors, "connectors").to(device),
-        text_encoder=load(Gemma3ForConditionalGeneration, "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(model_dir / "tokenizer"),
+        vae=load(AutoencoderKLLTX2Video, "vae").to(device) if main else None,
+        audio_vae=load(AutoencoderKLLTX2Audio, "audio_vae").to(device) if main else None,
+        vocoder=load(vocoder_cls, "vocoder").to(device) if main else None,
+        connectors=connectors,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
         scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler")),
         device=device,
         dtype=dtype,
     )
+
+
+def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """(Gemma on the CPU, its tokenizer, the connectors on `device`)."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    encoder = Gemma3ForConditionalGeneration.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).eval()
+    connectors = LTX2TextConnectors.from_pretrained(model_dir / "connectors", torch_dtype=dtype).eval().to(device)
+    return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer"), connectors
 
 
 def _read_index(model_dir: Path) -> dict:
@@ -344,21 +358,44 @@ def gemma_hidden_states(c: Components, prompts: list[str], max_length: int) -> t
 
 
 @torch.no_grad()
-def encode_prompts(c: Components, prompts: dict[str, str], max_length: int) -> dict[str, tuple]:
-    """{name: (video_text, audio_text, mask)} through Gemma and the connectors.
+def encode_text(c: Components, prompts: dict[str, str], max_length: int) -> dict[str, tuple]:
+    """{name: (video_text, audio_text, mask)} through Gemma and the connectors, from c.text_cache where it holds
+    them. The text encoder visits the GPU only for this call, then goes back to the CPU, so the transformer
+    has the memory to itself during denoising."""
+    missing = {p for p in prompts.values() if (p, max_length) not in c.text_cache}
+    if missing:
+        assert c.text_encoder is not None, "prompt not in text_cache, and no text encoder loaded"
+        c.text_encoder.to(c.device)
+        try:
+            encoded = {p: gemma_hidden_states(c, [p], max_length) for p in sorted(missing)}
+        finally:
+            c.text_encoder.to("cpu")
+            if c.device.type == "cuda":
+                torch.cuda.empty_cache()
+        side = getattr(c.tokenizer, "padding_side", "left")
+        for p, (embeds, mask) in encoded.items():
+            c.text_cache[p, max_length] = tuple(t.cpu() for t in c.connectors(embeds, mask, padding_side=side))
+    return {name: tuple(t.to(c.device) for t in c.text_cache[p, max_length]) for name, p in prompts.items()}
 
-    The text encoder visits the GPU only for this call, then goes back to the CPU, so the
-    transformer has the memory to itself during denoising.
-    """
-    c.text_encoder.to(c.device)
-    try:
-        encoded = {name: gemma_hidden_states(c, [p], max_length) for name, p in prompts.items()}
-    finally:
-        c.text_encoder.to("cpu")
-        if c.device.type == "cuda":
-            torch.cuda.empty_cache()
-    side = getattr(c.tokenizer, "padding_side", "left")
-    return {name: c.connectors(embeds, mask, padding_side=side) for name, (embeds, mask) in encoded.items()}
+
+def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, requests) -> dict:
+    """Load Gemma and the connectors, encode every prompt (and negative prompt) of `requests` once, free them:
+    a text_cache for Components. Run before the transformer loads, the 12B text encoder never shares the GPU
+    with it (the runner does this on rank 0 alone)."""
+    import gc
+
+    encoder, tokenizer, connectors = _load_text(Path(model_dir), torch.device(device), dtype)
+    c = Components(Path(model_dir), None, None, None, None, None, connectors, encoder, tokenizer, {},
+                   torch.device(device), dtype)
+    for req in requests:
+        encode_text(c, {"cond": req.prompt, "uncond": req.negative_prompt}, req.max_sequence_length)
+    cache = c.text_cache
+    del c
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return cache
+
 
 
 # --- latents --------------------------------------------------------------------------------------
@@ -594,19 +631,22 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
     blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
     if blocks is not None and any(not 0 <= b < blocks for b in req.guidance.stg_blocks):
         raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
-    lay = layout(c, req)
     names = req.guidance.branches()
     if not c.transformer.cfg.perturbed_attn:  # LTX-2.0 weights: STG changes nothing, so skip its forward
         names = tuple(n for n in names if n != "perturbed")
-    generator = torch.Generator("cpu").manual_seed(req.seed)
-
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
-    say("encoding text")
-    start = time.perf_counter()
-    text = encode_prompts(c, prompts, req.max_sequence_length)
-    encode_text_time = time.perf_counter() - start
 
-    video, cond_mask, audio = initial_latents(c, req, lay, generator)
+    def prepare() -> tuple:
+        """Rank 0's part (it holds the VAEs and the text): the sizes, the text, the initial latents, on the CPU."""
+        say("encoding text")
+        start = time.perf_counter()
+        text = {name: tuple(t.cpu() for t in v) for name, v in encode_text(c, prompts, req.max_sequence_length).items()}
+        lay = layout(c, req)
+        latents = initial_latents(c, req, lay, torch.Generator("cpu").manual_seed(req.seed))
+        return lay, text, latents, time.perf_counter() - start
+
+    lay, text, (video, cond_mask, audio), encode_text_time = plan.from_main(prepare)
+    text = {name: tuple(t.to(c.device) for t in v) for name, v in text.items()}
     timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
 
     # Video tokens are sharded for the whole loop; audio is whole on every rank.

@@ -19,7 +19,6 @@ import typer
 from .batch import Item, at, plan_items
 from .config import Session
 from .request import UsageError
-from .sidecar import build_sidecar
 
 
 class ItemError(RuntimeError):
@@ -39,14 +38,16 @@ def close_progress() -> None:
         bar.close()
 
 
-def fail(code: int, message: str) -> NoReturn:
+def fail(code: int, message: str, prefix: bool = True) -> NoReturn:
+    """Print one error line and exit. A usage error is every rank's (rank 0 planned and broadcast it): rank 0
+    alone prints it. `prefix=False` for an error every rank agreed on, already naming its rank if not 0."""
     from .dist import env_rank, env_world_size
 
     close_progress()
     rank = env_rank()
     if code == 2 and rank != 0:
-        raise typer.Exit(code)  # every rank finds the same usage error; one line is enough
-    prefix = f"rank {rank}: " if env_world_size() > 1 and code != 2 else ""
+        raise typer.Exit(code)
+    prefix = f"rank {rank}: " if env_world_size() > 1 and code != 2 and prefix else ""
     typer.echo(f"error: {prefix}{one_line(message)}", err=True)
     raise typer.Exit(code)
 
@@ -65,10 +66,12 @@ def check_weights(model: Path) -> None:
 
 def _may_continue(error: Exception, s: Session, world_size: int) -> bool:
     """--keep-going, except where the ranks could disagree about moving on (which would hang them)."""
+    from .dist import AgreedError
     from .parallel import NonFiniteError
 
-    # Every rank sees the same non-finite check (it is all-reduced); any other error may be one rank's alone.
-    return s.keep_going and (world_size == 1 or isinstance(error, NonFiniteError))
+    # Every rank sees the same non-finite check (it is all-reduced) and the same broadcast error (rank 0's
+    # preparing or writing); any other error may be one rank's alone.
+    return s.keep_going and (world_size == 1 or isinstance(error, (NonFiniteError, AgreedError)))
 
 
 def _in_collective(error: Exception) -> bool:
@@ -86,8 +89,12 @@ def _in_collective(error: Exception) -> bool:
 
 def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
     """One line for an error that ends a run (or, with --keep-going, an item)."""
+    from .dist import AgreedError
+
     if not isinstance(error, (ValueError, RuntimeError, OSError)):
         return f"{type(error).__name__}: {error}"
+    if isinstance(error, AgreedError):
+        return str(error)
     if world_size > 1 and _in_collective(error):
         first = one_line(error).split(". ")[0]  # gloo/NCCL append paragraphs of generic advice
         return (
@@ -97,100 +104,153 @@ def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
     return str(error)
 
 
+def _plan(items: list[Item], s: Session, control) -> tuple[list[Item], object, list[Item], object]:
+    """Rank 0 plans (validation, output checks, the --resume to-do list) and every rank takes its plan,
+    the items included: a rank that reads another batch file, or sees other files, cannot run other work.
+    A usage error is raised on every rank (rank 0 alone prints it)."""
+    from .dist import from_main
+
+    def make():
+        parallel, todo, family = plan_items(items, s)
+        return items, parallel, todo, family
+
+    return from_main(make, control)
+
+
 def _run(items: list[Item], s: Session) -> None:
     """Validate everything, then load once and run the items in order. Raises typer.Exit."""
-    try:
-        parallel, todo, family = plan_items(items, s)
-    except UsageError as e:
-        fail(2, str(e))
-
     import torch
 
-    from .dist import env_rank, teardown
-    from .parallel import Plan
-    from .media import remove_stale_temps, sidecar_path, write_json_atomic, write_video
-    from .latents import keep_latents
-    from .pipeline import DecodeError
+    from .dist import AgreedError, env_rank, join_world, teardown
 
-    pipe = family.pipeline()
-
-    records, failures = [], []
-    if not todo:  # everything is finished (--resume): no process group, no weights
-        return _summarize(items, todo, records, failures, s, env_rank() == 0)
-    mesh = None
+    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    s = replace(s, dtype=s.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
+    records, failures, mesh = [], [], None
     try:
-        device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        plan = Plan.build(parallel, device)
-        mesh = plan.mesh
-        dtype_name = s.dtype or ("bfloat16" if mesh.device.type == "cuda" else "float32")
-        s = replace(s, dtype=dtype_name)
-        talk = mesh.is_main and not s.quiet and not s.json_summary
-
-        def say(message: str) -> None:  # what is happening around the step bar (rank 0, stderr)
-            if talk:
-                close_progress()
-                typer.echo(message, err=True)
-
-        start = time.perf_counter()
-        check_weights(s.model)  # a broken file is one line, before any progress line
-        say(f"loading {s.model} on {mesh.device} ({dtype_name})")
         try:
-            components = pipe.load_components(s.model, mesh.device, getattr(torch, dtype_name))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
-        if s.compile:
-            pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
-        load_s = time.perf_counter() - start
-        for number, item in enumerate(todo, 1):
-            start = time.perf_counter()
-            prefix = f"item {number}/{len(todo)}: " if s.batch else ""
-
-            def said(message: str, prefix: str = prefix) -> None:
-                say(prefix + message)
-
-            if s.batch:
-                said(item.where or str(item.output))
-            if mesh.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(mesh.device)
-            try:
-                try:
-                    result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
-                                           vae_tiling=s.vae_tiling, say=said)
-                except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
-                    kept = keep_latents(item, s, e.result)
-                    raise RuntimeError(
-                        f"{e}; the final latents are kept in {kept}: decode them with "
-                        f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
-                    ) from e
-                if mesh.is_main:
-                    said(f"writing {item.output}")
-                    write_start = time.perf_counter()
-                    remove_stale_temps(item.output)  # left by a run that was killed while writing this item
-                    written = write_video(
-                        item.output, result.frames, fps=item.request.fps, overwrite=s.overwrite or s.resume,
-                        **result.outputs(),
-                    )
-                    record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s,
-                                           time.perf_counter() - write_start)
-                    write_json_atomic(sidecar_path(item.output), record)
-                    records.append(record)
-                    if not s.quiet and not s.json_summary:
-                        shown = written[0] if len(written) == 1 else item.output
-                        typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
-            except (ValueError, RuntimeError, OSError) as e:
-                if not _may_continue(e, s, mesh.world_size):
-                    raise ItemError(at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
-                failures.append({"item": item.where, "error": one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
-                if mesh.is_main:
-                    close_progress()
-                    typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
+            control = join_world(device, s.parallel.timeout_s)
+            items, parallel, todo, family = _plan(items, s, control)
+        except UsageError as e:
+            fail(2, str(e))
+        if not todo:  # everything is finished (--resume): no weights
+            teardown()
+            return _summarize(items, todo, records, failures, s, env_rank() == 0)
+        records, failures, mesh = _run_items(items, todo, s, device, parallel, control, family)
+    except typer.Exit:
+        raise
     except Exception as e:  # noqa: BLE001 - the edge: one line, the full traceback only with --debug
         if s.debug:
             raise
-        fail(1, str(e) if isinstance(e, ItemError) else _explain(e, mesh.world_size if mesh is not None else 1, s.parallel.timeout_s))
+        from .parallel import NonFiniteError
+
+        # An error every rank has (broadcast, or the all-reduced finite check): rank 0 says it, once.
+        agreed = isinstance(e, AgreedError) or isinstance(e, ItemError) and isinstance(e.__cause__, (AgreedError, NonFiniteError))
+        if agreed and env_rank() != 0:
+            raise typer.Exit(1) from None
+        world = mesh.world_size if mesh is not None else 1
+        message = str(e) if isinstance(e, (ItemError, AgreedError)) else _explain(e, world, s.parallel.timeout_s)
+        fail(1, message, prefix=not agreed)
     finally:
         teardown()
     _summarize(items, todo, records, failures, s, mesh.is_main)
+
+
+def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, parallel, control, family):
+    """Load once (rank 0 everything, the others the transformer), then each item: denoise on every rank,
+    decode and write on rank 0 while the others wait without a --dist-timeout deadline."""
+    import torch
+
+    from .dist import agree
+    from .latents import keep_latents
+    from .media import fingerprint, remove_stale_temps, sidecar_path, write_json_atomic, write_video
+    from .parallel import Plan
+    from .pipeline import DecodeError
+    from .sidecar import build_sidecar, peak_memory_gb
+
+    pipe = family.pipeline()
+    records, failures = [], []
+    plan = Plan.build(parallel, device, control)
+    mesh = plan.mesh
+    talk = mesh.is_main and not s.quiet and not s.json_summary
+
+    def say(message: str) -> None:  # what is happening around the step bar (rank 0, stderr)
+        if talk:
+            close_progress()
+            typer.echo(message, err=True)
+
+    start = time.perf_counter()
+    error = None
+    try:
+        check_weights(s.model)  # every rank: each loads its own copy of the transformer; before any progress line
+        say(f"loading {s.model} on {mesh.device} ({s.dtype})")
+        dtype = getattr(torch, s.dtype)
+        try:
+            # Rank 0 alone encodes the text, once per prompt, before the transformer loads (the text encoder
+            # is freed first); the VAE loads only there too. The other ranks hold the transformer alone.
+            texts = pipe.encode_prompts(s.model, mesh.device, dtype, [item.request for item in todo]) if mesh.is_main else {}
+            components = pipe.load_components(s.model, mesh.device, dtype, main=mesh.is_main, text_encoder=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
+        components.text_cache = texts
+    except Exception as e:  # noqa: BLE001 - whatever one rank's load raised ends every rank, said once
+        error = e
+    agree(error, mesh.control_group)  # a rank that failed to load ends every rank, with its message
+    if s.compile:
+        pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
+    load_s = time.perf_counter() - start
+
+    for number, item in enumerate(todo, 1):
+        start = time.perf_counter()
+        prefix = f"item {number}/{len(todo)}: " if s.batch else ""
+
+        def said(message: str, prefix: str = prefix) -> None:
+            say(prefix + message)
+
+        if s.batch:
+            said(item.where or str(item.output))
+        if mesh.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(mesh.device)
+        try:
+            try:
+                result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
+                                       vae_tiling=s.vae_tiling, say=said)
+            except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
+                kept = keep_latents(item, s, e.result)
+                raise RuntimeError(
+                    f"{e}; the final latents are kept in {kept}: decode them with "
+                    f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
+                ) from e
+            peaks = plan.gather(peak_memory_gb(mesh.device))
+
+            def write() -> dict:
+                said(f"writing {item.output}")
+                write_start = time.perf_counter()
+                remove_stale_temps(item.output)  # left by a run that was killed while writing this item
+                written = write_video(
+                    item.output, result.frames, fps=item.request.fps,
+                    overwrite=s.overwrite or s.resume,  # plan_items refused every file that is not ours
+                    **result.outputs(),
+                )
+                record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s, peaks,
+                                       fingerprint(item.output), time.perf_counter() - write_start)
+                write_json_atomic(sidecar_path(item.output), record)
+                if not s.quiet and not s.json_summary:
+                    shown = written[0] if len(written) == 1 else item.output
+                    typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
+                return record
+
+            # Rank 0 writes; the others wait for it in the control group, where no --dist-timeout applies.
+            record = plan.from_main(write)
+            if mesh.is_main:
+                records.append(record)
+        except (ValueError, RuntimeError, OSError) as e:
+            if not _may_continue(e, s, mesh.world_size):
+                raise ItemError(at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
+            failures.append({"item": item.where, "error": one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
+            if mesh.is_main:
+                close_progress()
+                typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
+    return records, failures, mesh
 
 
 def _summarize(items: list[Item], todo: list[Item], records: list[dict], failures: list[dict], s: Session, is_main: bool) -> None:

@@ -28,20 +28,28 @@ def config_hash(model: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def peak_memory(device) -> dict:
+def peak_memory_gb(device) -> float:
+    """This rank's peak memory: on CUDA since the last reset_peak_memory_stats (the runner resets it before
+    each item); on CPU the process's high-water mark, the only honest number there (ru_maxrss is in KiB)."""
     import resource
 
     import torch
 
     if device.type == "cuda":
-        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "peak_memory_of": "cuda max_memory_allocated, this item"}
-    # On CPU the only honest number is the process's high-water mark (ru_maxrss is in KiB on Linux).
-    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_of": "process max RSS, whole run so far"}
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float, write_s: float = 0.0) -> dict:
+def peak_memory_of(device) -> str:
+    return "cuda max_memory_allocated, this item" if device.type == "cuda" else "process max RSS, whole run so far"
+
+
+def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float,
+                  peaks: list[float], written: dict, write_s: float = 0.0) -> dict:
+    """`peaks`: each rank's peak_memory_gb, in rank order; `written`: media.fingerprint of the output."""
     return {
         "output": str(item.output),
+        **written,
         "request": asdict(item.request),
         "seed": item.request.seed,
         "model": {"path": str(s.model.resolve()), "family": family_of(s.model).name, "config_sha256": config_hash(s.model)},
@@ -62,7 +70,9 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
             "step_s": [round(t, 4) for t in result.step_times],
             "model_load_s": round(load_s, 4),  # once per run, shared by its items
         },
-        **peak_memory(mesh.device),
+        "peak_memory_gb": max(peaks),
+        "peak_memory_gb_per_rank": peaks,
+        "peak_memory_of": peak_memory_of(mesh.device),
         "versions": versions(),
     }
 
