@@ -116,3 +116,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = cli("generate", "--model", model, "--prompt", PROMPT, "-o", tmp_path / "x.mp4", *rest)
     assert result.exit_code == 2 and message in error_line(result.stderr)
     assert snapshot(tmp_path) == before
+
+
+def test_make_tiny_ltx2_writes_the_committed_model(tmp_path):
+    assert cli("make-tiny", "--family", "ltx2", tmp_path / "t").exit_code == 0
+    ours = sorted(p.relative_to(tmp_path / "t") for p in (tmp_path / "t").rglob("*") if p.is_file())
+    assert ours == sorted(p.relative_to(LTX2) for p in LTX2.rglob("*") if p.is_file())
+    assert all((tmp_path / "t" / p).read_bytes() == (LTX2 / p).read_bytes() for p in ours)

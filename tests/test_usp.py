@@ -144,8 +144,19 @@ def _kv_sharded_job(world: int) -> dict:
             ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             poisoned_k, poisoned_v = shard.split(k), shard.split(v)
             poisoned_k[:, shard.valid:], poisoned_v[:, shard.valid:] = 1e3, 1e3  # pads must never act as keys
-            out = KVShardedAttention(shard)(q, poisoned_k, poisoned_v)
+            sent, real = [], dist.all_reduce
+
+            def counted(t, *args, **kwargs):  # the exchange's payload, for bench_ltx2.v2a_exchange_bytes
+                sent.append(t.numel() * t.element_size())
+                return real(t, *args, **kwargs)
+
+            dist.all_reduce = counted
+            try:
+                out = KVShardedAttention(shard)(q, poisoned_k, poisoned_v)
+            finally:
+                dist.all_reduce = real
             errors[layout, total] = _rel_err(out, ref.transpose(1, 2))
+            errors["bytes", layout, total] = sum(sent)
     return errors
 
 
@@ -251,7 +262,10 @@ def test_kv_sharded_attention_matches_full_attention(spawned: tuple[int, list[di
     """Including a last rank holding only pads (9 on 4) and ranks with nothing but pads (2 on 4)."""
     world, results = spawned
     for rank, result in enumerate(results):
-        errors = result["kv_sharded"]
+        errors = dict(result["kv_sharded"])
+        # The payload is query-sized whatever the key count: fp32 (B, H, Sq) maxima + (B, H, Sq, D + 1) sums.
+        payloads = {errors.pop(case) for case in [c for c in errors if c[0] == "bytes"]}
+        assert payloads == {4 * B * H * 5 * (1 + D + 1)}
         assert len(errors) == sum(layout[0] == 1 for layout in WORLD_LAYOUTS[world]) * len(WORLD_TOTALS[world])
         bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
         assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"

@@ -132,20 +132,27 @@ def text_length_limit(configs: dict, default: int) -> int:
     return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else default
 
 
-def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
-    """Every check that needs no weights, for every item, before anything loads or is written."""
+def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
+    """The model folder, the device and the layout against the world size: no process group needed, so
+    every rank runs it before joining one (a wrong layout fails at once, not in a rendezvous)."""
     from .dist import check_device, env_world_size, resolve_parallel, validate_layout
 
     try:
         family, configs = resolve(s.model)
         world = env_world_size()
-        pipe = family.pipeline()
-        heads = pipe.attention_heads(configs)
+        heads = family.pipeline().attention_heads(configs)
         parallel = resolve_parallel(s.parallel, world, heads)
         validate_layout(parallel, world, heads)
         check_device(s.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    return parallel, family, configs
+
+
+def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
+    """Every check that needs no weights, for every item, before anything loads or is written."""
+    parallel, family, configs = check_layout(s)
+    pipe = family.pipeline()
     outputs = [i.output.resolve() for i in items]
     if len(set(outputs)) != len(outputs):
         dup = next(o for o in outputs if outputs.count(o) > 1)

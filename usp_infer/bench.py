@@ -393,10 +393,13 @@ def _environment(device: torch.device, world: int, matmul: list[list[float]]) ->
 def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: list[float], finite: bool,
             env: dict, implementation: str, text_tokens: int) -> dict:
     ms = statistics.median(times)
+    exchange = None
     if s.ltx2:
         from . import bench_ltx2
 
         parts = bench_ltx2.step_flops(s.cfg, s)
+        exchange = bench_ltx2.v2a_exchange_bytes(s.cfg, s.tokens, bench_ltx2.audio_tokens(s.num_frames), s.branches,
+                                                 case.layout[1] * case.layout[2] if case else 1)
     else:
         parts = step_flops(s.cfg, s.tokens, s.branches, text_tokens)
     tflops = sum(parts.values()) / (ms / 1e3) / world / 1e12
@@ -406,7 +409,7 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
         "a2a_mode": case.a2a_mode if case else None,
         "compiled": case.compiled if case else False, "shape": s.shape, "height": s.height, "width": s.width,
         "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
-        "image_to_video": s.image,
+        "image_to_video": s.image, "v2a_exchange_bytes_per_step_per_rank": exchange,
         "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,
         "ms_per_step": ms, "ms_per_step_all": times, "flops_per_step": sum(parts.values()), "flops_parts": parts,
         "text_tokens": text_tokens, "tflops_per_gpu": tflops, "fraction_of_matmul_rate": tflops / env["matmul_tflops"],

@@ -105,6 +105,21 @@ def step_flops(cfg: LTX2Config, s) -> dict[str, float]:
     return parts
 
 
+def v2a_exchange_bytes(cfg: LTX2Config, video_tokens: int, audio_tokens: int, batch: int, ranks: int) -> dict:
+    """Bytes one rank sends per step for the video->audio attention over a sequence split on `ranks` ranks.
+
+    Ours (usp.KVShardedAttention): per block an all-reduce (max) of the fp32 log-sum-exp (B, H_a, S_a) and
+    one (sum) of the weighted outputs with their weights (B, H_a, S_a, D_a + 1): audio-sized, whatever the
+    video's length; a ring all-reduce sends 2 (P - 1) / P of its payload. The alternative, an all-gather of
+    the projected video keys and values (B, S_v, H_a * D_a) each, sends (P - 1) / P of them in the model dtype.
+    """
+    heads, dim = cfg.audio_num_attention_heads, cfg.audio_attention_head_dim
+    merge = 4 * batch * heads * audio_tokens * (1 + dim + 1)  # lse max + (out, weight) sum, fp32
+    gather = 2 * 2 * batch * video_tokens * heads * dim  # k and v, bf16
+    share = (ranks - 1) / ranks
+    return {"log_sum_exp_merge": cfg.num_layers * merge * 2 * share, "all_gather": cfg.num_layers * gather * share}
+
+
 def diffusers_cases(s, seed: int, randomize, measure) -> list[tuple[str, list[float], list[float], bool]]:
     """diffusers' LTX2VideoTransformer3DModel, one GPU, the same weights' shape and inputs, two ways:
 

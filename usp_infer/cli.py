@@ -318,15 +318,29 @@ def batch(
     run_session(items, s)
 
 
-@app.command("make-tiny", help=_help("Write a deterministic tiny random-weight LTX pipeline (diffusers layout).", "  usp-infer make-tiny /tmp/ltx-tiny --seed 1"))
-def make_tiny(directory: Path = typer.Argument(..., help="Folder to create."), seed: int = _opt(0, help="Weight seed.")) -> None:
+@app.command("make-tiny", help=_help(
+    "Write a deterministic tiny random-weight pipeline folder (diffusers layout, real classes).",
+    "  usp-infer make-tiny /tmp/ltx-tiny --seed 1",
+    "  # the LTX-2.3-style audio+video model (gates, text modulation, perturbed attention)\n"
+    "  usp-infer make-tiny --family ltx2 /tmp/ltx2-tiny",
+))
+def make_tiny(
+    directory: Annotated[Path, typer.Argument(help="Folder to create.")],
+    seed: Annotated[int, _opt(help="Weight seed.")] = 0,
+    family: Annotated[str, _opt(help="ltx-video | ltx2 (LTX-2.3 style) | ltx2.0 (LTX-2.0 style).")] = "ltx-video",
+) -> None:
     directory = directory.expanduser()
+    makers = {"ltx-video": ("tiny", "make_tiny", {}), "ltx2": ("tiny_ltx2", "make_tiny_ltx2", {"version": "2.3"}),
+              "ltx2.0": ("tiny_ltx2", "make_tiny_ltx2", {"version": "2.0"})}
+    if family not in makers:
+        fail(2, f"--family {family!r} is unknown; use one of {', '.join(makers)}")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         fail(2, f"{directory} exists and is not an empty directory; remove it or pick another path")
-    from .tiny import make_tiny as _make
+    import importlib
 
+    module, name, kwargs = makers[family]
     try:
-        _make(directory, seed=seed)
+        getattr(importlib.import_module(f"usp_infer.{module}"), name)(directory, seed=seed, **kwargs)
     except OSError as e:
         fail(1, f"cannot write {directory}: {e.strerror or e}")
     typer.echo(f"wrote {directory}", err=True)

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import typer
 
-from .batch import Item, at, plan_items
+from .batch import Item, at, check_layout, plan_items
 from .config import Session
 from .request import UsageError
 
@@ -128,6 +128,7 @@ def _run(items: list[Item], s: Session) -> None:
     records, failures, mesh = [], [], None
     try:
         try:
+            check_layout(s)  # every rank, before any rendezvous; rank 0's plan below is the one that counts
             control = join_world(device, s.parallel.timeout_s)
             items, parallel, todo, family = _plan(items, s, control)
         except UsageError as e:
