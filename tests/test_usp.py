@@ -392,12 +392,17 @@ def _world8_job() -> dict:
                 attn = USPAttention(mesh, shard, mode)
                 out = shard.gather(attn(shard.split(q), shard.split(k), shard.split(v)))
                 errors[layout, total, mode] = _rel_err(out, ref)
+            # LTX-2's video->audio: 5 whole queries over the sharded keys, merged by log-sum-exp
+            audio = q[:, :5]
+            merged = KVShardedAttention(shard)(audio, shard.split(k), shard.split(v))
+            full = F.scaled_dot_product_attention(audio.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            errors[layout, total, "kv-sharded"] = _rel_err(merged, full.transpose(1, 2))
     return errors
 
 
 def test_world8_layouts_match_full_sdpa() -> None:
     results = run_spawn(_world8_job, 8)
     for rank, errors in enumerate(results):
-        assert len(errors) == len(WORLD8_LAYOUTS) * len(WORLD8_TOTALS) * 2
+        assert len(errors) == len(WORLD8_LAYOUTS) * len(WORLD8_TOTALS) * 3
         bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
         assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
