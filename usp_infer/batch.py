@@ -140,7 +140,7 @@ def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
     try:
         family, configs = resolve(s.model)
         world = env_world_size()
-        heads = family.pipeline().attention_heads(configs)
+        heads = family.requests().attention_heads(configs)
         parallel = resolve_parallel(s.parallel, world, heads)
         validate_layout(parallel, world, heads)
         check_device(s.device)
@@ -152,7 +152,7 @@ def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
 def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
     parallel, family, configs = check_layout(s)
-    pipe = family.pipeline()
+    front = family.requests()
     outputs = [i.output.resolve() for i in items]
     if len(set(outputs)) != len(outputs):
         dup = next(o for o in outputs if outputs.count(o) > 1)
@@ -160,7 +160,7 @@ def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item
     todo = []
     for item in items:
         _check_audio_output(item, family)
-        longest = text_length_limit(configs, pipe.MAX_TEXT_TOKENS)
+        longest = text_length_limit(configs, front.MAX_TEXT_TOKENS)
         if item.request.max_sequence_length > longest:
             raise UsageError(at(item, f"--max-sequence-length {item.request.max_sequence_length} is longer than the "
                                       f"tokenizer of {s.model} takes ({longest}); use at most {longest}"))

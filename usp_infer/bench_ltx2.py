@@ -22,7 +22,6 @@ from .pipeline_ltx2 import BranchForward, Denoiser, LTX2Guidance, ModalityGuidan
 FPS = 24.0
 TEXT_TOKENS = 1024
 SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
-MAX_BRANCHES = 4
 
 
 def audio_tokens(num_frames: int) -> int:

@@ -403,7 +403,7 @@ def info(
         family, configs = resolve(model.expanduser())
     except ValueError as e:
         fail(2, str(e))
-    pipe = family.pipeline()
+    front = family.requests()
     t = configs["transformer"]
     try:
         check_weights(model)
@@ -424,7 +424,7 @@ def info(
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
         "layouts": [{"cfg": c, "ring": r, "ulysses": u}
-                    for c, r, u in layouts(gpus, pipe.attention_heads(configs), pipe.MAX_BRANCHES)],
+                    for c, r, u in layouts(gpus, front.attention_heads(configs), front.MAX_BRANCHES)],
         "configs": configs,
     }
     if json_summary:

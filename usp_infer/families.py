@@ -1,14 +1,18 @@
 """Model families: the one place that maps a diffusers folder to the code that runs it.
 
 A folder's family comes from its `model_index.json` (`_class_name`, the diffusers pipeline it was
-saved from), never from its path. Each family is a pipeline module with the same small surface:
+saved from), never from its path. Each family is two modules with the same small surfaces:
 
+  its requests (no torch, so --help and usage errors stay fast):
     read_model_configs(model_dir) -> dict        every check that needs no weights
     attention_heads(configs) -> int              what a Ulysses degree must divide
     num_layers(configs) -> int                   for --stg-blocks
     build_request(options, configs) -> request   flags (None = not given) -> a validated request
-    load_components(model_dir, device, dtype, plan) -> components
-    generate(components, request, plan, progress) -> result with .frames, .step_times, .outputs()
+    MAX_TEXT_TOKENS, MAX_BRANCHES
+  its pipeline:
+    encode_prompts(model_dir, device, dtype, requests) -> text cache (rank 0, before the transformer loads)
+    load_components(model_dir, device, dtype, main=, text_encoder=) -> components
+    generate(components, request, plan, progress, vae_tiling, say) -> result with .frames, .outputs()
     compile_blocks(transformer)
 
 The records below are plain data, so the CLI can name a family and check flags without importing torch.
@@ -35,13 +39,18 @@ class Family:
     name: str
     summary: str  # what it is and what it needs, for `info` and errors
     pipelines: tuple[str, ...]  # model_index.json `_class_name`s it runs
-    module: str  # its pipeline module
+    front: str  # its torch-free module: read_model_configs, attention_heads, num_layers, build_request, limits
+    module: str  # its pipeline module: load_components, encode_prompts, generate, compile_blocks
     flags: frozenset[str]  # request flags it takes, beyond COMMON_FLAGS
     presets: tuple[str, ...]
     audio: bool  # whether its videos have sound (and a .wav output makes sense)
 
     def pipeline(self) -> ModuleType:
         return importlib.import_module(self.module)
+
+    def requests(self) -> ModuleType:
+        """The checks and request building, importable without torch."""
+        return importlib.import_module(self.front)
 
     def foreign_flag(self, given: set[str]) -> str | None:
         """The first given flag this family does not take, if any."""
@@ -53,6 +62,7 @@ FAMILIES = (
         name="ltx-video",
         summary="LTX-Video 0.9.x: T5 text encoder, video only (transformer LTXVideoTransformer3DModel)",
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+        front="usp_infer.model_folder",
         module="usp_infer.pipeline",
         flags=frozenset({"stg_mode", "cfg_star", "guidance_timesteps", "decode_timestep", "decode_noise_scale",
                          "image_strength"}),
@@ -64,6 +74,7 @@ FAMILIES = (
         summary="LTX-2 / LTX-2.3: Gemma-3 text encoder + connectors, video and audio (LTX2VideoTransformer3DModel, "
                 "video and audio VAEs, vocoder)",
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
+        front="usp_infer.request_ltx2",
         module="usp_infer.pipeline_ltx2",
         flags=frozenset({"modality_scale", "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale",
                          "audio_guidance_rescale", "image_crf", "audio"}),
@@ -97,4 +108,4 @@ def family_of(model_dir: Path) -> Family:
 def resolve(model_dir: Path) -> tuple[Family, dict]:
     """The folder's family and its checked configs (no weights are read)."""
     family = family_of(model_dir)
-    return family, family.pipeline().read_model_configs(model_dir)
+    return family, family.requests().read_model_configs(model_dir)

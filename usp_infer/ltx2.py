@@ -153,9 +153,9 @@ SHAPES: dict[str, LTX2Config] = {
     "ltx-2.3-22b": LTX2Config(**_REAL, gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
                               audio_cross_attn_mod=True, use_prompt_embeddings=False, perturbed_attn=True),
     # models/ltx2-tiny's transformer (LTX-2.3 flags): the shape CPU runs of the pipeline and the benchmark use.
-    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+    "ltx2-tiny": LTX2Config(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=4,
                             cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8,
-                            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+                            audio_num_attention_heads=4, audio_attention_head_dim=2, audio_cross_attention_dim=8,
                             num_layers=2, caption_channels=24, rope_type="split", gated_attn=True,
                             cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
                             use_prompt_embeddings=False, perturbed_attn=True),

@@ -1,4 +1,5 @@
-"""A model folder's configs, read and cross-checked before any weights load (no torch: usage errors stay fast)."""
+"""The LTX-Video family's folder checks and requests: configs read and cross-checked before any weights load,
+flags -> request; no torch (usage errors stay fast). pipeline.py runs what this validates."""
 
 from __future__ import annotations
 
@@ -66,3 +67,28 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
     return configs
 
 
+# --- the family surface (families.py) ------------------------------------------------------------
+
+
+MAX_TEXT_TOKENS = 512  # where the tokenizer names no limit: T5's relative positions were trained up to 512
+MAX_BRANCHES = 3  # uncond, cond, STG-perturbed
+
+
+def attention_heads(configs: dict) -> int:
+    return configs["transformer"].get("num_attention_heads", 32)
+
+
+def num_layers(configs: dict) -> int:
+    return configs["transformer"].get("num_layers", 0)
+
+
+def build_request(options: dict, configs: dict):
+    """Flags -> request (request.build_request), with --stg-blocks checked against the model's depth."""
+    from .request import UsageError
+    from .request import build_request as build
+
+    req = build(options)
+    layers, block = num_layers(configs), req.guidance.max_block()
+    if block >= layers:
+        raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
+    return req

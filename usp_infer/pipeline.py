@@ -20,7 +20,6 @@ from .config import GenerateRequest
 from .guidance import Guider, StepScales
 from .ltx import AttnFn, LTXTransformer, Perturbation, load_transformer, rope_tables
 from .ltx import compile_blocks  # noqa: F401 - part of the family surface (families.py)
-from .model_folder import COMPONENTS, read_model_configs  # noqa: F401 - part of the family surface
 from .parallel import Plan
 
 @dataclass
@@ -101,33 +100,6 @@ class Result:
     def outputs(self) -> dict:
         """What media.write_video writes besides the frames."""
         return {"latents": self.latents}
-
-
-# --- the family surface (families.py) ------------------------------------------------------------
-
-
-MAX_TEXT_TOKENS = 512  # where the tokenizer names no limit: T5's relative positions were trained up to 512
-MAX_BRANCHES = 3  # uncond, cond, STG-perturbed
-
-
-def attention_heads(configs: dict) -> int:
-    return configs["transformer"].get("num_attention_heads", 32)
-
-
-def num_layers(configs: dict) -> int:
-    return configs["transformer"].get("num_layers", 0)
-
-
-def build_request(options: dict, configs: dict) -> GenerateRequest:
-    """Flags -> request (request.build_request), with --stg-blocks checked against the model's depth."""
-    from .request import UsageError
-    from .request import build_request as build
-
-    req = build(options)
-    layers, block = num_layers(configs), req.guidance.max_block()
-    if block >= layers:
-        raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
-    return req
 
 
 class DecodeError(RuntimeError):

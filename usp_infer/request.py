@@ -97,4 +97,4 @@ def build_for(options: dict, family: Family, configs: dict, model: object) -> ob
         owner = next(f.name for f in FAMILIES if foreign in f.flags)
         raise UsageError(f"{flag} is a flag of {owner} models, but {model} is an {family.name} model; "
                          f"drop the flag or pass an {owner} folder")
-    return family.pipeline().build_request(options, configs)
+    return family.requests().build_request(options, configs)
