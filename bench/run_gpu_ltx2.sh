@@ -7,7 +7,7 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
-# diffusers is carried as wheels (.whl/) for the baseline. Every launch writes JSON records and a log; after
+# diffusers (for the baseline) installs from wheels in .whl/ when the GPU machine lacks it. Every launch writes JSON records and a log; after
 # each, everything is packed into $OUT/results.tgz, so a set cut short keeps what it finished.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
