@@ -44,6 +44,23 @@ class ParallelConfig:
 BRANCH_MODES: tuple[str, ...] = ("batched", "sequential")
 
 
+def check_video(req) -> None:
+    """What every family's request must hold: sizes the VAEs' 32x / 8x compression takes, steps, fps, branches."""
+    if req.height <= 0 or req.height % 32:
+        raise ValueError(f"--height {req.height} is not a positive multiple of 32; try {max(32, round(req.height / 32) * 32)}")
+    if req.width <= 0 or req.width % 32:
+        raise ValueError(f"--width {req.width} is not a positive multiple of 32; try {max(32, round(req.width / 32) * 32)}")
+    if req.num_frames < 1 or (req.num_frames - 1) % 8:
+        near = max(1, round((req.num_frames - 1) / 8) * 8 + 1)
+        raise ValueError(f"--num-frames {req.num_frames} is not of the form 8k+1; try {near}")
+    if req.steps <= 0:
+        raise ValueError(f"--steps {req.steps} must be at least 1")
+    if not math.isfinite(req.fps) or req.fps <= 0:
+        raise ValueError(f"--fps {req.fps} must be a positive number")
+    if req.branches not in BRANCH_MODES:
+        raise ValueError(f"--branches {req.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One generation: everything that decides the video, after presets and defaults."""
@@ -65,17 +82,7 @@ class GenerateRequest:
     branches: str = "batched"
 
     def __post_init__(self) -> None:
-        if self.height <= 0 or self.height % 32:
-            raise ValueError(f"--height {self.height} is not a positive multiple of 32; try {max(32, round(self.height / 32) * 32)}")
-        if self.width <= 0 or self.width % 32:
-            raise ValueError(f"--width {self.width} is not a positive multiple of 32; try {max(32, round(self.width / 32) * 32)}")
-        if self.num_frames < 1 or (self.num_frames - 1) % 8:
-            near = max(1, round((self.num_frames - 1) / 8) * 8 + 1)
-            raise ValueError(f"--num-frames {self.num_frames} is not of the form 8k+1; try {near}")
-        if self.steps <= 0:
-            raise ValueError(f"--steps {self.steps} must be at least 1")
-        if not math.isfinite(self.fps) or self.fps <= 0:
-            raise ValueError(f"--fps {self.fps} must be a positive number")
+        check_video(self)
         if self.max_sequence_length <= 0:
             raise ValueError(f"--max-sequence-length {self.max_sequence_length} must be at least 1")
         for flag, value in (("--decode-timestep", self.decode_timestep), ("--decode-noise-scale", self.decode_noise_scale)):
@@ -83,8 +90,6 @@ class GenerateRequest:
                 raise ValueError(f"{flag} {value} is invalid; use a value in [0, 1]")
         if not math.isfinite(self.image_strength) or not 0.0 <= self.image_strength <= 1.0:
             raise ValueError(f"--image-strength {self.image_strength} is invalid; use a value in [0, 1]")
-        if self.branches not in BRANCH_MODES:
-            raise ValueError(f"--branches {self.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed {self.seed} is out of range; use 0 <= seed < 2**63")
 

@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .config import check_video
+
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
-BRANCH_MODES = ("batched", "sequential")
 
 
 # --- request --------------------------------------------------------------------------------------
@@ -80,16 +81,7 @@ class LTX2Request:
     audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
 
     def __post_init__(self) -> None:
-        if self.height % 32 or self.width % 32 or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"--height/--width {self.height}x{self.width} must be positive multiples of 32")
-        if self.num_frames < 1 or (self.num_frames - 1) % 8:
-            raise ValueError(f"--num-frames {self.num_frames} must be 8k+1 (1, 9, 17, ..., 121)")
-        if not (math.isfinite(self.fps) and self.fps > 0):
-            raise ValueError(f"--fps {self.fps} must be positive")
-        if self.steps < 1:
-            raise ValueError(f"--steps {self.steps} must be at least 1")
-        if self.branches not in BRANCH_MODES:
-            raise ValueError(f"--branches {self.branches!r} is unknown; use one of {', '.join(BRANCH_MODES)}")
+        check_video(self)
         if not 0 <= self.image_crf <= 51:
             raise ValueError(f"--image-crf {self.image_crf} must be in 0..51 (0 = no re-compression)")
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import tiny
+
 VERSIONS = ("2.0", "2.3")
 
 LATENT_CHANNELS = 8  # video VAE latent channels == transformer in/out channels
@@ -35,19 +37,7 @@ TOKENIZER_MAX_LENGTH = 1024  # what LTX2Pipeline pads prompts to by default
 VIDEO_HEADS, VIDEO_HEAD_DIM = 4, 4  # video inner dim 16; 4 heads so Ulysses 4 runs on it
 AUDIO_HEADS, AUDIO_HEAD_DIM = 4, 2  # audio inner dim 8
 
-# As Lightricks' LTX-2 scheduler_config.json (and diffusers' converter): mu from the video token
-# count, 0.95 at 1024 tokens to 2.05 at 4096, terminal sigma 0.1.
-SCHEDULER_CONFIG: dict = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.95,
-    "max_shift": 2.05,
-    "base_image_seq_len": 1024,
-    "max_image_seq_len": 4096,
-    "shift_terminal": 0.1,
-    "time_shift_type": "exponential",
-}
+SCHEDULER_CONFIG = tiny.SCHEDULER_CONFIG  # LTX-2 ships LTX-Video's scheduler settings (mu 0.95 @1024 -> 2.05 @4096)
 
 
 def transformer_config(version: str) -> dict:
