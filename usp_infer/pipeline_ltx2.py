@@ -109,8 +109,11 @@ def load_components(
 
 def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype):
     """(Gemma on the CPU, its tokenizer, the connectors on `device`)."""
+    import transformers
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    transformers.utils.logging.disable_progress_bar()  # --quiet means quiet; the runner says "loading"
 
     encoder = Gemma3ForConditionalGeneration.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).eval()
     connectors = LTX2TextConnectors.from_pretrained(model_dir / "connectors", torch_dtype=dtype).eval().to(device)
