@@ -240,7 +240,7 @@ def test_text_encoder_leaves_the_device_and_request_is_validated(setup):
     assert next(setup.ours.text_encoder.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="8k\\+1"):
         _request(CFG_ONLY, num_frames=10)
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="is not a positive multiple of 32; try 32"):
         LTX2Request(prompt="x", height=40)
     with pytest.raises(ValueError, match="branches"):
         _request(CFG_ONLY, branches="fast")

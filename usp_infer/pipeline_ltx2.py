@@ -28,6 +28,10 @@ from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
 
 from .config import ParallelConfig
 from .parallel import Plan
+# LTX2Pipeline sets its schedule as LTXPipeline does: sigmas linspace(1, 1/N, N), mu linear in the (video) token
+# count, extrapolated past max_image_seq_len; one step skips the terminal stretch. diffusers steps the audio
+# with a deep copy of the same scheduler, so the stateless Euler update in `Denoiser.step` serves both.
+from .pipeline import sigma_schedule
 from .request_ltx2 import (  # noqa: F401 - the request side, re-exported with the pipeline
     LTX2Guidance,
     LTX2Request,
@@ -274,22 +278,6 @@ def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: tor
         mask = pack_video(cond)[..., 0]  # (1, T_v): 1 on the image's tokens
     audio = torch.randn((1, lay.audio_channels, lay.audio_frames, lay.audio_mel), generator=generator)
     return pack_video(video), mask, pack_audio(audio)
-
-
-def sigma_schedule(scheduler_config: dict, steps: int, video_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps, sigmas) as LTX2Pipeline sets them: linspace(1, 1/N, N), mu from the video token count."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    cfg = scheduler.config
-    base_len, max_len = cfg.get("base_image_seq_len", 1024), cfg.get("max_image_seq_len", 4096)
-    base_shift, max_shift = cfg.get("base_shift", 0.95), cfg.get("max_shift", 2.05)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    mu = video_tokens * m + base_shift - m * base_len  # linear, extrapolated beyond max_len
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
-    # diffusers steps the audio with a deep copy of this scheduler: the same sigmas, so the
-    # stateless Euler update in `generate` serves both modalities.
-    return scheduler.timesteps, scheduler.sigmas
 
 
 # --- guidance -------------------------------------------------------------------------------------
