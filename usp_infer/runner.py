@@ -128,7 +128,12 @@ def _run(items: list[Item], s: Session) -> None:
     records, failures, mesh = [], [], None
     try:
         try:
-            check_layout(s)  # every rank, before any rendezvous; rank 0's plan below is the one that counts
+            try:  # a wrong layout fails before any rendezvous, on every rank alike
+                check_layout(s)
+            except UsageError:
+                if env_rank() != 0:  # rank 0 says it (fail prints there only); its exit makes torchrun end this rank
+                    time.sleep(5)
+                raise
             control = join_world(device, s.parallel.timeout_s)
             items, parallel, todo, family = _plan(items, s, control)
         except UsageError as e:
