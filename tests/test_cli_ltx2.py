@@ -132,3 +132,16 @@ def test_one_step_makes_a_video_with_sound(tmp_path):
                "--quiet").exit_code == 0
     data = np.load(out)
     assert np.isfinite(data["frames"]).all() and np.isfinite(data["audio"]).all()
+
+
+def test_recipe_follows_the_weights_version():
+    """LTX-2.3-style weights (cross_attn_mod) take the 2.3 recipe, LTX-2.0-style ones the 2.0 recipe."""
+    from usp_infer.request_ltx2 import build_request, version_preset
+
+    configs = {"transformer": {"num_layers": 48, "cross_attn_mod": True},
+               "audio_vae": {"sample_rate": 16000, "mel_hop_length": 160}}
+    assert version_preset(configs) == "ltx-2.3"
+    assert (build_request({"prompt": "x"}, configs).steps, build_request({"prompt": "x"}, configs).guidance.stg_blocks) == (30, (28,))
+    configs["transformer"]["cross_attn_mod"] = False
+    assert version_preset(configs) == "ltx-2"
+    assert (build_request({"prompt": "x"}, configs).steps, build_request({"prompt": "x"}, configs).guidance.stg_blocks) == (40, (29,))
