@@ -4,6 +4,7 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh one     # LTX-2.3 22B at 768x512x121: eager, compiled, diffusers x2;
 #                                              # image-to-video steps; LTX-2.0 19B eager + diffusers
 #   OUT=dir bash bench/run_gpu_ltx2.sh big     # LTX-2.3 22B at 1536x1024x121 (24,576 video tokens)
+#   OUT=dir bash bench/run_gpu_ltx2.sh ab      # GPU tests; LTX-2.3 6,144 t2v (+ diffusers) and i2v; OLD= the same on older code
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
@@ -51,15 +52,24 @@ i2v)  # image-to-video steps of both families, eager and compiled (their text-to
   bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
   bench ltxv13b-6144-i2v 150 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile --image
   ;;
+ab)  # GPU tests, then LTX-2.3 at 6,144 tokens on this checkout (with diffusers) and, with OLD=folder, on that one
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$W/gpu-tests.log" 2>&1
+  echo "$(date +%T) gpu tests: exit $?"; tail -n 3 "$W/gpu-tests.log"
+  bench ltx23-6144 300 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers
+  bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
+  if [ -n "${OLD:-}" ]; then
+    CODE=$OLD bench ltx23-6144-old 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile
+  fi
+  ;;
 ltxv)
   bench ltxv13b-6144 240 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile
-  bench ltxv13b-6144-i2v 150 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --image
+  bench ltxv13b-6144-i2v 200 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile --image
   if [ -n "${OLD:-}" ]; then  # the same command on the older code, in the same call
     CODE=$OLD bench ltxv13b-6144-old 240 --shape ltx-video-13b $S6 --warmup 2 --steps 5 --compile
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, one, big, ltx2-19b or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b or ltxv" >&2
   exit 2
   ;;
 esac

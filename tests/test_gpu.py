@@ -52,3 +52,83 @@ def test_tiny_transformer_bf16_cuda_matches_fp32_cpu() -> None:
         out = gpu(x.cuda().bfloat16(), text.cuda().bfloat16(), t.cuda(), mask.cuda(), tuple(r.cuda() for r in rope))
     assert torch.isfinite(out).all()
     assert _rel(out.cpu(), reference) < 3e-2
+
+
+def _norm_rope_case(dtype: torch.dtype, layout: str, width: int, heads: int, tokens: slice):
+    """A q/k-shaped input, a learned-weight RMSNorm and a RoPE table as the models build them."""
+    from usp_infer import ltx, ltx2
+
+    torch.manual_seed(0)
+    if layout == "split":
+        cfg = ltx2.LTX2Config(num_attention_heads=heads, attention_head_dim=width // heads, cross_attention_dim=width,
+                              num_layers=1, rope_type="split")
+        table, rope = ltx2.rope_tables(cfg, 5, 8, 12, 24.0, 10, device="cuda").video, ltx2._apply_split_rope
+    else:
+        cfg = ltx.LTXConfig(num_attention_heads=heads, attention_head_dim=width // heads, cross_attention_dim=width)
+        table, rope = ltx.rope_pairs(ltx.rope_tables(cfg, 5, 8, 12, (0.32, 32.0, 32.0), "cuda")), ltx._apply_rope
+    table = table[:, tokens]
+    norm = torch.nn.RMSNorm(width, eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(width))
+    x = 2 * torch.randn(3, table.shape[1], width, device="cuda")
+    return x.to(dtype), norm, table, rope
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout,width,heads", [("split", 4096, 32), ("split", 2048, 32), ("interleaved", 2048, 32)])
+@pytest.mark.parametrize("tokens", [slice(None), slice(100, 333)], ids=["whole", "shard"])
+def test_fused_norm_rope_is_as_exact_as_the_torch_ops(dtype, layout, width, heads, tokens) -> None:
+    """kernels.rms_norm_rope (one pass) vs the norm then the RoPE as torch ops, both against fp64."""
+    from usp_infer import kernels, ltx
+
+    x, norm, table, rope = _norm_rope_case(dtype, layout, width, heads, tokens)
+    assert kernels.available(x)
+    with torch.no_grad():
+        fused = ltx.norm_rope(x, norm.to(dtype), table, rope)
+        unfused = rope(norm.to(dtype)(x), table)
+        exact = rope(torch.nn.functional.rms_norm(x.double(), (width,), norm.weight.double(), 1e-6), table.double())
+    if dtype == torch.float32:  # the same math summed in another order
+        assert _rel(fused, unfused) < 1e-6
+    else:  # each rounds the norm's output and the result once: no less exact than torch (bf16: ~3e-3)
+        assert _rel(fused, exact) <= 1.05 * _rel(unfused, exact) + 1e-6
+
+
+def test_fused_norm_rope_compiles_without_a_graph_break() -> None:
+    from usp_infer import ltx
+
+    x, norm, table, rope = _norm_rope_case(torch.bfloat16, "split", 4096, 32, slice(None))
+    norm = norm.to(torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(lambda t: ltx.norm_rope(t, norm, table, rope) * 2, fullgraph=True)(x)
+        assert torch.equal(compiled, ltx.norm_rope(x, norm, table, rope) * 2)
+
+
+def test_tiny_ltx2_image_to_video_bf16_cuda_matches_fp32_cpu() -> None:
+    """An LTX-2 forward with per-token (image-to-video) timesteps on CUDA in bf16 (fused q/k kernel, per-run
+    modulation, cuDNN attention) vs fp32 on the CPU."""
+    from usp_infer import ltx2
+
+    cfg = ltx2.SHAPES["ltx2-tiny"]
+    torch.manual_seed(0)
+    model = ltx2.LTX2Transformer(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    grid, audio_tokens = (3, 4, 6), 9
+    S = grid[0] * grid[1] * grid[2]
+    timestep = torch.where(torch.arange(S) < grid[1] * grid[2], 0.0, torch.tensor([[300.0], [700.0]]))
+    inputs = dict(video=torch.randn(2, S, cfg.in_channels, generator=gen),
+                  audio=torch.randn(2, audio_tokens, cfg.audio_in_channels, generator=gen),
+                  text=torch.randn(2, 10, cfg.inner_dim, generator=gen),
+                  audio_text=torch.randn(2, 10, cfg.audio_inner_dim, generator=gen),
+                  text_mask=None, audio_text_mask=None, timestep=timestep,
+                  audio_timestep=torch.tensor([300.0, 700.0]), sigma=torch.tensor([0.3, 0.7]),
+                  audio_sigma=torch.tensor([0.3, 0.7]))
+    rope = ltx2.rope_tables(cfg, *grid, 24.0, audio_tokens)
+    with torch.no_grad():
+        reference = model(**inputs, rope=rope, stg_blocks=(1,), stg_rows=torch.tensor([False, True]))
+        gpu = model.cuda().to(torch.bfloat16)
+        cuda_inputs = {k: None if v is None else v.cuda().to(torch.bfloat16 if v.ndim == 3 else v.dtype)
+                       for k, v in inputs.items()}
+        cuda_rope = ltx2.LTX2Rope(**{f: getattr(rope, f).cuda() for f in ("video", "video_cross", "audio", "audio_cross")})
+        out = gpu(**cuda_inputs, rope=cuda_rope, stg_blocks=(1,), stg_rows=torch.tensor([False, True]))
+    for got, expected in zip(out, reference):
+        assert torch.isfinite(got).all() and _rel(got.cpu(), expected) < 3e-2

@@ -67,7 +67,6 @@ def make_reference(kwargs: dict, seed: int = 0) -> LTXVideoTransformer3DModel:
 
 def make_inputs(kwargs: dict, batch: int, timestep: str, mask: str, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    t_shape = (batch,) if timestep == "sample" else (batch, S)
     text_mask = None
     if mask == "ones":
         text_mask = torch.ones(batch, TEXT_LEN)
@@ -76,9 +75,17 @@ def make_inputs(kwargs: dict, batch: int, timestep: str, mask: str, seed: int = 
     return dict(
         hidden_states=torch.randn(batch, S, kwargs["in_channels"], generator=g),
         encoder_hidden_states=torch.randn(batch, TEXT_LEN, kwargs["caption_channels"], generator=g),
-        timestep=torch.rand(t_shape, generator=g) * 1000,
+        timestep=_timesteps(timestep, batch, g),
         encoder_attention_mask=text_mask,
     )
+
+
+def _timesteps(kind: str, batch: int, g: torch.Generator) -> torch.Tensor:
+    """"sample" (B,); "token" (B, S) all distinct; "i2v" (B, S): the first latent frame clean, the rest at t."""
+    if kind != "i2v":
+        return torch.rand((batch,) if kind == "sample" else (batch, S), generator=g) * 1000
+    first_frame = torch.arange(S) < GRID[1] * GRID[2]
+    return torch.where(first_frame, 0.0, torch.rand(batch, 1, generator=g) * 1000)
 
 
 def run_reference(ref: LTXVideoTransformer3DModel, inputs: dict) -> torch.Tensor:
@@ -112,7 +119,7 @@ def pair(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("timestep,mask", [("sample", "ones"), ("token", "ones"), ("sample", "padded"),
-                                           ("token", "padded"), ("sample", "none")])
+                                           ("token", "padded"), ("sample", "none"), ("i2v", "padded")])
 def test_matches_diffusers(pair, timestep, mask):
     ref, ours, kwargs = pair
     inputs = make_inputs(kwargs, batch=2, timestep=timestep, mask=mask)

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import kernels
 from .guidance import STG_MODES
+from .modulation import Runs, addcmul, apply, token_runs, unbind
 
 # Config keys diffusers stores whose only supported value is the one LTX-Video uses.
 _FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
@@ -143,6 +145,17 @@ def _apply_rope(x: Tensor, pairs: Tensor) -> Tensor:
     return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
+def norm_rope(x: Tensor, norm: nn.RMSNorm, table: Tensor, rope: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """rope(norm(x), table), as one fused kernel on CUDA (kernels.py): the q/k path of both families.
+
+    table: rope_pairs' (1, S, C/2, 2) for pairs (2i, 2i+1), or LTX-2's "split" (1, S, H, 2, r) for (j, j + r).
+    """
+    if kernels.available(x):
+        run = table.shape[-1] if table.ndim == 5 else 1
+        return kernels.rms_norm_rope(x, norm.weight, norm.eps, table.flatten(2), run)
+    return rope(norm(x), table)
+
+
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -208,8 +221,8 @@ class Attention(nn.Module):
     def self_attention(
         self, x: Tensor, rope: Tensor, attn_fn: AttnFn, rows: Tensor | None, mode: str | None
     ) -> Tensor:
-        q = _apply_rope(self.norm_q(self.to_q(x)), rope)
-        k = _apply_rope(self.norm_k(self.to_k(x)), rope)
+        q = norm_rope(self.to_q(x), self.norm_q, rope, _apply_rope)
+        k = norm_rope(self.to_k(x), self.norm_k, rope, _apply_rope)
         v = self.to_v(x)
         heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
         out = attn_fn(q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)).flatten(2)
@@ -276,26 +289,33 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(d)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
 
+    def _modulation(self, temb: Tensor) -> Tensor:
+        """(B, R, 6*D) -> (B, R, 6, D) shift, scale, gate for attention then FFN, the scales holding 1 + scale
+        (added once to these rows, not at every token of every use)."""
+        ada = self.scale_shift_table + temb.unflatten(2, (6, -1))
+        ada[:, :, 1::3] += 1
+        return ada
+
     def forward(
         self,
         x: Tensor,
         context: Tensor,
-        temb: Tensor,
+        temb: Tensor | Runs,
         rope: Tensor,
         text_bias: Tensor | None,
         attn_fn: AttnFn,
         rows: Tensor | None = None,
         mode: str | None = None,
     ) -> Tensor:
-        ada = self.scale_shift_table + temb.unflatten(2, (6, -1))  # (B, 1|S, 6*D) -> (B, 1|S, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(2)
+        ada = apply(temb, self._modulation)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = unbind(ada, -2)
         # addcmul(a, b, c) = a + b * c in one pass instead of two over the (B, S, D) activations.
-        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
-        out = torch.addcmul(x, self.attn1.self_attention(h, rope, attn_fn, rows, mode), gate_msa)
+        h = addcmul(shift_msa, self.norm1(x), scale_msa)
+        out = addcmul(x, self.attn1.self_attention(h, rope, attn_fn, rows, mode), gate_msa)
         if mode == "residual":
             out = torch.where(rows, x, out)
         out = out + self.attn2.cross_attention(out, context, text_bias)  # un-normed queries, no gate: as diffusers
-        out = torch.addcmul(out, self.ff(torch.addcmul(shift_mlp, self.norm2(out), 1 + scale_mlp)), gate_mlp)
+        out = addcmul(out, self.ff(addcmul(shift_mlp, self.norm2(out), scale_mlp)), gate_mlp)
         return torch.where(rows, x, out) if mode == "block" else out
 
 
@@ -369,9 +389,14 @@ class LTXTransformer(nn.Module):
             # diffusers: keep -> 0, pad -> -10000, broadcast over heads and queries
             text_bias = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0)[:, None, None, :]
         x = self.proj_in(hidden_states)
-        embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep.flatten()).to(x.dtype))
-        temb = self.time_embed.linear(F.silu(embedded)).view(B, -1, 6 * x.shape[-1])  # (B, 1|S, 6*D)
-        embedded = embedded.view(B, -1, x.shape[-1])  # (B, 1|S, D)
+        # Per-token timesteps take few values (image-to-video: two): embed each once, modulate per run of tokens.
+        runs = None
+        if timestep.ndim == 2:
+            timestep, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S)
+            runs = token_runs(index)
+        embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep).to(x.dtype))  # (B|K, D)
+        temb = self.time_embed.linear(F.silu(embedded))  # (B|K, 6*D)
+        temb, embedded = (temb[:, None], embedded[:, None]) if runs is None else (runs.gather(temb), runs.gather(embedded))
         context = self.caption_projection(encoder_hidden_states)
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
         pairs = rope_pairs(rope)
@@ -379,8 +404,8 @@ class LTXTransformer(nn.Module):
             perturbed = perturbation is not None and i in perturbation.blocks
             mode = perturbation.mode if perturbed else None
             x = block(x, context, temb, pairs, text_bias, attn_fn, rows if perturbed else None, mode)
-        shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(2)  # (B, 1|S, 2, D)
-        x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
+        shift, scale = unbind(apply(embedded, lambda e: self.scale_shift_table + e[:, :, None]), -2)  # (B, R, 2, D)
+        x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), apply(scale, lambda t: 1 + t))
         return self.proj_out(x)
 
     def _check_inputs(

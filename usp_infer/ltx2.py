@@ -27,9 +27,11 @@ from .ltx import (
     _gelu_tanh,
     _timestep_features,
     load_folder,
+    norm_rope,
     sdpa,
     sdpa_attention,
 )
+from .modulation import Runs, TokenRuns, addcmul, apply, token_runs, unbind
 
 # Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
 # the others are LTX-2.5 features this file does not implement).
@@ -326,9 +328,12 @@ class Attention(nn.Module):
         self, x: Tensor, context: Tensor, q_rope: Tensor | None = None, k_rope: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, S, query_dim) queries, context (B, L, kv_dim) keys/values -> q, k, v as (B, S|L, H, D)."""
-        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(context)), self.to_v(context)
-        if q_rope is not None:
-            q, k = self.apply_rope(q, q_rope), self.apply_rope(k, k_rope)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if q_rope is None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        else:
+            q = norm_rope(q, self.norm_q, q_rope, self.apply_rope)
+            k = norm_rope(k, self.norm_k, k_rope, self.apply_rope)
         heads = (self.heads, -1)  # (B, S, H*D) -> (B, S, H, D)
         return q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)
 
@@ -350,15 +355,15 @@ class Attention(nn.Module):
 class _Conditioning:
     """Everything a block reads that no block changes: built once per forward.
 
-    Modulation embeddings are (N, n, D): per sample (N = B) when `index` is None, else one row per distinct video
-    timestep (N = K) and `index` (B, S_v) names each token's row, so per-token tensors are only built where used.
+    Modulation embeddings are (N, n, D): per sample (N = B) when the runs are None, else one row per distinct
+    video timestep (N = K), and the runs say which row each run of tokens takes (modulation.py).
     """
 
     video_temb: Tensor  # (B|K, 6|9, D)
-    video_index: Tensor | None  # (B, S_v) long, or None for per-sample timesteps
+    video_runs: TokenRuns | None  # the runs of tokens sharing a timestep, or None for per-sample timesteps
     audio_temb: Tensor  # (B, 6|9, D_a)
     video_cross: Tensor  # (B|K, 5, D): a2v/v2a scale, shift, scale, shift, a2v gate
-    video_cross_index: Tensor | None
+    video_cross_runs: TokenRuns | None
     audio_cross: Tensor  # (B, 5, D_a)
     prompt: Tensor | None  # (B, 2, D) text K/V shift, scale (LTX-2.3 prompt_adaln), or None
     audio_prompt: Tensor | None
@@ -369,15 +374,15 @@ class _Conditioning:
     keep_cross: Tensor | None  # (B, 1, 1) 0. on modality-isolated rows, 1. elsewhere; None: no row isolated
 
 
-def _modulation(table: Tensor, emb: Tensor, index: Tensor | None, scales: slice) -> tuple[Tensor, ...]:
-    """table (n, D) + emb (N, n, D) -> n tensors, per sample (B, 1, D) or gathered per token (B, S, D).
+def _modulation(table: Tensor, emb: Tensor, runs: TokenRuns | None, scales: slice) -> tuple[Tensor | Runs, ...]:
+    """table (n, D) + emb (N, n, D) -> n vectors, per sample (B, 1, D) or per run of tokens (Runs).
 
     The `scales` slots come back as 1 + scale: the 1 is added to the N rows here, not to every token's row
     at every use.
     """
     ada = table + emb
     ada[:, scales] += 1
-    return (ada[:, None] if index is None else ada[index]).unbind(2)
+    return ada[:, None].unbind(2) if runs is None else unbind(runs.gather(ada), -2)
 
 
 # Slots of the modulation vectors that scale (x * (1 + scale) + shift); the others shift or gate.
@@ -429,55 +434,55 @@ class TransformerBlock(nn.Module):
         Every injected attention is called right here, not in a helper, so a compiled block has one graph
         between each two of them.
         """
-        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_index, _BLOCK_SCALES)
+        vmod = _modulation(self.scale_shift_table, c.video_temb, c.video_runs, _BLOCK_SCALES)
         amod = _modulation(self.audio_scale_shift_table, c.audio_temb, None, _BLOCK_SCALES)
 
         # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two;
         # every scale that _modulation returns already holds 1 + scale.
-        h = torch.addcmul(vmod[0], self.norm1(x), vmod[1])
+        h = addcmul(vmod[0], self.norm1(x), vmod[1])
         q, k, v = self.attn1.project(h, h, rope.video, rope.video)
-        x = torch.addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
-        h = torch.addcmul(amod[0], self.audio_norm1(a), amod[1])
+        x = addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
+        h = addcmul(amod[0], self.audio_norm1(a), amod[1])
         q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
-        a = torch.addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
+        a = addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
 
         # 2. Text cross-attention. LTX-2.3 modulates the text per block, and each stream's queries (shift, scale,
         # gate = mod[6:9]); LTX-2.0 attends from the plain norm and adds the result ungated.
         text, audio_text = c.text, c.audio_text
         if self.prompt_modulation:
-            text = torch.addcmul(*_prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
-            audio_text = torch.addcmul(*_prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt,
+            text = addcmul(*_prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
+            audio_text = addcmul(*_prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt,
                                                             audio_text))
         h = self.norm2(x)
         if self.video_query_mod:
-            h = torch.addcmul(vmod[6], h, vmod[7])
+            h = addcmul(vmod[6], h, vmod[7])
         out = self.attn2.output(h, attn.text(*self.attn2.project(h, text), c.text_bias))
-        x = torch.addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
+        x = addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
         h = self.audio_norm2(a)
         if self.audio_query_mod:
-            h = torch.addcmul(amod[6], h, amod[7])
+            h = addcmul(amod[6], h, amod[7])
         out = self.audio_attn2.output(h, attn.text(*self.audio_attn2.project(h, audio_text), c.audio_text_bias))
-        a = torch.addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
+        a = addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
 
         # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
-            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_index, _CROSS_SCALES)
+            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_runs, _CROSS_SCALES)
         a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = _modulation(
             self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES)
         if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
-            a2v_gate, v2a_gate = a2v_gate * c.keep_cross, v2a_gate * c.keep_cross
+            a2v_gate, v2a_gate = apply(a2v_gate, lambda g: g * c.keep_cross), v2a_gate * c.keep_cross
         nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
-        h, kv = torch.addcmul(v_a2v_shift, nx, v_a2v_scale), torch.addcmul(a_a2v_shift, na, a_a2v_scale)
+        h, kv = addcmul(v_a2v_shift, nx, v_a2v_scale), addcmul(a_a2v_shift, na, a_a2v_scale)
         q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
         x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
-        h, kv = torch.addcmul(a_v2a_shift, na, a_v2a_scale), torch.addcmul(v_v2a_shift, nx, v_v2a_scale)
+        h, kv = addcmul(a_v2a_shift, na, a_v2a_scale), addcmul(v_v2a_shift, nx, v_v2a_scale)
         q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
         a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
-        x, a = torch.addcmul(x, x_a2v, a2v_gate), torch.addcmul(a, a_v2a, v2a_gate)
+        x, a = addcmul(x, x_a2v, a2v_gate), addcmul(a, a_v2a, v2a_gate)
 
         # 4. FFNs.
-        x = torch.addcmul(x, self.ff(torch.addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
-        a = torch.addcmul(a, self.audio_ff(torch.addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
+        x = addcmul(x, self.ff(addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
+        a = addcmul(a, self.audio_ff(addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
         return x, a
 
 
@@ -589,15 +594,16 @@ class LTX2Transformer(nn.Module):
         cfg, B, dtype = self.cfg, video.shape[0], video.dtype
         x, a = self.proj_in(video), self.audio_proj_in(audio)
 
-        # Per-token timesteps take few values (two in image-to-video): embed each once, index per token.
+        # Per-token timesteps take few values (two in image-to-video): embed each once, modulate per run of tokens.
         if timestep.ndim == 2:
             t, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S_v)
+            runs = token_runs(index)
         else:
-            t, index = timestep, None
+            t, runs = timestep, None
         video_temb, video_embedded = self.time_embed(t, dtype)
         audio_temb, audio_embedded = self.audio_time_embed(audio_timestep, dtype)
         gate_factor = cfg.cross_attn_timestep_scale_multiplier / cfg.timestep_scale_multiplier
-        video_cross_t, video_cross_index = (audio_sigma, None) if self.use_cross_timestep else (t, index)
+        video_cross_t, video_cross_runs = (audio_sigma, None) if self.use_cross_timestep else (t, runs)
         audio_cross_t = sigma if self.use_cross_timestep else audio_timestep
         video_cross = torch.cat([self.av_cross_attn_video_scale_shift(video_cross_t, dtype)[0],
                                  self.av_cross_attn_video_a2v_gate(video_cross_t * gate_factor, dtype)[0]], dim=1)
@@ -612,7 +618,7 @@ class LTX2Transformer(nn.Module):
         text, text_bias = _text_bias(text, text_mask, dtype)
         audio_text, audio_text_bias = _text_bias(audio_text, audio_text_mask, dtype)
         keep_cross = None if isolate_rows is None else (~isolate_rows).to(x.device, dtype)[:, None, None]
-        c = _Conditioning(video_temb, index, audio_temb, video_cross, video_cross_index, audio_cross, prompt,
+        c = _Conditioning(video_temb, runs, audio_temb, video_cross, video_cross_runs, audio_cross, prompt,
                           audio_prompt, text, audio_text, text_bias, audio_text_bias, keep_cross)
 
         if stg_rows is None:
@@ -624,8 +630,8 @@ class LTX2Transformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             x, a = block(x, a, c, rope, attn, stg if i in perturbed else None)
 
-        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], index, _SHIFT_SCALE)
-        x = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
+        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], runs, _SHIFT_SCALE)
+        x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
         shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
         a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
         return self.proj_out(x), self.audio_proj_out(a)
