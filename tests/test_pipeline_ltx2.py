@@ -78,8 +78,12 @@ class DiffusersLTX2(torch.nn.Module):
         self.calls = []  # batch sizes, so tests can see batched vs sequential
 
     def forward(self, video, audio, text, audio_text, text_mask, audio_text_mask, timestep, audio_timestep,
-                sigma, audio_sigma, rope, attn=None, stg_blocks=(), stg_rows=None, isolate_rows=None):
+                sigma, audio_sigma, rope, attn=None, stg_blocks=(), stg_rows=None, isolate_rows=None, text_rows=None):
         self.calls.append(video.shape[0])
+        if text_rows is not None:  # one row per prompt -> one per batch row, as diffusers takes them
+            rows = list(text_rows)
+            text, audio_text, text_mask, audio_text_mask = (t[rows] for t in (text, audio_text, text_mask,
+                                                                             audio_text_mask))
         iso = torch.zeros(video.shape[0], dtype=torch.bool) if isolate_rows is None else isolate_rows.cpu()
         out_v, out_a = torch.empty_like(video), torch.empty_like(audio)
         for flag in (False, True):  # diffusers isolates a whole call: split the rows

@@ -397,7 +397,7 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     if s.ltx2:
         from . import bench_ltx2
 
-        parts = bench_ltx2.step_flops(s.cfg, s)
+        parts, text_tokens = bench_ltx2.step_flops(s.cfg, s), bench_ltx2.TEXT_TOKENS
         exchange = bench_ltx2.v2a_exchange_bytes(s.cfg, s.tokens, bench_ltx2.audio_tokens(s.num_frames), s.branches,
                                                  case.layout[1] * case.layout[2] if case else 1)
     else:

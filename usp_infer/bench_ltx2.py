@@ -98,8 +98,9 @@ def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None
 
 def step_flops(cfg: LTX2Config, s) -> dict[str, float]:
     grid = s.grid
-    branches = len([n for n in guidance(cfg, s.branches).branches() if n != "perturbed" or cfg.perturbed_attn])
-    parts = flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, branches)
+    names = [n for n in guidance(cfg, s.branches).branches() if n != "perturbed" or cfg.perturbed_attn]
+    parts = flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, len(names),
+                  isolated=names.count("isolated"))
     parts.pop("total")  # the record sums the parts itself
     return parts
 

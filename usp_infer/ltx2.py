@@ -365,13 +365,15 @@ class _Conditioning:
     video_cross: Tensor  # (B|K, 5, D): a2v/v2a scale, shift, scale, shift, a2v gate
     video_cross_runs: TokenRuns | None
     audio_cross: Tensor  # (B, 5, D_a)
-    prompt: Tensor | None  # (B, 2, D) text K/V shift, scale (LTX-2.3 prompt_adaln), or None
+    prompt: Tensor | None  # (U, 2, D) text K/V shift, scale (LTX-2.3 prompt_adaln), or None
     audio_prompt: Tensor | None
-    text: Tensor  # (B, L, D)
-    audio_text: Tensor  # (B, L_a, D_a)
+    text: Tensor  # (U, L, D): one row per distinct prompt
+    audio_text: Tensor  # (U, L_a, D_a)
     text_bias: Tensor | None  # (B, 1, 1, L)
     audio_text_bias: Tensor | None
-    keep_cross: Tensor | None  # (B, 1, 1) 0. on modality-isolated rows, 1. elsewhere; None: no row isolated
+    text_rows: list[int] | None  # batch row -> text row; None: the text has the batch's rows
+    cross_rows: int  # rows [0, cross_rows) run the audio<->video attentions; the trailing ones are isolated
+    keep_cross: Tensor | None  # (B, 1, 1) 0. on isolated rows that are not trailing, 1. elsewhere; or None
 
 
 def _modulation(table: Tensor, emb: Tensor, runs: TokenRuns | None, scales: slice) -> tuple[Tensor | Runs, ...]:
@@ -456,34 +458,48 @@ class TransformerBlock(nn.Module):
         h = self.norm2(x)
         if self.video_query_mod:
             h = addcmul(vmod[6], h, vmod[7])
-        out = self.attn2.output(h, attn.text(*self.attn2.project(h, text), c.text_bias))
+        q, k, v = self.attn2.project(h, text)
+        out = self.attn2.output(h, attn.text(q, *_per_row(c.text_rows, k, v), c.text_bias))
         x = addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
         h = self.audio_norm2(a)
         if self.audio_query_mod:
             h = addcmul(amod[6], h, amod[7])
-        out = self.audio_attn2.output(h, attn.text(*self.audio_attn2.project(h, audio_text), c.audio_text_bias))
+        q, k, v = self.audio_attn2.project(h, audio_text)
+        out = self.audio_attn2.output(h, attn.text(q, *_per_row(c.text_rows, k, v), c.audio_text_bias))
         a = addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
 
         # 3. Audio-to-video (queries video, keys audio) and video-to-audio, both from the norms before either.
-        v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = _modulation(
-            self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_runs, _CROSS_SCALES)
-        a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = _modulation(
-            self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES)
-        if c.keep_cross is not None:  # isolated rows add nothing: their gates are 0
-            a2v_gate, v2a_gate = apply(a2v_gate, lambda g: g * c.keep_cross), v2a_gate * c.keep_cross
-        nx, na = self.audio_to_video_norm(x), self.video_to_audio_norm(a)
-        h, kv = addcmul(v_a2v_shift, nx, v_a2v_scale), addcmul(a_a2v_shift, na, a_a2v_scale)
-        q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
-        x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
-        h, kv = addcmul(a_v2a_shift, na, a_v2a_scale), addcmul(v_v2a_shift, nx, v_v2a_scale)
-        q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
-        a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
-        x, a = addcmul(x, x_a2v, a2v_gate), addcmul(a, a_v2a, v2a_gate)
+        # Only rows [0, n) take part: trailing modality-isolated rows skip them, as diffusers' isolated call does.
+        if n := c.cross_rows:
+            rows = lambda v: apply(v, lambda t: t[:n])  # noqa: E731  (B, ...) -> (n, ...)
+            v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift, a2v_gate = map(rows, _modulation(
+                self.video_a2v_cross_attn_scale_shift_table, c.video_cross, c.video_cross_runs, _CROSS_SCALES))
+            a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift, v2a_gate = map(rows, _modulation(
+                self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES))
+            if c.keep_cross is not None:  # isolated rows among the others add nothing: their gates are 0
+                a2v_gate, v2a_gate = apply(a2v_gate, lambda g: g * c.keep_cross), v2a_gate * c.keep_cross
+            nx, na = self.audio_to_video_norm(x[:n]), self.video_to_audio_norm(a[:n])
+            h, kv = addcmul(v_a2v_shift, nx, v_a2v_scale), addcmul(a_a2v_shift, na, a_a2v_scale)
+            q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
+            x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
+            h, kv = addcmul(a_v2a_shift, na, a_v2a_scale), addcmul(v_v2a_shift, nx, v_v2a_scale)
+            q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
+            a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
+            x_n, a_n = addcmul(x[:n], x_a2v, a2v_gate), addcmul(a[:n], a_v2a, v2a_gate)
+            if n == x.shape[0]:
+                x, a = x_n, a_n
+            else:  # x and a are this block's own tensors by now: update the rows in place
+                x[:n], a[:n] = x_n, a_n
 
         # 4. FFNs.
         x = addcmul(x, self.ff(addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
         a = addcmul(a, self.audio_ff(addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
         return x, a
+
+
+def _per_row(rows: list[int] | None, *per_text: Tensor) -> tuple[Tensor, ...]:
+    """Text-row tensors (U, ...) -> batch-row ones (B, ...)."""
+    return per_text if rows is None else tuple(t[rows] for t in per_text)
 
 
 def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -520,6 +536,17 @@ class AdaLayerNormSingle(nn.Module):
         """(N,) -> (N, n, D), (N, D)."""
         embedded = self.emb.timestep_embedder(_timestep_features(t).to(dtype))
         return self.linear(F.silu(embedded)).unflatten(1, (-1, embedded.shape[1])), embedded
+
+
+def _cross_rows(isolate_rows: Tensor | None, B: int, device, dtype) -> tuple[int, Tensor | None]:
+    """(rows [0, n) that run the audio<->video attentions, gates for isolated rows before n or None).
+
+    The branches put the modality-isolated row last, so its attentions are skipped, not computed and zeroed.
+    """
+    isolated = [] if isolate_rows is None else isolate_rows.tolist()
+    if isolated == sorted(isolated):  # False... then True...: the isolated rows trail
+        return B - sum(isolated), None
+    return B, (~isolate_rows).to(device, dtype)[:, None, None]
 
 
 def _text_bias(text: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -581,6 +608,7 @@ class LTX2Transformer(nn.Module):
         stg_blocks: tuple[int, ...] = (),
         stg_rows: Tensor | None = None,
         isolate_rows: Tensor | None = None,
+        text_rows: tuple[int, ...] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
@@ -588,9 +616,12 @@ class LTX2Transformer(nn.Module):
         stg_rows (B,) bool: rows whose self-attentions in stg_blocks output V (None with stg_blocks: every row);
         as in diffusers, only perturbed_attn weights (LTX-2.3) have STG: for LTX-2.0 ones stg_blocks do nothing.
         isolate_rows (B,) bool: rows with no audio<->video attention in any block.
+        text_rows: for branches that share a prompt, text/audio_text and their masks hold one row per distinct
+        prompt and text_rows[b] names batch row b's; the text's keys and values are then projected once per
+        prompt. Rows sharing a prompt must share sigma and audio_sigma (they modulate the text).
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
-                           (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows)
+                           (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows, text_rows)
         cfg, B, dtype = self.cfg, video.shape[0], video.dtype
         x, a = self.proj_in(video), self.audio_proj_in(audio)
 
@@ -610,16 +641,20 @@ class LTX2Transformer(nn.Module):
         audio_cross = torch.cat([self.av_cross_attn_audio_scale_shift(audio_cross_t, dtype)[0],
                                  self.av_cross_attn_audio_v2a_gate(audio_cross_t * gate_factor, dtype)[0]], dim=1)
         prompt = audio_prompt = None
-        if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
-            prompt, audio_prompt = self.prompt_adaln(sigma, dtype)[0], self.audio_prompt_adaln(audio_sigma, dtype)[0]
+        if cfg.prompt_modulation and cfg.use_prompt_adaln_single:  # per text row: the first batch row's sigma
+            first = slice(None) if text_rows is None else [text_rows.index(u) for u in range(text.shape[0])]
+            prompt = self.prompt_adaln(sigma[first], dtype)[0]
+            audio_prompt = self.audio_prompt_adaln(audio_sigma[first], dtype)[0]
 
         if cfg.use_prompt_embeddings:
             text, audio_text = self.caption_projection(text), self.audio_caption_projection(audio_text)
         text, text_bias = _text_bias(text, text_mask, dtype)
         audio_text, audio_text_bias = _text_bias(audio_text, audio_text_mask, dtype)
-        keep_cross = None if isolate_rows is None else (~isolate_rows).to(x.device, dtype)[:, None, None]
+        rows = None if text_rows is None else list(text_rows)
+        text_bias, audio_text_bias = (None if t is None else _per_row(rows, t)[0] for t in (text_bias, audio_text_bias))
+        cross_rows, keep_cross = _cross_rows(isolate_rows, B, x.device, dtype)
         c = _Conditioning(video_temb, runs, audio_temb, video_cross, video_cross_runs, audio_cross, prompt,
-                          audio_prompt, text, audio_text, text_bias, audio_text_bias, keep_cross)
+                          audio_prompt, text, audio_text, text_bias, audio_text_bias, rows, cross_rows, keep_cross)
 
         if stg_rows is None:
             stg_rows = torch.ones(B, dtype=torch.bool)
@@ -650,14 +685,23 @@ class LTX2Transformer(nn.Module):
         stg_blocks: tuple[int, ...],
         stg_rows: Tensor | None,
         isolate_rows: Tensor | None,
+        text_rows: tuple[int, ...] | None,
     ) -> None:
         cfg = self.cfg
         B, S, S_a = video.shape[0], video.shape[1], audio.shape[1]
+        U = B if text_rows is None else text.shape[0]
+        if text_rows is not None:
+            if len(text_rows) != B or sorted(set(text_rows)) != list(range(U)):
+                raise ValueError(f"text_rows {text_rows}: need one entry per batch row ({B}) naming each of the "
+                                 f"{U} text rows")
+            first = torch.tensor([text_rows.index(u) for u in text_rows])
+            if not all(torch.equal(t.cpu(), t.cpu()[first]) for t in per_sample[1:]):
+                raise ValueError("rows that share a text row must share sigma and audio_sigma")
         widths = (cfg.caption_channels,) * 2 if cfg.use_prompt_embeddings else (cfg.inner_dim, cfg.audio_inner_dim)
-        for name, t, width in (("video", video, cfg.in_channels), ("audio", audio, cfg.audio_in_channels),
-                               ("text", text, widths[0]), ("audio_text", audio_text, widths[1])):
-            if t.ndim != 3 or t.shape[0] != B or t.shape[2] != width:
-                raise ValueError(f"{name} {tuple(t.shape)}: expected ({B}, tokens, {width})")
+        for name, t, width, rows in (("video", video, cfg.in_channels, B), ("audio", audio, cfg.audio_in_channels, B),
+                                     ("text", text, widths[0], U), ("audio_text", audio_text, widths[1], U)):
+            if t.ndim != 3 or t.shape[0] != rows or t.shape[2] != width:
+                raise ValueError(f"{name} {tuple(t.shape)}: expected ({rows}, tokens, {width})")
         for name, mask, context in (("text_mask", text_mask, text), ("audio_text_mask", audio_text_mask, audio_text)):
             if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
                 raise ValueError(f"{name} {tuple(mask.shape)}: expected {tuple(context.shape[:2])}")
@@ -697,9 +741,11 @@ def load_transformer(
 # FLOPs
 
 
-def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int) -> dict[str, float]:
+def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int,
+          isolated: int = 0) -> dict[str, float]:
     """Analytic forward FLOPs (2 per multiply-add) by part; each attention counts its projections and its
-    score/value products. "other" is the input/output and caption projections, timestep embeddings and gates."""
+    score/value products. "other" is the input/output and caption projections, timestep embeddings and gates.
+    `isolated` of the batch rows are modality-isolated: they run no audio<->video attention."""
     Sv, Sa, L = video_tokens, audio_tokens, text_tokens
     d, da = cfg.inner_dim, cfg.audio_inner_dim
 
@@ -711,11 +757,13 @@ def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: in
         "video_self_attention": attention(Sv, Sv, d, d, d),
         "audio_self_attention": attention(Sa, Sa, da, da, da),
         "text_cross_attention": attention(Sv, L, d, d, d) + attention(Sa, L, da, da, da),
-        "audio_video_cross_attention": attention(Sv, Sa, d, da, da) + attention(Sa, Sv, da, d, da),
+        # With the gate logits of audio_to_video (video side) and video_to_audio (audio side), audio heads.
+        "audio_video_cross_attention": attention(Sv, Sa, d, da, da) + attention(Sa, Sv, da, d, da)
+        + 2 * cfg.audio_num_attention_heads * (cfg.gated_attn * Sv * d + cfg.audio_gated_attn * Sa * da),
         "ffn": 2 * 2 * 4 * (Sv * d * d + Sa * da * da),
-        # Gate logits: video-side attn1, attn2 (video heads) and audio_to_video (audio heads); audio-side three.
-        "other": 2 * (cfg.gated_attn * Sv * d * (2 * cfg.num_attention_heads + cfg.audio_num_attention_heads)
-                      + cfg.audio_gated_attn * Sa * da * 3 * cfg.audio_num_attention_heads),
+        # Gate logits of attn1 and attn2 in each stream.
+        "other": 2 * 2 * (cfg.gated_attn * Sv * d * cfg.num_attention_heads
+                          + cfg.audio_gated_attn * Sa * da * cfg.audio_num_attention_heads),
     }
     result = {k: v * cfg.num_layers for k, v in per_block.items()}
     caption = 2 * L * (cfg.caption_channels * (d + da) + d * d + da * da) if cfg.use_prompt_embeddings else 0
@@ -727,6 +775,7 @@ def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: in
     embeddings = sum(2 * (256 * dim + dim * dim + dim * n * dim) for dim, n in embedders)
     io = 2 * (Sv * d * (cfg.in_channels + cfg.out_channels) + Sa * da * (cfg.audio_in_channels + cfg.audio_out_channels))
     result["other"] += caption + embeddings + io
-    result = {k: float(v * batch) for k, v in result.items()}
+    result = {k: float(v * (batch - isolated if k == "audio_video_cross_attention" else batch))
+              for k, v in result.items()}
     result["total"] = sum(result.values())
     return result

@@ -345,7 +345,10 @@ class BranchForward:
 
     def _forward(self, names, video, audio, timestep, t):
         b, dev, dt = len(names), video.device, self.text["cond"][0].dtype
-        texts = [self.text["uncond" if n == "uncond" else "cond"] for n in names]
+        # One text row per prompt: the cond, STG and isolated branches share the positive one (and its K/V).
+        prompts = ["uncond" if n == "uncond" else "cond" for n in names]
+        distinct = list(dict.fromkeys(prompts))
+        texts = [self.text[p] for p in distinct]
         rows = lambda flag: torch.tensor([n == flag for n in names], device=dev)  # noqa: E731
         tt = t.expand(b).to(dev)
         video_out, audio_out = self.transformer(
@@ -364,6 +367,7 @@ class BranchForward:
             stg_blocks=self.stg_blocks if "perturbed" in names else (),
             stg_rows=rows("perturbed") if "perturbed" in names else None,
             isolate_rows=rows("isolated") if "isolated" in names else None,
+            text_rows=tuple(distinct.index(p) for p in prompts) if len(distinct) < b else None,
         )
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
 
