@@ -132,3 +132,20 @@ def test_tiny_ltx2_image_to_video_bf16_cuda_matches_fp32_cpu() -> None:
         out = gpu(**cuda_inputs, rope=cuda_rope, stg_blocks=(1,), stg_rows=torch.tensor([False, True]))
     for got, expected in zip(out, reference):
         assert torch.isfinite(got).all() and _rel(got.cpu(), expected) < 3e-2
+
+
+@pytest.mark.parametrize("runs", [False, True], ids=["per-row", "per-run"])
+def test_fused_norm_modulate_is_as_exact_as_the_torch_ops(runs) -> None:
+    """modulation.norm_modulate eagerly on CUDA (kernels.rms_norm_modulate_ per run) vs norm then addcmul."""
+    from usp_infer.modulation import Runs, addcmul, apply, norm_modulate
+
+    torch.manual_seed(0)
+    x = 2 * torch.randn(4, 1000, 4096, device="cuda", dtype=torch.bfloat16)
+    shift, scale = (0.5 * torch.randn(4, 2 if runs else 1, 4096, device="cuda", dtype=torch.bfloat16) for _ in "ab")
+    if runs:
+        shift, scale = Runs(shift, (0, 384, 1000)), Runs(scale, (0, 384, 1000))
+    norm = torch.nn.RMSNorm(4096, eps=1e-6, elementwise_affine=False)
+    with torch.no_grad():
+        fused, unfused = norm_modulate(x, norm, shift, scale), addcmul(shift, norm(x), scale)
+        exact = addcmul(apply(shift, torch.Tensor.double), norm(x.double()), apply(scale, torch.Tensor.double))
+    assert _rel(fused, exact) <= 1.05 * _rel(unfused, exact) + 1e-6

@@ -1,4 +1,4 @@
-"""The fused q/k kernel (kernels.py) against the torch ops it replaces, on the CPU through Triton's interpreter.
+"""The fused kernels (kernels.py) against the torch ops they replace, on the CPU through Triton's interpreter.
 
 The interpreter runs the kernel's own code (offsets, masks, strides, the batch loop) with numpy. Its fp32 ->
 bf16 conversion truncates where the GPU rounds to nearest, so bf16 is checked on the GPU (test_gpu.py); here
@@ -22,6 +22,7 @@ _CHECK = r"""
 import json, torch
 from torch import nn
 from usp_infer import kernels, ltx, ltx2
+from usp_infer.modulation import Runs, addcmul, apply
 
 torch.manual_seed(0)
 cfg2 = ltx2.LTX2Config(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8,
@@ -55,6 +56,25 @@ for name, (table, rope) in cases.items():
             err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
             out[f"{name}/{tokens.start}/{str(dtype)[6:]}"] = dict(ref=err(got, ref), exact=err(got, exact),
                                                                   torch_exact=err(ref, exact))
+for runs in (False, True):  # norm + modulate, per-sample parameters or per run of tokens
+    for dtype in (torch.float32, torch.float16):
+        x = (3 * torch.randn(3, 11, 40)).to(dtype)[..., 4:36]
+        norm = nn.RMSNorm(32, eps=1e-6, elementwise_affine=False)
+        shift, scale = (torch.randn(3, 2 if runs else 1, 32).to(dtype) for _ in range(2))
+        if runs:
+            shift, scale = (Runs(t, (0, 4, 11)) for t in (shift, scale))
+        with torch.no_grad():
+            got = torch.empty_like(x)
+            spans = ((0, 4, 0), (4, 11, 1)) if runs else ((0, 11, 0),)
+            for start, stop, i in spans:
+                pick = (lambda t: t.values[:, i : i + 1].contiguous()) if runs else (lambda t: t)
+                kernels.rms_norm_modulate_(x[:, start:stop], pick(shift), pick(scale), 1e-6, got[:, start:stop])
+            ref = addcmul(shift, norm(x), scale)
+            exact = addcmul(apply(shift, torch.Tensor.double), norm(x.double()), apply(scale, torch.Tensor.double))
+        err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+        out[f"modulate-{'runs' if runs else 'rows'}/0/{str(dtype)[6:]}"] = dict(ref=err(got, ref),
+                                                                               exact=err(got, exact),
+                                                                               torch_exact=err(ref, exact))
 print(json.dumps(out))
 """
 
@@ -67,14 +87,15 @@ def errors() -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout", ["split", "interleaved", "per-row-table"])
+@pytest.mark.parametrize("layout", ["split", "interleaved", "per-row-table", "modulate-rows", "modulate-runs"])
 def test_kernel_equals_the_torch_ops(errors, layout):
-    for key, e in errors.items():
-        if key.startswith(layout + "/"):
-            if key.endswith("float32"):  # the same fp32 math, summed in another order: a few ulps
-                assert e["ref"] < 1e-6, (key, e)
-            else:  # fp16: both round the norm's output and the result once, so no less exact than torch
-                assert e["exact"] <= e["torch_exact"] * 1.01 + 1e-6, (key, e)
+    cases = {key: e for key, e in errors.items() if key.startswith(layout + "/")}
+    assert len(cases) >= 2
+    for key, e in cases.items():
+        if key.endswith("float32"):  # the same fp32 math, summed in another order: a few ulps
+            assert e["ref"] < 1e-6, (key, e)
+        else:  # fp16: both round the norm's output and the result once, so no less exact than torch
+            assert e["exact"] <= e["torch_exact"] * 1.01 + 1e-6, (key, e)
 
 
 def test_the_check_catches_a_wrong_pairing(errors):

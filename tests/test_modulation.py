@@ -51,7 +51,7 @@ def _spy_runs(monkeypatch) -> list:
         seen.extend(t.values.shape[1] for t in (a, c) if isinstance(t, Runs))
         return real(a, b, c)
 
-    for module in (ltx, ltx2):
+    for module in (ltx, ltx2, modulation):  # modulation: norm_modulate's torch path
         monkeypatch.setattr(module, "addcmul", spy)
     return seen
 

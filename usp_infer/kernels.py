@@ -1,10 +1,15 @@
-"""A fused CUDA kernel (Triton) for the memory-bound step between the q/k projections and attention.
+"""Fused CUDA kernels (Triton) for the memory-bound steps around the GEMMs.
+
+rms_norm_rope: the step between the q/k projections and attention.
 
 Both families RMS-normalize q and k across all heads (learned weight) and then turn channel pairs by their RoPE
 angles in fp32. As torch ops that is a norm, then an upcast, products and sums, a downcast: about 22 bytes
 moved per element of a (B, S, C) bf16 tensor (bench/NOTES.md). This kernel reads x once, reads each token's
 (cos, sin) row once for all B rows, and writes the result: about 5 bytes per element. Inductor fuses the same
 ops under torch.compile, but re-reads the fp32 table per batch row.
+
+rms_norm_modulate_: the AdaLN input of each attention and FFN, shift + rms_norm(x) * scale, in one pass instead
+of a norm's and an addcmul's (eager only: torch.compile fuses these two itself, with the residual before them).
 
 The math and its roundings follow the unfused path (norm in fp32, rounded to x's dtype as the norm's output
 is, the rotation in fp32, rounded once), so it agrees with it to an ulp of x's dtype.
@@ -65,6 +70,26 @@ if triton is not None:
             tl.store(o_row + b, (nb * cos + na * sin).to(dtype), mask=keep)
 
 
+    @triton.jit
+    def _rms_norm_modulate_kernel(
+        x_ptr, shift_ptr, scale_ptr, out_ptr, batch, eps,
+        stride_xb, stride_xs, stride_pb, stride_ob, stride_os,
+        C: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per token, each batch row in turn: shift + rms_norm(x) * scale with per-row parameters.
+        s = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        keep = c < C
+        dtype = out_ptr.dtype.element_ty
+        for row in range(batch):
+            x = tl.load(x_ptr + row * stride_xb + s * stride_xs + c, mask=keep, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+            normed = (x * rstd).to(dtype).to(tl.float32)  # the norm's output, in x's dtype
+            shift = tl.load(shift_ptr + row * stride_pb + c, mask=keep, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + row * stride_pb + c, mask=keep, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride_ob + s * stride_os + c, (shift + normed * scale).to(dtype), mask=keep)
+
+
 @torch.library.custom_op("usp_infer::rms_norm_rope", mutates_args=())
 def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor, run: int) -> Tensor:
     """rope(rms_norm(x) * weight): x (B, S, C); table (1|B, S, C) fp32 with cos at each pair's first channel
@@ -86,3 +111,17 @@ def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor, run: int
 @rms_norm_rope.register_fake
 def _(x: Tensor, weight: Tensor, eps: float, table: Tensor, run: int) -> Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("usp_infer::rms_norm_modulate_", mutates_args=("out",))
+def rms_norm_modulate_(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out: Tensor) -> None:
+    """out = shift + rms_norm(x) * scale (no learned weight): x, out (B, S, C); shift, scale (B, 1, C), one
+    vector per row. Writes into out, which may be a slice of a larger tensor (one run of tokens)."""
+    B, S, C = x.shape
+    assert x.stride(2) == out.stride(2) == 1 and out.shape == x.shape
+    assert shift.shape == scale.shape == (B, 1, C) and shift.stride() == scale.stride() and shift.stride(2) == 1
+    if S:
+        _rms_norm_modulate_kernel[(S,)](
+            x, shift, scale, out, B, eps, x.stride(0), x.stride(1), shift.stride(0), out.stride(0), out.stride(1),
+            C=C, BLOCK=triton.next_power_of_2(C), num_warps=8 if C >= 4096 else 4,
+        )

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 from .guidance import STG_MODES
-from .modulation import Runs, addcmul, apply, token_runs, unbind
+from .modulation import Runs, addcmul, apply, norm_modulate, token_runs, unbind
 
 # Config keys diffusers stores whose only supported value is the one LTX-Video uses.
 _FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
@@ -310,12 +310,12 @@ class TransformerBlock(nn.Module):
         ada = apply(temb, self._modulation)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = unbind(ada, -2)
         # addcmul(a, b, c) = a + b * c in one pass instead of two over the (B, S, D) activations.
-        h = addcmul(shift_msa, self.norm1(x), scale_msa)
+        h = norm_modulate(x, self.norm1, shift_msa, scale_msa)
         out = addcmul(x, self.attn1.self_attention(h, rope, attn_fn, rows, mode), gate_msa)
         if mode == "residual":
             out = torch.where(rows, x, out)
         out = out + self.attn2.cross_attention(out, context, text_bias)  # un-normed queries, no gate: as diffusers
-        out = addcmul(out, self.ff(addcmul(shift_mlp, self.norm2(out), scale_mlp)), gate_mlp)
+        out = addcmul(out, self.ff(norm_modulate(out, self.norm2, shift_mlp, scale_mlp)), gate_mlp)
         return torch.where(rows, x, out) if mode == "block" else out
 
 

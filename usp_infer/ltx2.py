@@ -31,7 +31,7 @@ from .ltx import (
     sdpa,
     sdpa_attention,
 )
-from .modulation import Runs, TokenRuns, addcmul, apply, token_runs, unbind
+from .modulation import Runs, TokenRuns, addcmul, apply, norm_modulate, token_runs, unbind
 
 # Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
 # the others are LTX-2.5 features this file does not implement).
@@ -441,10 +441,10 @@ class TransformerBlock(nn.Module):
 
         # 1. Self-attention. addcmul(a, b, c) = a + b * c in one pass over the activations instead of two;
         # every scale that _modulation returns already holds 1 + scale.
-        h = addcmul(vmod[0], self.norm1(x), vmod[1])
+        h = norm_modulate(x, self.norm1, vmod[0], vmod[1])
         q, k, v = self.attn1.project(h, h, rope.video, rope.video)
         x = addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
-        h = addcmul(amod[0], self.audio_norm1(a), amod[1])
+        h = norm_modulate(a, self.audio_norm1, amod[0], amod[1])
         q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
         a = addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
 
@@ -455,15 +455,11 @@ class TransformerBlock(nn.Module):
             text = addcmul(*_prompt_shift_scale(self.prompt_scale_shift_table, c.prompt, text))
             audio_text = addcmul(*_prompt_shift_scale(self.audio_prompt_scale_shift_table, c.audio_prompt,
                                                             audio_text))
-        h = self.norm2(x)
-        if self.video_query_mod:
-            h = addcmul(vmod[6], h, vmod[7])
+        h = norm_modulate(x, self.norm2, vmod[6], vmod[7]) if self.video_query_mod else self.norm2(x)
         q, k, v = self.attn2.project(h, text)
         out = self.attn2.output(h, attn.text(q, *_per_row(c.text_rows, k, v), c.text_bias))
         x = addcmul(x, out, vmod[8]) if self.video_query_mod else x + out
-        h = self.audio_norm2(a)
-        if self.audio_query_mod:
-            h = addcmul(amod[6], h, amod[7])
+        h = norm_modulate(a, self.audio_norm2, amod[6], amod[7]) if self.audio_query_mod else self.audio_norm2(a)
         q, k, v = self.audio_attn2.project(h, audio_text)
         out = self.audio_attn2.output(h, attn.text(q, *_per_row(c.text_rows, k, v), c.audio_text_bias))
         a = addcmul(a, out, amod[8]) if self.audio_query_mod else a + out
@@ -478,22 +474,24 @@ class TransformerBlock(nn.Module):
                 self.audio_a2v_cross_attn_scale_shift_table, c.audio_cross, None, _CROSS_SCALES))
             if c.keep_cross is not None:  # isolated rows among the others add nothing: their gates are 0
                 a2v_gate, v2a_gate = apply(a2v_gate, lambda g: g * c.keep_cross), v2a_gate * c.keep_cross
-            nx, na = self.audio_to_video_norm(x[:n]), self.video_to_audio_norm(a[:n])
-            h, kv = addcmul(v_a2v_shift, nx, v_a2v_scale), addcmul(a_a2v_shift, na, a_a2v_scale)
+            xn, an, x_norm, a_norm = x[:n], a[:n], self.audio_to_video_norm, self.video_to_audio_norm
+            h = norm_modulate(xn, x_norm, v_a2v_shift, v_a2v_scale)
+            kv = norm_modulate(an, a_norm, a_a2v_shift, a_a2v_scale)
             q, k, v = self.audio_to_video_attn.project(h, kv, rope.video_cross, rope.audio_cross)
             x_a2v = self.audio_to_video_attn.output(h, attn.audio_to_video(q, k, v))
-            h, kv = addcmul(a_v2a_shift, na, a_v2a_scale), addcmul(v_v2a_shift, nx, v_v2a_scale)
+            h = norm_modulate(an, a_norm, a_v2a_shift, a_v2a_scale)
+            kv = norm_modulate(xn, x_norm, v_v2a_shift, v_v2a_scale)
             q, k, v = self.video_to_audio_attn.project(h, kv, rope.audio_cross, rope.video_cross)
             a_v2a = self.video_to_audio_attn.output(h, attn.video_to_audio(q, k, v))
-            x_n, a_n = addcmul(x[:n], x_a2v, a2v_gate), addcmul(a[:n], a_v2a, v2a_gate)
+            x_n, a_n = addcmul(xn, x_a2v, a2v_gate), addcmul(an, a_v2a, v2a_gate)
             if n == x.shape[0]:
                 x, a = x_n, a_n
             else:  # x and a are this block's own tensors by now: update the rows in place
                 x[:n], a[:n] = x_n, a_n
 
         # 4. FFNs.
-        x = addcmul(x, self.ff(addcmul(vmod[3], self.norm3(x), vmod[4])), vmod[5])
-        a = addcmul(a, self.audio_ff(addcmul(amod[3], self.audio_norm3(a), amod[4])), amod[5])
+        x = addcmul(x, self.ff(norm_modulate(x, self.norm3, vmod[3], vmod[4])), vmod[5])
+        a = addcmul(a, self.audio_ff(norm_modulate(a, self.audio_norm3, amod[3], amod[4])), amod[5])
         return x, a
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from . import kernels
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing Tensor fields would raise, identity is what is meant
@@ -89,3 +91,24 @@ def addcmul(a: Tensor | Runs, b: Tensor, c: Tensor | Runs) -> Tensor:
 
 def _dtype(t: Tensor | Runs) -> torch.dtype:
     return t.values.dtype if isinstance(t, Runs) else t.dtype
+
+
+def norm_modulate(x: Tensor, norm: nn.RMSNorm, shift: Tensor | Runs, scale: Tensor | Runs) -> Tensor:
+    """addcmul(shift, norm(x), scale), the AdaLN input of an attention or FFN; run eagerly on CUDA, one fused
+    kernel per run of tokens (kernels.py) instead of a norm and an addcmul."""
+    fused = (kernels.available(x) and not torch.compiler.is_compiling() and norm.weight is None
+             and norm.eps is not None and _dtype(shift) == _dtype(scale) == x.dtype)
+    if not fused:
+        return addcmul(shift, norm(x), scale)
+    runs = shift if isinstance(shift, Runs) else scale if isinstance(scale, Runs) else None
+    bounds = (0, x.shape[1]) if runs is None else runs.bounds
+    B, C = x.shape[0], x.shape[2]
+
+    def per_row(t: Tensor | Runs, i: int) -> Tensor:  # (B, 1, C), contiguous: what the kernel indexes
+        return (t.values[:, i : i + 1] if isinstance(t, Runs) else t).expand(B, 1, C).contiguous()
+
+    out = torch.empty_like(x)
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        kernels.rms_norm_modulate_(x[:, start:stop], per_row(shift, i), per_row(scale, i), norm.eps,
+                                   out[:, start:stop])
+    return out
