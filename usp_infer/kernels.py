@@ -12,10 +12,10 @@ rms_norm_modulate_: the AdaLN input of each attention and FFN, shift + rms_norm(
 of a norm's and an addcmul's (eager only: torch.compile fuses these two itself, with the residual before them).
 
 The math and its roundings follow the unfused path (norm in fp32, rounded to x's dtype as the norm's output
-is, the rotation in fp32, rounded once), so it agrees with it to an ulp of x's dtype.
+is, then the rotation or the modulation in fp32, rounded once), so they agree with it to an ulp of x's dtype.
 
 Triton ships with torch's CUDA builds; without it (the CPU build) `available()` is False and the callers keep
-their torch ops. Registered as a custom op, so torch.compile'd blocks call it without a graph break.
+their torch ops. Registered as custom ops, so torch.compile'd blocks call them without a graph break.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ except ImportError:  # the CPU build of torch has no Triton
 
 
 def available(x: Tensor) -> bool:
-    """Whether rms_norm_rope can run on x: a CUDA tensor, with Triton installed."""
+    """Whether the kernels can run on x: a CUDA tensor, with Triton installed."""
     return triton is not None and x.is_cuda
 
 

@@ -396,7 +396,10 @@ class LTXTransformer(nn.Module):
             runs = token_runs(index)
         embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep).to(x.dtype))  # (B|K, D)
         temb = self.time_embed.linear(F.silu(embedded))  # (B|K, 6*D)
-        temb, embedded = (temb[:, None], embedded[:, None]) if runs is None else (runs.gather(temb), runs.gather(embedded))
+        if runs is None:  # (B, 1, ...): one vector per sample, broadcast over its tokens
+            temb, embedded = temb[:, None], embedded[:, None]
+        else:  # Runs of (B, R, ...)
+            temb, embedded = runs.gather(temb), runs.gather(embedded)
         context = self.caption_projection(encoder_hidden_states)
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
         pairs = rope_pairs(rope)
