@@ -22,7 +22,7 @@ _CHECK = r"""
 import json, torch
 from torch import nn
 from usp_infer import kernels, ltx, ltx2
-from usp_infer.modulation import Runs, addcmul, apply
+from usp_infer.modulation import Runs, addcmul, apply, norm_modulate
 
 torch.manual_seed(0)
 cfg2 = ltx2.LTX2Config(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8,
@@ -38,8 +38,8 @@ cases = {"split": (split, ltx2._apply_split_rope), "interleaved": (inter, ltx._a
          "wrong-run": (split, ltx2._apply_split_rope)}
 out = {}
 for name, (table, rope) in cases.items():
-    for tokens in (slice(None), slice(4, 11)):  # the whole table, and a shard's view of it
-        t = table[:, tokens]
+    for tokens, magnitude in ((slice(None), 3.0), (slice(4, 11), 3.0), (slice(None), 1e-4)):
+        t = table[:, tokens]  # the whole table, or a shard's view of it; 1e-4: eps is most of the mean square
         for dtype in (torch.float32, torch.float16):
             norm = nn.RMSNorm(32, eps=1e-6)
             with torch.no_grad():
@@ -47,50 +47,72 @@ for name, (table, rope) in cases.items():
             exact_norm = nn.RMSNorm(32, eps=1e-6).double()
             exact_norm.load_state_dict(norm.state_dict())
             norm = norm.to(dtype)
-            x = (3 * torch.randn(3, t.shape[1], 40)).to(dtype)[..., 4:36]  # strided, as a slice of a projection
+            x = (magnitude * torch.randn(3, t.shape[1], 40)).to(dtype)[..., 4:36]  # strided, as a projection slice
             run = (t.shape[-1] if t.ndim == 5 else 1) * (2 if name == "wrong-run" else 1)
             with torch.no_grad():
                 got = kernels.rms_norm_rope(x, norm.weight, norm.eps, t.flatten(2), run)
                 ref = rope(norm(x), t)
                 exact = rope(exact_norm(x.double()), t.double())
             err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-            out[f"{name}/{tokens.start}/{str(dtype)[6:]}"] = dict(ref=err(got, ref), exact=err(got, exact),
+            out[f"{name}/{tokens.start}-{magnitude}/{str(dtype)[6:]}"] = dict(ref=err(got, ref), exact=err(got, exact),
                                                                   torch_exact=err(ref, exact))
-for runs in (False, True):  # norm + modulate, per-sample parameters or per run of tokens
-    for dtype in (torch.float32, torch.float16):
-        x = (3 * torch.randn(3, 11, 40)).to(dtype)[..., 4:36]
-        norm = nn.RMSNorm(32, eps=1e-6, elementwise_affine=False)
-        shift, scale = (torch.randn(3, 2 if runs else 1, 32).to(dtype) for _ in range(2))
-        if runs:
-            shift, scale = (Runs(t, (0, 4, 11)) for t in (shift, scale))
-        with torch.no_grad():
-            got = torch.empty_like(x)
-            spans = ((0, 4, 0), (4, 11, 1)) if runs else ((0, 11, 0),)
-            for start, stop, i in spans:
-                pick = (lambda t: t.values[:, i : i + 1].contiguous()) if runs else (lambda t: t)
-                kernels.rms_norm_modulate_(x[:, start:stop], pick(shift), pick(scale), 1e-6, got[:, start:stop])
-            ref = addcmul(shift, norm(x), scale)
-            exact = addcmul(apply(shift, torch.Tensor.double), norm(x.double()), apply(scale, torch.Tensor.double))
-        err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-        out[f"modulate-{'runs' if runs else 'rows'}/0/{str(dtype)[6:]}"] = dict(ref=err(got, ref),
-                                                                               exact=err(got, exact),
-                                                                               torch_exact=err(ref, exact))
+err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+torch_path = kernels.available
+kernels.available = lambda x: True  # the callers' fused branch, on the CPU (the interpreter runs the kernels)
+for runs in (False, True):  # modulation.norm_modulate: per-sample parameters, or per run of tokens
+    for magnitude in (3.0, 1e-4):  # 1e-4: eps (1e-6) is most of the mean square, so leaving it out shows
+        for dtype in (torch.float32, torch.float16):
+            x = (magnitude * torch.randn(3, 11, 40)).to(dtype)[..., 4:36]
+            norm = nn.RMSNorm(32, eps=1e-6, elementwise_affine=False)
+            table = torch.randn(3, 2 if runs else 1, 2, 32).to(dtype)  # (B, R, shift|scale, C), as ada is
+            shift, scale = table.unbind(2)  # strided views, like the models' modulation vectors
+            if runs:
+                shift, scale = Runs(shift, (0, 4, 11)), Runs(scale, (0, 4, 11))
+            with torch.no_grad():
+                got = norm_modulate(x, norm, shift, scale)
+                ref = addcmul(shift, norm(x), scale)
+                exact = addcmul(apply(shift, torch.Tensor.double), norm(x.double()), apply(scale, torch.Tensor.double))
+            out[f"modulate-{'runs' if runs else 'rows'}/{magnitude}/{str(dtype)[6:]}"] = dict(
+                ref=err(got, ref), exact=err(got, exact), torch_exact=err(ref, exact))
+
+# Whole forwards of both families (fp32, image-to-video timesteps, STG, an isolated row, shared text rows):
+# every call site of the kernels, fused vs the torch path.
+from test_ltx2_model import CONFIGS as CONFIGS2, make_inputs as inputs2, make_reference as reference2, run_ours as run2
+from test_ltx2_model import from_reference as from_reference2
+from test_ltx import CONFIGS as CONFIGS1, from_reference as from_reference1, make_inputs as inputs1
+from test_ltx import make_reference as reference1, run_ours as run1
+
+model2 = from_reference2(reference2(CONFIGS2["ltx2.3"]))
+batch = inputs2(CONFIGS2["ltx2.3"], batch=3, timestep="i2v")
+batch.update(text=batch["text"][:2], audio_text=batch["audio_text"][:2], text_mask=batch["text_mask"][:2],
+             audio_text_mask=batch["audio_text_mask"][:2], sigma=batch["sigma"][[0, 1, 0]],
+             audio_sigma=batch["audio_sigma"][[0, 1, 0]])
+kwargs2 = dict(stg_blocks=(1,), stg_rows=torch.tensor([False, False, True]),
+               isolate_rows=torch.tensor([False, True, True]), text_rows=(0, 1, 0))
+model1 = from_reference1(reference1(CONFIGS1["tiny"]))  # no learned norm weights: both kernels
+batch1 = inputs1(CONFIGS1["tiny"], 2, "i2v", "padded")
+fused = (run2(model2, batch, **kwargs2), run1(model1, batch1))
+kernels.available = torch_path
+plain = (run2(model2, batch, **kwargs2), run1(model1, batch1))
+out["forward-ltx2/0/float32"] = dict(ref=max(err(f, p) for f, p in zip(fused[0], plain[0])))
+out["forward-ltx-video/0/float32"] = dict(ref=err(fused[1], plain[1]))
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def errors() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     done = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout", ["split", "interleaved", "per-row-table", "modulate-rows", "modulate-runs"])
+@pytest.mark.parametrize("layout", ["split", "interleaved", "per-row-table", "modulate-rows", "modulate-runs",
+                                    "forward-ltx2", "forward-ltx-video"])
 def test_kernel_equals_the_torch_ops(errors, layout):
     cases = {key: e for key, e in errors.items() if key.startswith(layout + "/")}
-    assert len(cases) >= 2
+    assert cases
     for key, e in cases.items():
         if key.endswith("float32"):  # the same fp32 math, summed in another order: a few ulps
             assert e["ref"] < 1e-6, (key, e)

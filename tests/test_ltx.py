@@ -50,19 +50,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_reference(kwargs: dict, seed: int = 0) -> LTXVideoTransformer3DModel:
-    """diffusers model with every parameter random, so no norm is 1 and no table is trivially small."""
-    torch.manual_seed(seed)
-    ref = LTXVideoTransformer3DModel(**kwargs).eval()
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter random, so no norm is 1, no gate 1 and no table is trivially small (either family)."""
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif p.ndim == 2 and "scale_shift_table" not in name:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
             else:  # biases and scale_shift_tables
                 p.copy_(0.3 * torch.randn_like(p))
-    return ref
+    return model
+
+
+def make_reference(kwargs: dict, seed: int = 0) -> LTXVideoTransformer3DModel:
+    """diffusers' model, every parameter random."""
+    torch.manual_seed(seed)
+    return randomize(LTXVideoTransformer3DModel(**kwargs).eval())
 
 
 def make_inputs(kwargs: dict, batch: int, timestep: str, mask: str, seed: int = 1) -> dict:

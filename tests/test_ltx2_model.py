@@ -11,6 +11,8 @@ from diffusers import LTX2VideoTransformer3DModel
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from test_ltx import randomize, rel_err
+
 from usp_infer import ltx2
 from usp_infer.ltx2 import (
     LOCAL_ATTENTION,
@@ -61,23 +63,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def make_reference(kwargs: dict, seed: int = 0) -> LTX2VideoTransformer3DModel:
-    """diffusers model with every parameter random, so no norm is 1, no gate 1 and no table trivially small."""
+    """diffusers' model, every parameter random."""
     torch.manual_seed(seed)
-    ref = LTX2VideoTransformer3DModel(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif p.ndim == 2 and "scale_shift_table" not in name:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-            else:  # biases and scale_shift_tables
-                p.copy_(0.3 * torch.randn_like(p))
-    return ref
+    return randomize(LTX2VideoTransformer3DModel(**kwargs).eval())
 
 
 def text_width(kwargs: dict) -> tuple[int, int]:
@@ -399,6 +388,24 @@ def test_shared_text_rows_equal_repeated_text(models):
         run_ours(ours, dict(shared, sigma=inputs["sigma"]), text_rows=tuple(share))
     with pytest.raises(ValueError, match="text_rows"):
         run_ours(ours, shared, text_rows=(0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("family", ["ltx-video", "ltx2"])
+def test_config_from_dict_refuses_what_it_cannot_run(family):
+    """Both families' configs: an unsupported value of a fixed key and an unknown key are refused by name,
+    bookkeeping keys are ignored, and an output width of None takes the input's (as diffusers does)."""
+    from usp_infer.ltx import LTXConfig
+
+    cls, model = (LTXConfig, "LTXVideoTransformer3DModel") if family == "ltx-video" else (LTX2Config, "LTX2Video")
+    base = dict(in_channels=8, out_channels=None, _class_name=model, _diffusers_version="0.42.1")
+    cfg = cls.from_dict(base)
+    assert cfg.out_channels == 8
+    with pytest.raises(ValueError, match=r"qk_norm='rms_norm' is not supported"):
+        cls.from_dict(dict(base, qk_norm="rms_norm"))
+    with pytest.raises(ValueError, match=rf"unknown config keys \['colour'\]: not an {model}"):
+        cls.from_dict(dict(base, colour=1))
+    if family == "ltx2":
+        assert cls.from_dict(dict(base, audio_in_channels=6, audio_out_channels=0)).audio_out_channels == 6
 
 
 def test_flops_match_counted_matmuls():

@@ -73,7 +73,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm_modulate_kernel(
         x_ptr, shift_ptr, scale_ptr, out_ptr, batch, eps,
-        stride_xb, stride_xs, stride_pb, stride_ob, stride_os,
+        stride_xb, stride_xs, stride_shift, stride_scale, stride_ob, stride_os,
         C: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # One program per token, each batch row in turn: shift + rms_norm(x) * scale with per-row parameters.
@@ -85,8 +85,8 @@ if triton is not None:
             x = tl.load(x_ptr + row * stride_xb + s * stride_xs + c, mask=keep, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
             normed = (x * rstd).to(dtype).to(tl.float32)  # the norm's output, in x's dtype
-            shift = tl.load(shift_ptr + row * stride_pb + c, mask=keep, other=0.0).to(tl.float32)
-            scale = tl.load(scale_ptr + row * stride_pb + c, mask=keep, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + row * stride_shift + c, mask=keep, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + row * stride_scale + c, mask=keep, other=0.0).to(tl.float32)
             tl.store(out_ptr + row * stride_ob + s * stride_os + c, (shift + normed * scale).to(dtype), mask=keep)
 
 
@@ -116,12 +116,13 @@ def _(x: Tensor, weight: Tensor, eps: float, table: Tensor, run: int) -> Tensor:
 @torch.library.custom_op("usp_infer::rms_norm_modulate_", mutates_args=("out",))
 def rms_norm_modulate_(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out: Tensor) -> None:
     """out = shift + rms_norm(x) * scale (no learned weight): x, out (B, S, C); shift, scale (B, 1, C), one
-    vector per row. Writes into out, which may be a slice of a larger tensor (one run of tokens)."""
+    vector per row, any row stride (views of the modulation table, or expanded). Writes into out, which may be
+    a slice of a larger tensor (one run of tokens)."""
     B, S, C = x.shape
     assert x.stride(2) == out.stride(2) == 1 and out.shape == x.shape
-    assert shift.shape == scale.shape == (B, 1, C) and shift.stride() == scale.stride() and shift.stride(2) == 1
+    assert shift.shape == scale.shape == (B, 1, C) and shift.stride(2) == scale.stride(2) == 1
     if S:
         _rms_norm_modulate_kernel[(S,)](
-            x, shift, scale, out, B, eps, x.stride(0), x.stride(1), shift.stride(0), out.stride(0), out.stride(1),
-            C=C, BLOCK=triton.next_power_of_2(C), num_warps=8 if C >= 4096 else 4,
+            x, shift, scale, out, B, eps, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+            out.stride(0), out.stride(1), C=C, BLOCK=triton.next_power_of_2(C), num_warps=8 if C >= 4096 else 4,
         )

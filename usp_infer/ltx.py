@@ -65,17 +65,29 @@ class LTXConfig:
     @classmethod
     def from_dict(cls, d: dict) -> LTXConfig:
         """Build from a diffusers config dict; `_`-prefixed bookkeeping keys are ignored."""
-        for key, supported in _FIXED_KEYS.items():
-            if d.get(key, supported) != supported:
-                raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} (LTX-Video's) is")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in _FIXED_KEYS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}: not an LTXVideoTransformer3DModel config?")
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "out_channels" in kwargs and not kwargs["out_channels"]:  # diffusers: out_channels or in_channels
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
-        return cls(**kwargs)
+        channels = (("out_channels", "in_channels"),)
+        return cls(**config_kwargs(cls, d, _FIXED_KEYS, "LTXVideoTransformer3DModel", channels))
+
+
+def config_kwargs(cls: type, d: dict, fixed: dict, model: str, out_in: tuple[tuple[str, str], ...]) -> dict:
+    """The dataclass `cls`'s fields from a diffusers config dict `d` of class `model`.
+
+    Keys in `fixed` must hold their one supported value; `_`-prefixed bookkeeping keys are ignored; any other
+    unknown key is refused. An output-channel key of 0/None takes its input-channel key's value (`out_in`
+    pairs), as diffusers does.
+    """
+    for key, supported in fixed.items():
+        if d.get(key, supported) != supported:
+            raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} is")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(k for k in d if k not in known and k not in fixed and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}: not an {model} config?")
+    kwargs = {k: v for k, v in d.items() if k in known}
+    for out, inp in out_in:
+        if out in kwargs and not kwargs[out]:
+            kwargs[out] = kwargs.get(inp, getattr(cls, inp))
+    return kwargs
 
 
 SHAPES: dict[str, LTXConfig] = {

@@ -26,6 +26,7 @@ from .ltx import (
     _drop_trailing_pads,
     _gelu_tanh,
     _timestep_features,
+    config_kwargs,
     load_folder,
     norm_rope,
     sdpa,
@@ -134,18 +135,8 @@ class LTX2Config:
     @classmethod
     def from_dict(cls, d: dict) -> LTX2Config:
         """Build from a diffusers config dict; `_`-prefixed bookkeeping keys are ignored."""
-        for key, supported in _FIXED_KEYS.items():
-            if d.get(key, supported) != supported:
-                raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} is")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in _FIXED_KEYS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}: not an LTX2VideoTransformer3DModel config?")
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for out, inp in (("out_channels", "in_channels"), ("audio_out_channels", "audio_in_channels")):
-            if out in kwargs and not kwargs[out]:  # diffusers: out_channels or in_channels
-                kwargs[out] = kwargs.get(inp, getattr(cls, inp))
-        return cls(**kwargs)
+        channels = (("out_channels", "in_channels"), ("audio_out_channels", "audio_in_channels"))
+        return cls(**config_kwargs(cls, d, _FIXED_KEYS, "LTX2VideoTransformer3DModel", channels))
 
 
 # The real checkpoints, as diffusers' scripts/convert_ltx2_to_diffusers.py converts them.

@@ -104,8 +104,8 @@ def norm_modulate(x: Tensor, norm: nn.RMSNorm, shift: Tensor | Runs, scale: Tens
     bounds = (0, x.shape[1]) if runs is None else runs.bounds
     B, C = x.shape[0], x.shape[2]
 
-    def per_row(t: Tensor | Runs, i: int) -> Tensor:  # (B, 1, C), contiguous: what the kernel indexes
-        return (t.values[:, i : i + 1] if isinstance(t, Runs) else t).expand(B, 1, C).contiguous()
+    def per_row(t: Tensor | Runs, i: int) -> Tensor:  # a (B, 1, C) view: the kernel takes its row stride
+        return (t.values[:, i : i + 1] if isinstance(t, Runs) else t).expand(B, 1, C)
 
     out = torch.empty_like(x)
     for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
