@@ -175,3 +175,21 @@ def test_bench_on_gpu(tmp_path: Path) -> None:
     args = [a for a in args if a not in ("--device", "--dtype")]
     (record,) = _bench([*args, "--device", "cuda", "--json-out", str(out)])
     assert record["gpu"] and record["nccl"] and record["gpu_count"] == 1 and record["matmul_tflops"] > 0
+
+
+def test_bench_ltx2_one_process(tmp_path: Path) -> None:
+    """The LTX-2 workload: four branches (the isolated one without audio<->video attention in the count),
+    1,024 text tokens on record, image-to-video steps, diffusers called both ways."""
+    from usp_infer import bench_ltx2, ltx2
+
+    out = tmp_path / "r.json"
+    args = ["--shape", "ltx2-tiny", "--height", "64", "--width", "96", "--num-frames", "17", "--device", "cpu",
+            "--dtype", "float32", "--warmup", "1", "--steps", "2", "--image", "--baseline", "diffusers",
+            "--json-out", str(out)]
+    ours, pipeline, batched = _bench(args)
+    assert [r["implementation"] for r in (ours, pipeline, batched)] == ["usp-infer", "diffusers-pipeline",
+                                                                       "diffusers-batched"]
+    parts = ltx2.flops(ltx2.SHAPES["ltx2-tiny"], TOKENS, bench_ltx2.audio_tokens(17), 1024, 4, isolated=1)
+    for r in (ours, pipeline, batched):
+        assert (r["branches"], r["text_tokens"], r["image_to_video"], r["finite"]) == (4, 1024, True, True)
+        assert r["flops_per_step"] == parts["total"]

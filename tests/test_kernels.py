@@ -65,7 +65,8 @@ for runs in (False, True):  # modulation.norm_modulate: per-sample parameters, o
             x = (magnitude * torch.randn(3, 11, 40)).to(dtype)[..., 4:36]
             norm = nn.RMSNorm(32, eps=1e-6, elementwise_affine=False)
             table = torch.randn(3, 2 if runs else 1, 2, 32).to(dtype)  # (B, R, shift|scale, C), as ada is
-            shift, scale = table.unbind(2)  # strided views, like the models' modulation vectors
+            shift = table.unbind(2)[0]  # a strided view, like the models' modulation vectors
+            scale = torch.randn(1, 2 if runs else 1, 32).to(dtype)  # one for every row: another row stride
             if runs:
                 shift, scale = Runs(shift, (0, 4, 11)), Runs(scale, (0, 4, 11))
             with torch.no_grad():

@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
-
 from .config import ParallelConfig
+from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
 from .parallel import Plan
+
 # LTX2Pipeline sets its schedule as LTXPipeline does: sigmas linspace(1, 1/N, N), mu linear in the (video) token
 # count, extrapolated past max_image_seq_len; one step skips the terminal stretch. diffusers steps the audio
 # with a deep copy of the same scheduler, so the stateless Euler update in `Denoiser.step` serves both.
@@ -193,7 +193,6 @@ def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, re
     return cache
 
 
-
 # --- latents --------------------------------------------------------------------------------------
 
 
@@ -349,7 +348,7 @@ class BranchForward:
         prompts = ["uncond" if n == "uncond" else "cond" for n in names]
         distinct = list(dict.fromkeys(prompts))
         texts = [self.text[p] for p in distinct]
-        rows = lambda flag: torch.tensor([n == flag for n in names], device=dev)  # noqa: E731
+        rows = lambda flag: torch.tensor([n == flag for n in names])  # noqa: E731  on the host: read there
         tt = t.expand(b).to(dev)
         video_out, audio_out = self.transformer(
             video.to(dt).expand(b, -1, -1),
