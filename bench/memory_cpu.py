@@ -12,7 +12,7 @@ import resource
 import sys
 
 if sys.argv[1] == "make":
-    import usp_infer.tiny as tiny
+    import usp_infer.ltx_video.tiny as tiny
 
     tiny.TEXT_DIM = 1024
     tiny.TRANSFORMER_CONFIG.update(num_attention_heads=8, attention_head_dim=128, cross_attention_dim=1024,

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from usp_infer.ltx import _apply_rope, rope_pairs
-from usp_infer.usp import _copy
+from usp_infer.layers import apply_rope
+from usp_infer.ltx_video.model import rope_pairs
+from usp_infer.parallel.usp import _copy
 
 
 def timed_ms(fn, reps: int = 20) -> float:
@@ -117,7 +118,7 @@ def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
     cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
     floor_ms = 2 * x.numel() * 2 / 4.3e12 * 1e3  # read and write bf16 once at ~4.3 TB/s
     pairs = rope_pairs((cos, sin))
-    compiled = torch.compile(_apply_rope)
+    compiled = torch.compile(apply_rope)
 
     def rope_complex_per_call() -> torch.Tensor:  # the eager form before: the complex table built in each call
         turn = torch.complex(cos[..., ::2], sin[..., ::2])
@@ -129,11 +130,11 @@ def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
     results["rope"] = {
         "diffusers_ms": timed_ms(lambda: rope_diffusers(x, cos, sin)),
         "complex_per_call_ms": timed_ms(rope_complex_per_call),
-        "complex_pairs_ms": timed_ms(lambda: _apply_rope(x, pairs)),
+        "complex_pairs_ms": timed_ms(lambda: apply_rope(x, pairs)),
         "compiled_full_tables_ms": timed_ms(lambda: compiled_full_tables(x, cos, sin)),
         "compiled_pairs_ms": timed_ms(lambda: compiled(x, pairs)),
         "floor_ms": floor_ms,
-        "rel_diff_eager": ((_apply_rope(x, pairs).float() - ref).norm() / ref.norm()).item(),
+        "rel_diff_eager": ((apply_rope(x, pairs).float() - ref).norm() / ref.norm()).item(),
         "rel_diff_compiled": ((compiled(x, pairs).float() - ref).norm() / ref.norm()).item(),
     }
     shift, scale = (torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -153,7 +154,7 @@ def elementwise(results: dict, tokens: int = 3 * 6144, d: int = 4096) -> None:
         a, b = t.float().unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack((a * c - b * s_, b * c + a * s_), dim=-1).flatten(-2).to(t.dtype)
 
-    now, before = (torch.compile(lambda t, f=f: f(qnorm(t), pairs)) for f in (_apply_rope, stack_form))
+    now, before = (torch.compile(lambda t, f=f: f(qnorm(t), pairs)) for f in (apply_rope, stack_form))
     results["norm_rope_compiled"] = {"ltx_ms": timed_ms(lambda: now(x)), "stack_form_ms": timed_ms(lambda: before(x)),
                                      "norm_only_compiled_ms": timed_ms(torch.compile(lambda: qnorm(x))),
                                      "floor_ms": floor_ms + pairs.numel() * 4 / 4.3e12 * 1e3,  # + the table once

@@ -45,7 +45,8 @@ AUDIO_CONNECTOR_HEADS, AUDIO_CONNECTOR_HEAD_DIM = 32, 64
 
 
 def transformer_config() -> dict:
-    from usp_infer import ltx2, tiny_ltx2
+    from usp_infer.ltx2 import model as ltx2
+    from usp_infer.ltx2 import tiny as tiny_ltx2
 
     cfg = dataclasses.asdict(ltx2.SHAPES["ltx-2.3-22b"])
     cfg["vae_scale_factors"] = list(cfg["vae_scale_factors"])
@@ -56,7 +57,7 @@ def transformer_config() -> dict:
 
 
 def connectors_config(tcfg: dict) -> dict:
-    from usp_infer import tiny_ltx2
+    from usp_infer.ltx2 import tiny as tiny_ltx2
 
     video_dim = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     audio_dim = tcfg["audio_num_attention_heads"] * tcfg["audio_attention_head_dim"]
@@ -77,7 +78,7 @@ def write_folder(directory: Path, seed: int = SEED) -> dict:
     from diffusers import LTX2Pipeline, LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
-    from usp_infer import tiny_ltx2
+    from usp_infer.ltx2 import tiny as tiny_ltx2
 
     components = tiny_ltx2.build_components(seed, "2.3")
     tcfg = transformer_config()

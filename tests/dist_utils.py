@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from usp_infer.dist import teardown
+from usp_infer.parallel.dist import teardown
 
 
 def _free_port() -> int:
@@ -43,7 +43,7 @@ def run_spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """fn(*args) on `world_size` processes; returns each rank's result in rank order.
 
     fn must be a module-level function (spawn pickles it) and sets up its own process group,
-    e.g. through usp_infer.dist.init_mesh (the env carries RANK, WORLD_SIZE, LOCAL_RANK,
+    e.g. through usp_infer.parallel.dist.init_mesh (the env carries RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR and MASTER_PORT). A worker's exception is re-raised here with its traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:

@@ -14,8 +14,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from usp_infer.bench import bench_command, latent_grid, random_transformer, step_flops
-from usp_infer.ltx import SHAPES, LTXConfig, _apply_rope, _drop_trailing_pads, rope_pairs, rope_tables
+from usp_infer.bench import randomize, bench_command, latent_grid
+from usp_infer.ltx_video.bench import random_model, step_flops
+from usp_infer.layers import apply_rope, drop_trailing_pads
+from usp_infer.ltx_video.model import SHAPES, LTXConfig, rope_pairs, rope_tables
 
 TINY = ["--shape", "ltx-tiny", "--height", "64", "--width", "96", "--num-frames", "17", "--device", "cpu",
         "--dtype", "float32", "--warmup", "1", "--steps", "2", "--dist-timeout", "60"]
@@ -56,7 +58,7 @@ def test_step_flops_by_hand() -> None:
 def test_step_flops_match_flop_counter() -> None:
     """The formula against torch's own count of one forward (math SDPA, so attention is counted as matmuls)."""
     cfg = SHAPES["ltx-tiny"]
-    model = random_transformer(cfg, torch.device("cpu"), torch.float32)
+    model = random_model(cfg, torch.device("cpu"), torch.float32, 0, randomize)
     f, h, w = latent_grid(64, 96, 17)
     n = f * h * w
     mask = torch.arange(40)[None] < 24  # 24 kept text positions: the trailing 16 pads are dropped
@@ -124,7 +126,7 @@ def test_bench_rejects_bad_flags(args: list[str], message: str) -> None:
 
 
 def test_rope_paths_match_diffusers_formula() -> None:
-    """Both forms of _apply_rope (complex product eagerly, real pairs under torch.compile) on the half-size
+    """Both forms of apply_rope (complex product eagerly, real pairs under torch.compile) on the half-size
     table equal diffusers' x * cos + (-b, a) * sin over the full tables."""
     x = torch.randn(2, 7, 16)
     cfg = LTXConfig(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16)  # 16 % 6: 4 unrotated
@@ -132,8 +134,8 @@ def test_rope_paths_match_diffusers_formula() -> None:
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
     reference = x * cos + torch.stack((-b, a), dim=-1).flatten(-2) * sin
     pairs = rope_pairs((cos, sin))
-    traced = torch.compile(_apply_rope, backend="eager", fullgraph=True)(x, pairs)  # no inductor: fast
-    eager = _apply_rope(x, pairs)
+    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)(x, pairs)  # no inductor: fast
+    eager = apply_rope(x, pairs)
     for out in (traced, eager):  # fp32: an ulp or two apart (1e-7); a wrong pairing is off by order 1
         assert ((out - reference).norm() / reference.norm()).item() <= 1e-6
     assert ((eager - x).norm() / x.norm()).item() > 1e-2  # the rotation did something
@@ -142,17 +144,17 @@ def test_rope_paths_match_diffusers_formula() -> None:
 def test_drop_trailing_pads() -> None:
     text = torch.randn(2, 6, 4)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)
-    cut_text, cut_mask = _drop_trailing_pads(text, mask)
+    cut_text, cut_mask = drop_trailing_pads(text, mask)
     assert torch.equal(cut_text, text[:, :5]) and torch.equal(cut_mask, mask[:, :5])  # last kept position: 4
     empty_row = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    kept_text, kept_mask = _drop_trailing_pads(text, empty_row)  # that row attends evenly over its pads: keep all
+    kept_text, kept_mask = drop_trailing_pads(text, empty_row)  # that row attends evenly over its pads: keep all
     assert kept_text is text and kept_mask is empty_row
 
 
 def test_dropped_pads_change_nothing() -> None:
     """Extra masked text positions at the tail leave the transformer's output as it was."""
     cfg = SHAPES["ltx-tiny"]
-    model = random_transformer(cfg, torch.device("cpu"), torch.float32)
+    model = random_model(cfg, torch.device("cpu"), torch.float32, 0, randomize)
     gen = torch.Generator().manual_seed(0)
     f, h, w = latent_grid(64, 96, 17)
     x, text = torch.randn(2, f * h * w, 8, generator=gen), torch.randn(2, 5, 48, generator=gen)
@@ -180,7 +182,8 @@ def test_bench_on_gpu(tmp_path: Path) -> None:
 def test_bench_ltx2_one_process(tmp_path: Path) -> None:
     """The LTX-2 workload: four branches (the isolated one without audio<->video attention in the count),
     1,024 text tokens on record, image-to-video steps, diffusers called both ways."""
-    from usp_infer import bench_ltx2, ltx2
+    from usp_infer.ltx2 import bench as bench_ltx2
+    from usp_infer.ltx2 import model as ltx2
 
     out = tmp_path / "r.json"
     args = ["--shape", "ltx2-tiny", "--height", "64", "--width", "96", "--num-frames", "17", "--device", "cpu",

@@ -23,8 +23,8 @@ import transformers
 from typer.testing import CliRunner
 
 import usp_infer
-from usp_infer import pipeline
 from usp_infer.cli import app
+from usp_infer.ltx_video import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ltx-tiny"
@@ -181,7 +181,7 @@ def test_default_layout_that_does_not_fit_names_its_cause(world, flags, needles,
 
 def test_one_step_makes_a_video(tmp_path):
     """One step used to give NaN latents (the terminal stretch divides by zero); now it is the Euler step 1 -> 0."""
-    from usp_infer.pipeline import sigma_schedule
+    from usp_infer.schedule import sigma_schedule
 
     config = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
     timesteps, sigmas = sigma_schedule(config, 1, 6)

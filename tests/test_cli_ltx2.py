@@ -136,7 +136,7 @@ def test_one_step_makes_a_video_with_sound(tmp_path):
 
 def test_recipe_follows_the_weights_version():
     """LTX-2.3-style weights (cross_attn_mod) take the 2.3 recipe, LTX-2.0-style ones the 2.0 recipe."""
-    from usp_infer.request_ltx2 import build_request, version_preset
+    from usp_infer.ltx2.request import build_request, version_preset
 
     configs = {"transformer": {"num_layers": 48, "cross_attn_mod": True},
                "audio_vae": {"sample_rate": 16000, "mel_hop_length": 160}}

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from usp_infer import media, pipeline
+from usp_infer import media
 from usp_infer.cli import app
+from usp_infer.ltx_video import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", "--max-sequence-length", "16"]

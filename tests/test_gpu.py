@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from usp_infer.ltx import SHAPES, FeedForward, LTXTransformer, rope_tables
+from usp_infer.layers import FeedForward
+from usp_infer.ltx_video.model import SHAPES, LTXTransformer, rope_tables
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,7 +57,8 @@ def test_tiny_transformer_bf16_cuda_matches_fp32_cpu() -> None:
 
 def _norm_rope_case(dtype: torch.dtype, layout: str, width: int, heads: int, tokens: slice):
     """A q/k-shaped input, a learned-weight RMSNorm and a RoPE table as the models build them."""
-    from usp_infer import ltx, ltx2
+    from usp_infer.ltx2 import model as ltx2
+    from usp_infer.ltx_video import model as ltx
 
     torch.manual_seed(0)
     if layout == "split":
@@ -65,7 +67,7 @@ def _norm_rope_case(dtype: torch.dtype, layout: str, width: int, heads: int, tok
         table, rope = ltx2.rope_tables(cfg, 5, 8, 12, 24.0, 10, device="cuda").video, ltx2._apply_split_rope
     else:
         cfg = ltx.LTXConfig(num_attention_heads=heads, attention_head_dim=width // heads, cross_attention_dim=width)
-        table, rope = ltx.rope_pairs(ltx.rope_tables(cfg, 5, 8, 12, (0.32, 32.0, 32.0), "cuda")), ltx._apply_rope
+        table, rope = ltx.rope_pairs(ltx.rope_tables(cfg, 5, 8, 12, (0.32, 32.0, 32.0), "cuda")), ltx.apply_rope
     table = table[:, tokens]
     norm = torch.nn.RMSNorm(width, eps=1e-6).cuda()
     with torch.no_grad():
@@ -79,7 +81,8 @@ def _norm_rope_case(dtype: torch.dtype, layout: str, width: int, heads: int, tok
 @pytest.mark.parametrize("tokens", [slice(None), slice(100, 333)], ids=["whole", "shard"])
 def test_fused_norm_rope_is_as_exact_as_the_torch_ops(dtype, layout, width, heads, tokens) -> None:
     """kernels.rms_norm_rope (one pass) vs the norm then the RoPE as torch ops, both against fp64."""
-    from usp_infer import kernels, ltx
+    from usp_infer import kernels
+    from usp_infer.ltx_video import model as ltx
 
     x, norm, table, rope = _norm_rope_case(dtype, layout, width, heads, tokens)
     assert kernels.available(x)
@@ -94,7 +97,7 @@ def test_fused_norm_rope_is_as_exact_as_the_torch_ops(dtype, layout, width, head
 
 
 def test_fused_norm_rope_compiles_without_a_graph_break() -> None:
-    from usp_infer import ltx
+    from usp_infer.ltx_video import model as ltx
 
     x, norm, table, rope = _norm_rope_case(torch.bfloat16, "split", 4096, 32, slice(None))
     norm = norm.to(torch.bfloat16)
@@ -106,7 +109,7 @@ def test_fused_norm_rope_compiles_without_a_graph_break() -> None:
 def test_tiny_ltx2_image_to_video_bf16_cuda_matches_fp32_cpu() -> None:
     """An LTX-2 forward with per-token (image-to-video) timesteps on CUDA in bf16 (fused q/k kernel, per-run
     modulation, cuDNN attention) vs fp32 on the CPU."""
-    from usp_infer import ltx2
+    from usp_infer.ltx2 import model as ltx2
 
     cfg = ltx2.SHAPES["ltx2-tiny"]
     torch.manual_seed(0)

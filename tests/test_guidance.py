@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from usp_infer.errors import UsageError
 
-from usp_infer.request import UsageError, build_request
 from usp_infer.guidance import PRESETS, GuidanceConfig, Guider, StepScales
+from usp_infer.ltx_video.request import request_from_flags as build_request
 
 
 def scales(cfg=1.0, stg=0.0, rescale=0.0, cfg_star=False, blocks=(0,)):

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHECK = r"""
 import json, torch
 from torch import nn
-from usp_infer import kernels, ltx, ltx2
+from usp_infer import kernels
+from usp_infer.ltx_video import model as ltx
+from usp_infer.ltx2 import model as ltx2
 from usp_infer.modulation import Runs, addcmul, apply, norm_modulate
 
 torch.manual_seed(0)
@@ -33,8 +35,8 @@ cfg1 = ltx.LTXConfig(in_channels=8, out_channels=8, num_attention_heads=4, atten
                      cross_attention_dim=32, num_layers=1, caption_channels=16)
 split = ltx2.rope_tables(cfg2, 3, 2, 3, 24.0, 5).video  # (1, 18, 4, 2, 4): runs of 4
 inter = ltx.rope_pairs(ltx.rope_tables(cfg1, 3, 2, 3, (8 / 25, 32, 32)))  # (1, 18, 16, 2): runs of 1
-cases = {"split": (split, ltx2._apply_split_rope), "interleaved": (inter, ltx._apply_rope),
-         "per-row-table": (inter.expand(3, -1, -1, -1) * torch.rand(3, 1, 1, 1), ltx._apply_rope),
+cases = {"split": (split, ltx2._apply_split_rope), "interleaved": (inter, ltx.apply_rope),
+         "per-row-table": (inter.expand(3, -1, -1, -1) * torch.rand(3, 1, 1, 1), ltx.apply_rope),
          "wrong-run": (split, ltx2._apply_split_rope)}
 out = {}
 for name, (table, rope) in cases.items():

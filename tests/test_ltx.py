@@ -1,4 +1,4 @@
-"""usp_infer.ltx against diffusers' LTXVideoTransformer3DModel: tiny random weights, fp32, CPU."""
+"""usp_infer.ltx_video.model against diffusers' LTXVideoTransformer3DModel: tiny random weights, fp32, CPU."""
 
 import copy
 import json
@@ -10,15 +10,14 @@ from diffusers.models.transformers.transformer_ltx import LTXVideoRotaryPosEmbed
 from safetensors.torch import save_file
 from torch import nn
 
-from usp_infer.ltx import (
+from usp_infer.layers import sdpa_attention, timestep_features
+from usp_infer.ltx_video.model import (
     SHAPES,
     LTXConfig,
     LTXTransformer,
     Perturbation,
-    _timestep_features,
     load_transformer,
     rope_tables,
-    sdpa_attention,
 )
 
 # Same ops in the same order, bit-exact with torch 2.13 on CPU today; 1e-5 relative leaves room for kernels
@@ -231,7 +230,7 @@ def test_values_mode_one_layer_by_hand():
     out = run_ours(ours, inputs, perturbation=Perturbation(blocks=(0,), mode="values", rows=torch.tensor([True])))
     with torch.no_grad():
         x = ours.proj_in(inputs["hidden_states"])
-        emb = ours.time_embed.emb.timestep_embedder(_timestep_features(inputs["timestep"]))
+        emb = ours.time_embed.emb.timestep_embedder(timestep_features(inputs["timestep"]))
         temb = ours.time_embed.linear(torch.nn.functional.silu(emb))[:, None]
         block = ours.transformer_blocks[0]
         shift, scale, gate, shift2, scale2, gate2 = (block.scale_shift_table + temb.unflatten(2, (6, -1))).unbind(2)

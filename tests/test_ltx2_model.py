@@ -1,4 +1,4 @@
-"""usp_infer.ltx2 against diffusers' LTX2VideoTransformer3DModel: tiny random weights, fp32, CPU."""
+"""usp_infer.ltx2.model against diffusers' LTX2VideoTransformer3DModel: tiny random weights, fp32, CPU."""
 
 import copy
 import json
@@ -9,12 +9,11 @@ import pytest
 import torch
 from diffusers import LTX2VideoTransformer3DModel
 from safetensors.torch import save_file
+from test_ltx import randomize, rel_err
 from torch.utils.flop_counter import FlopCounterMode
 
-from test_ltx import randomize, rel_err
-
-from usp_infer import ltx2
-from usp_infer.ltx2 import (
+from usp_infer.ltx2 import model as ltx2
+from usp_infer.ltx2.model import (
     LOCAL_ATTENTION,
     SHAPES,
     LTX2Attention,
@@ -394,7 +393,7 @@ def test_shared_text_rows_equal_repeated_text(models):
 def test_config_from_dict_refuses_what_it_cannot_run(family):
     """Both families' configs: an unsupported value of a fixed key and an unknown key are refused by name,
     bookkeeping keys are ignored, and an output width of None takes the input's (as diffusers does)."""
-    from usp_infer.ltx import LTXConfig
+    from usp_infer.ltx_video.model import LTXConfig
 
     cls, model = (LTXConfig, "LTXVideoTransformer3DModel") if family == "ltx-video" else (LTX2Config, "LTX2Video")
     base = dict(in_channels=8, out_channels=None, _class_name=model, _diffusers_version="0.42.1")

@@ -13,7 +13,13 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from usp_infer import media
-from usp_infer.media import load_image, output_kind, sidecar_path, write_json_atomic, write_video
+from usp_infer.media import (
+    load_image,
+    output_kind,
+    sidecar_path,
+    write_json_atomic,
+    write_video,
+)
 
 F, H, W = 9, 64, 96
 

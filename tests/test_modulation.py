@@ -4,7 +4,9 @@ families' image-to-video forwards modulate per run instead of building per-token
 import pytest
 import torch
 
-from usp_infer import ltx, ltx2, modulation
+from usp_infer import modulation
+from usp_infer.ltx2 import model as ltx2
+from usp_infer.ltx_video import model as ltx
 from usp_infer.modulation import Runs, addcmul, apply, token_runs, unbind
 
 
@@ -58,7 +60,13 @@ def _spy_runs(monkeypatch) -> list:
 
 def test_ltx2_image_to_video_modulates_per_run(monkeypatch):
     """Two runs (the clean first frame, the rest) in every per-token modulation of an LTX-2 forward."""
-    from test_ltx2_model import CONFIGS, from_reference, make_inputs, make_reference, run_ours
+    from test_ltx2_model import (
+        CONFIGS,
+        from_reference,
+        make_inputs,
+        make_reference,
+        run_ours,
+    )
 
     seen = _spy_runs(monkeypatch)
     model = from_reference(make_reference(CONFIGS["ltx2.3"]))

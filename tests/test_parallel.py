@@ -18,11 +18,11 @@ from dist_utils import run_spawn
 from PIL import Image
 
 from usp_infer.config import GenerateRequest, ParallelConfig
-from usp_infer.parallel import Plan
 from usp_infer.guidance import GuidanceConfig
-from usp_infer.ltx import compile_blocks
-from usp_infer.pipeline import load_components
-from usp_infer.pipeline import generate as run_generate
+from usp_infer.ltx_video.model import compile_blocks
+from usp_infer.ltx_video.pipeline import generate as run_generate
+from usp_infer.ltx_video.pipeline import load_components
+from usp_infer.parallel.plan import Plan
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ltx-tiny"
 IMAGE = Path(__file__).resolve().parent / "data" / "first_frame.png"

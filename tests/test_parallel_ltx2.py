@@ -18,8 +18,14 @@ import torch
 from dist_utils import run_spawn
 
 from usp_infer.config import ParallelConfig
-from usp_infer.parallel import Plan
-from usp_infer.pipeline_ltx2 import LTX2Guidance, LTX2Request, ModalityGuidance, generate, load_components
+from usp_infer.ltx2.pipeline import (
+    LTX2Guidance,
+    LTX2Request,
+    ModalityGuidance,
+    generate,
+    load_components,
+)
+from usp_infer.parallel.plan import Plan
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ltx2-tiny"
 IMAGE = Path(__file__).resolve().parent / "data" / "first_frame.png"

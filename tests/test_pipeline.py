@@ -86,11 +86,13 @@ def _ltx_video_soft_loop(latents, conditioning_mask, timesteps, sigmas, model):
 
 
 def test_soft_image_conditioning_step_follows_ltx_video():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from usp_infer.schedule import sigma_schedule
+
     from usp_infer.config import ParallelConfig
     from usp_infer.guidance import Guider, StepScales
-    from usp_infer.parallel import Plan
-    from usp_infer.pipeline import Denoiser, sigma_schedule
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from usp_infer.ltx_video.pipeline import Denoiser
+    from usp_infer.parallel.plan import Plan
 
     tokens, channels, steps = 18, 4, 8
     g = torch.Generator().manual_seed(0)
@@ -129,8 +131,8 @@ def test_soft_image_conditioning_initial_latents_follow_ltx_video():
     """LTX-Video starts a conditioned frame at lerp(noise, image latent, strength); noise is drawn after the
     image latent's sample, from one CPU generator (diffusers' order)."""
     from usp_infer.config import GenerateRequest
+    from usp_infer.ltx_video.pipeline import load_components, prepare_inputs
     from usp_infer.media import load_image
-    from usp_infer.pipeline import load_components, prepare_inputs
 
     image_path = Path(__file__).resolve().parent / "data" / "first_frame.png"
     c = load_components(MODEL, torch.device("cpu"), torch.float32)

@@ -18,15 +18,15 @@ import torch
 from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 from PIL import Image
 
-from usp_infer.media import write_video
-from usp_infer.pipeline_ltx2 import (
+from usp_infer.ltx2.pipeline import (
     LTX2Guidance,
     LTX2Request,
     ModalityGuidance,
     generate,
     load_components,
 )
-from usp_infer.tiny_ltx2 import make_tiny_ltx2
+from usp_infer.ltx2.tiny import make_tiny_ltx2
+from usp_infer.media import write_video
 
 H, W, FRAMES, FPS, STEPS = 64, 64, 9, 24.0, 2
 PROMPT, NEGATIVE = "a cat walking in the rain", "blurry, distorted"
@@ -264,7 +264,7 @@ def test_branches_skip_no_op_terms():
 @pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
 def test_with_our_transformer_matches_diffusers(setup, image):
     ours = load_components(setup.folder, "cpu", torch.float32)  # usp_infer.ltx2.load_transformer
-    assert type(ours.transformer).__module__ == "usp_infer.ltx2"
+    assert type(ours.transformer).__module__ == "usp_infer.ltx2.model"
     kw = dict(image=str(setup.image), image_crf=0) if image else {}
     _compare(generate(ours, _request(CFG_ONLY, **kw), progress=False), *_reference(setup, CFG_ONLY, image=image))
     result = generate(ours, _request(FULL, **kw), progress=False)

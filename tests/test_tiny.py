@@ -12,7 +12,7 @@ from diffusers import LTXImageToVideoPipeline, LTXPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from usp_infer.tiny import make_tiny
+from usp_infer.ltx_video.tiny import make_tiny
 
 COMMITTED = Path(__file__).resolve().parents[1] / "models" / "ltx-tiny"
 H, W, FRAMES = 64, 96, 9

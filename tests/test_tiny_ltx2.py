@@ -12,7 +12,7 @@ from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from usp_infer.tiny_ltx2 import MEL_BINS, make_tiny_ltx2
+from usp_infer.ltx2.tiny import MEL_BINS, make_tiny_ltx2
 
 COMMITTED = Path(__file__).resolve().parents[1] / "models" / "ltx2-tiny"
 H, W, FRAMES, FPS = 64, 96, 9, 24.0

@@ -14,9 +14,16 @@ import torch.nn.functional as F
 from dist_utils import run_spawn
 
 from usp_infer.config import ParallelConfig
-from usp_infer.dist import Mesh, init_mesh, layouts, resolve_parallel, shared_seed, validate_layout
-from usp_infer.sharding import SeqShard
-from usp_infer.usp import KVShardedAttention, USPAttention, start_all_to_all
+from usp_infer.parallel.dist import (
+    Mesh,
+    init_mesh,
+    layouts,
+    resolve_parallel,
+    shared_seed,
+    validate_layout,
+)
+from usp_infer.parallel.sharding import SeqShard
+from usp_infer.parallel.usp import KVShardedAttention, USPAttention, start_all_to_all
 
 TIMEOUT_S = 60.0  # a broken collective fails the test in a minute instead of hanging for 30
 
@@ -188,7 +195,7 @@ def _spy_job(world: int) -> dict:
 def _nonfinite_job(world: int) -> dict:
     """Plan.any_nonfinite when only one rank holds the NaN (or inf): every rank must say True, on every
     layout, or the ranks leave the loop at different steps (a hang, or one rank's error alone)."""
-    from usp_infer.parallel import Plan
+    from usp_infer.parallel.plan import Plan
 
     found = {}
     for layout in WORLD_LAYOUTS[world][-1:] + [(1, 1, world)]:

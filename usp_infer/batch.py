@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from .config import GenerateRequest, ParallelConfig, Session
+from .errors import UsageError
 from .families import Family, resolve
-from .request import ITEM_KEYS, UsageError
+from .request import ITEM_KEYS
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,12 @@ def text_length_limit(configs: dict, default: int) -> int:
 def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
     """The model folder, the device and the layout against the world size: no process group needed, so
     every rank runs it before joining one (a wrong layout fails at once, not in a rendezvous)."""
-    from .dist import check_device, env_world_size, resolve_parallel, validate_layout
+    from .parallel.dist import (
+        check_device,
+        env_world_size,
+        resolve_parallel,
+        validate_layout,
+    )
 
     try:
         family, configs = resolve(s.model)
@@ -196,7 +202,7 @@ def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict]
 
     Under torchrun only rank 0 reads the file (the others return no items and run rank 0's, which the
     runner broadcasts): ranks whose disks differ cannot disagree about the work."""
-    from .dist import env_rank
+    from .parallel.dist import env_rank
 
     if env_rank() != 0:
         return []

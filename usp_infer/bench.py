@@ -17,8 +17,9 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -27,22 +28,26 @@ import typer
 from torch import Tensor, nn
 
 from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig
-from .dist import Mesh, env_rank, env_world_size, init_mesh, teardown, validate_layout
-from .dist import layouts as fitting_layouts
-from .guidance import GuidanceConfig, Guider, LocalStats, StepScales
-from .ltx import SHAPES as LTX_SHAPES
-from .ltx import LTXConfig, LTXTransformer, rope_tables, sdpa_attention
-from .ltx2 import SHAPES as LTX2_SHAPES
-from .parallel import Plan
-from .pipeline import Denoiser
-from .sharding import SeqShard
-from .usp import Pending, USPAttention
+from .guidance import GuidanceConfig
+from .layers import sdpa_attention
+from .ltx2.model import SHAPES as LTX2_SHAPES
+from .ltx_video import bench as ltx_video_bench
+from .ltx_video.model import SHAPES as LTX_SHAPES
+from .ltx_video.model import LTXTransformer
+from .parallel.dist import (
+    Mesh,
+    env_rank,
+    env_world_size,
+    init_mesh,
+    teardown,
+    validate_layout,
+)
+from .parallel.dist import layouts as fitting_layouts
+from .parallel.plan import Plan
+from .parallel.sharding import SeqShard
+from .parallel.usp import Pending, USPAttention
 
-TEXT_TOKENS = 128  # T5 length LTXPipeline pads the prompt to
-PROMPT_TOKENS = 24  # real tokens under the text mask; the rest is padding, as for a short prompt
-FPS = 25.0
-SHAPES = {**LTX_SHAPES, **LTX2_SHAPES}  # LTX-Video shapes and LTX-2 shapes (bench_ltx2.py runs those)
-SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
+SHAPES = {**LTX_SHAPES, **LTX2_SHAPES}  # LTX-Video shapes (ltx_video/bench.py runs those) and LTX-2's (ltx2/bench.py)
 
 
 def latent_grid(height: int, width: int, num_frames: int) -> tuple[int, int, int]:
@@ -50,29 +55,9 @@ def latent_grid(height: int, width: int, num_frames: int) -> tuple[int, int, int
     return (num_frames - 1) // 8 + 1, height // 32, width // 32
 
 
-def step_flops(cfg: LTXConfig, tokens: int, branches: int, text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
-    """Model FLOPs of one step (2 per multiply-add), by part: what any implementation must compute.
-
-    Per branch and layer, with d = heads x head_dim, n video tokens and t text tokens:
-    self-attention q, k, v, out projections 8nd^2; its QK^T and PV 4n^2d; cross-attention q and out on
-    the video 4nd^2, k and v on the text 4td^2, its QK^T and PV 4ntd; FFN d -> 4d -> d 16nd^2. Once per
-    branch: proj_in, proj_out, the caption projection and the timestep embedding. Pads are not counted.
-    """
-    d, n, t, layers = cfg.inner_dim, tokens, text_tokens, cfg.num_layers
-    per_branch = {
-        "self_attn_proj": 8 * n * d * d * layers,
-        "self_attn_sdpa": 4 * n * n * d * layers,
-        "cross_attn_proj": (4 * n + 4 * t) * d * d * layers,
-        "cross_attn_sdpa": 4 * n * t * d * layers,
-        "ffn": 16 * n * d * d * layers,
-        "embed_out": 2 * n * d * (cfg.in_channels + cfg.out_channels)
-        + 2 * t * d * (cfg.caption_channels + d)
-        + 2 * d * (256 + d + 6 * d),
-    }
-    return {part: flops * branches for part, flops in per_branch.items()}
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
+def randomize(model: nn.Module, seed: int) -> None:
     """Fill every parameter in place with draws that keep activations O(1) through the blocks.
 
     Never zeros: a matmul on zeros runs faster than on real data. The same seed gives every rank the
@@ -92,13 +77,15 @@ def _randomize(model: nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.02, generator=gen)
 
 
-def random_transformer(cfg: LTXConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LTXTransformer:
-    """The transformer with random weights allocated once, directly on `device` in `dtype`."""
-    with torch.device("meta"):
-        model = LTXTransformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    _randomize(model, seed)
-    return model.eval().requires_grad_(False)
+
+
+def _workload(s: Setup) -> ModuleType:
+    """The family's bench module: its random model, its step, its FLOPs."""
+    if s.ltx2:
+        from .ltx2 import bench as ltx2_bench
+
+        return ltx2_bench
+    return ltx_video_bench
 
 
 class LocalExchangeAttention(USPAttention):
@@ -267,98 +254,18 @@ def _profile(step: Callable[[], None], path: Path) -> None:
 def _run_case(model: nn.Module, s: Setup, case: Case, mesh: Mesh,
               profile_to: Path | None = None) -> tuple[list[float], list[float], bool]:
     plan = Plan(mesh)
-    if s.ltx2:
-        from . import bench_ltx2
-
-        local = LocalExchangeAttention(mesh, plan.shard(s.tokens), case.a2a_mode) if not case.exchange else None
-        step, state = bench_ltx2.make_step(model, s, plan, local)
-    else:
-        step, state = _ltx_video_step(model, s, case, plan)
+    local = None  # the exchange-free variant: Ulysses exchanges replaced by local copies of the same bytes
+    if mesh.seq_degree > 1 and not case.exchange:
+        local = LocalExchangeAttention(mesh, plan.shard(s.tokens), case.a2a_mode)
+    step, state = _workload(s).make_step(model, s, plan, local)
     times, peaks = _measure(step, s)
     if profile_to is not None:
         _profile(step, profile_to)
     return times, peaks, state["finite"]
 
 
-def _ltx_video_step(model: LTXTransformer, s: Setup, case: Case, plan: Plan) -> tuple[Callable[[], None], dict]:
-    cfg, device, mesh = s.cfg, s.device, plan.mesh
-    shard = plan.shard(s.tokens)
-    gen = torch.Generator(device).manual_seed(1)  # the same global inputs on every rank
-    latents = shard.split(torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device))
-    rope = tuple(shard.split(t) for t in rope_tables(cfg, *latent_grid(s.height, s.width, s.num_frames),
-                                                     (8 / FPS, 32.0, 32.0), device))
-    attn_fn = plan.self_attention(shard)
-    if mesh.seq_degree > 1 and not case.exchange:
-        attn_fn = LocalExchangeAttention(mesh, shard, case.a2a_mode)
-    mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None]  # (1, L)
-    text = {name: (torch.randn(1, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype), mask)
-            for name in ("cond", "uncond")}
-    guider = Guider(stats=shard, count=s.tokens * cfg.in_channels)
-    denoiser = Denoiser(model, plan, text, rope, attn_fn, guider, s.branch_mode)
-    scales: StepScales = s.guidance().at(SIGMA)
-    t, sigma, sigma_next = (torch.tensor(v, device=device) for v in (SIGMA * 1000.0, SIGMA, SIGMA + DT))
-    level = None
-    if s.image:  # image-to-video: the first latent frame at noise level 0 (timestep 0), never stepped
-        full = torch.ones(1, s.tokens, 1, device=device)
-        full[:, : s.grid[1] * s.grid[2]] = 0.0
-        level = shard.split(full)
-    state = {"latents": latents, "finite": True}
-
-    def step() -> None:
-        state["latents"] = denoiser.step(state["latents"], t, sigma, sigma_next, scales, level)
-        state["finite"] &= not plan.any_nonfinite(state["latents"])
-
-    return step, state
 
 
-def _diffusers_case(s: Setup, world: int, seed: int) -> tuple[list[float], list[float], bool, str, Callable[[], str]]:
-    """diffusers' LTXVideoTransformer3DModel, Ulysses over every rank (`enable_parallelism`), branches batched.
-
-    It is timed without the text mask: given one, its Ulysses path fails (the mask is not sharded by heads). The returned
-    function tries that once and says what happened; call it last, since a failure may leave ranks apart.
-    """
-    import diffusers  # the baseline only: the rest of bench needs nothing beyond torch
-    from diffusers import ContextParallelConfig, LTXVideoTransformer3DModel
-
-    cfg, device = s.cfg, s.device
-    with torch.device("meta"):
-        model = LTXVideoTransformer3DModel(**asdict(cfg))
-    model = model.to(s.dtype).to_empty(device=device)
-    _randomize(model, seed)
-    model.eval().requires_grad_(False)
-    if world > 1:
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    frames, height, width = latent_grid(s.height, s.width, s.num_frames)
-    gen = torch.Generator(device).manual_seed(1)
-    b = s.branches
-    latents = torch.randn(1, s.tokens, cfg.in_channels, generator=gen, device=device)
-    text = torch.randn(b, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype)
-    scales = s.guidance().at(SIGMA)
-    guider = Guider(stats=LocalStats(), count=s.tokens * cfg.in_channels)  # its output is gathered: all tokens
-    timestep = torch.full((b,), SIGMA * 1000.0, device=device)
-    state = {"latents": latents, "finite": True}
-
-    def forward(mask: Tensor | None) -> Tensor:
-        return model(hidden_states=state["latents"].to(s.dtype).expand(b, -1, -1), encoder_hidden_states=text,
-                     timestep=timestep, encoder_attention_mask=mask, num_frames=frames, height=height, width=width,
-                     rope_interpolation_scale=(8 / FPS, 32.0, 32.0), return_dict=False)[0]
-
-    def step() -> None:
-        preds = dict(zip(scales.branches, forward(None).float().split(1)))
-        state["latents"] = state["latents"] + DT * guider.combine(preds, scales)
-        state["finite"] &= bool(torch.isfinite(state["latents"]).all())
-
-    def try_mask() -> str:
-        mask = (torch.arange(TEXT_TOKENS, device=device) < PROMPT_TOKENS)[None].expand(b, -1).to(s.dtype)
-        try:
-            with torch.no_grad():
-                forward(mask)
-            return "ok"
-        except Exception as e:  # noqa: BLE001 - recorded: the baseline table depends on this fact
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-
-    times, peaks = _measure(step, s)
-    return times, peaks, state["finite"], f"diffusers {diffusers.__version__}", try_mask
 
 
 def _command_line() -> str:
@@ -395,13 +302,13 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     ms = statistics.median(times)
     exchange = None
     if s.ltx2:
-        from . import bench_ltx2
+        from .ltx2 import bench as bench_ltx2
 
         parts, text_tokens = bench_ltx2.step_flops(s.cfg, s), bench_ltx2.TEXT_TOKENS
         exchange = bench_ltx2.v2a_exchange_bytes(s.cfg, s.tokens, bench_ltx2.audio_tokens(s.num_frames), s.branches,
                                                  case.layout[1] * case.layout[2] if case else 1)
     else:
-        parts = step_flops(s.cfg, s.tokens, s.branches, text_tokens)
+        parts = ltx_video_bench.step_flops(s.cfg, s.tokens, s.branches, text_tokens)
     tflops = sum(parts.values()) / (ms / 1e3) / world / 1e12
     cfg_d, ring, uly = case.layout if case else (1, 1, world)
     return {
@@ -498,7 +405,7 @@ def _check_fits_host(s: Setup) -> None:
     """On the CPU the weights live in host memory: refuse a shape that would not fit, before building it."""
     if s.device.type != "cpu":
         return
-    from .ltx2 import LTX2Transformer
+    from .ltx2.model import LTX2Transformer
 
     with torch.device("meta"):  # shapes only: nothing is allocated
         params = sum(p.numel() for p in (LTX2Transformer if s.ltx2 else LTXTransformer)(s.cfg).parameters())
@@ -599,12 +506,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
     s = replace(s, device=device)
     matmul = _gather_floats(list(matmul_tflops(device)), device)
     env = _environment(device, world, matmul)
-    if s.ltx2:
-        from . import bench_ltx2
-
-        model = bench_ltx2.random_model(s.cfg, device, s.dtype, seed, _randomize)
-    else:
-        model = random_transformer(s.cfg, device, s.dtype, seed)
+    model = _workload(s).random_model(s.cfg, device, s.dtype, seed, randomize)
     eager_blocks = compiled_blocks = model.transformer_blocks
     if any(case.compiled for case in cases):  # the same modules, each behind its own compiled frame
         compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
@@ -620,7 +522,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
             profile_to = profile_dir / label if profile_dir else None
             times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
             # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
-            record = _record(s, case, world, times, peaks, finite, env, "usp-infer", PROMPT_TOKENS)
+            record = _record(s, case, world, times, peaks, finite, env, "usp-infer", ltx_video_bench.PROMPT_TOKENS)
             if mesh.seq_degree > 1 and case.exchange:
                 record["attention_check_rel_err"] = attention_check(mesh, SeqShard.for_mesh(s.tokens, mesh), case, s)
             if case.exchange:
@@ -638,14 +540,14 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
         if s.ltx2:
             import diffusers
 
-            from . import bench_ltx2
+            from .ltx2 import bench as bench_ltx2
 
             if world > 1:  # its LTX-2 context-parallel plan is LTX-Video's copy (diffusers issue #14316)
                 records.append({"implementation": "diffusers", "world_size": world, "note": "not run: diffusers "
                                 "0.42's LTX-2 context parallelism is broken; one-GPU baseline only"})
                 save(records)
                 return records
-            for mode, times, peaks, finite in bench_ltx2.diffusers_cases(s, seed, _randomize, lambda f: _measure(f, s)):
+            for mode, times, peaks, finite in bench_ltx2.diffusers_cases(s, seed, randomize, lambda f: _measure(f, s)):
                 record = _record(s, None, world, times, peaks, finite, env, f"diffusers-{mode}", bench_ltx2.TEXT_TOKENS)
                 record["note"] = (f"diffusers {diffusers.__version__} LTX2VideoTransformer3DModel, "
                                   + ("called as LTX2Pipeline calls it: CFG pair, STG pass, modality pass"
@@ -653,8 +555,9 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
                 records.append(record)
                 save(records)
             return records
-        times, peaks, finite, version, try_mask = _diffusers_case(s, world, seed)
-        record = _record(s, None, world, times, peaks, finite, env, "diffusers", TEXT_TOKENS)  # no mask: all 128
+        times, peaks, finite, version, try_mask = ltx_video_bench.diffusers_case(s, world, seed, randomize,
+                                                                                 lambda f: _measure(f, s))
+        record = _record(s, None, world, times, peaks, finite, env, "diffusers", ltx_video_bench.TEXT_TOKENS)  # no mask
         record["note"] = f"{version}; timed without the text mask; with it: (not tried yet)"
         records.append(record)
         save(records)

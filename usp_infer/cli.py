@@ -16,10 +16,10 @@ import typer
 
 from .batch import Item, read_batch
 from .config import ParallelConfig, Session
-from .request import UsageError, build_for
-from .runner import check_weights, fail, run_session
+from .errors import UsageError, one_line
 from .guidance import PRESETS
-
+from .request import build_for
+from .runner import check_weights, fail, run_session
 
 
 def _models_dir() -> Path:
@@ -129,7 +129,7 @@ SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_
 
 def _warn_empty_prompts(items: list[Item], s: Session) -> None:
     """An empty prompt is legal (the video follows no text), but rarely meant: say so, once per item."""
-    from .dist import env_rank
+    from .parallel.dist import env_rank
 
     for item in items:
         if not item.request.prompt.strip() and not s.quiet and env_rank() == 0:
@@ -330,8 +330,8 @@ def make_tiny(
     family: Annotated[str, _opt(help="ltx-video | ltx2 (LTX-2.3 style) | ltx2.0 (LTX-2.0 style).")] = "ltx-video",
 ) -> None:
     directory = directory.expanduser()
-    makers = {"ltx-video": ("tiny", "make_tiny", {}), "ltx2": ("tiny_ltx2", "make_tiny_ltx2", {"version": "2.3"}),
-              "ltx2.0": ("tiny_ltx2", "make_tiny_ltx2", {"version": "2.0"})}
+    makers = {"ltx-video": ("ltx_video.tiny", "make_tiny", {}), "ltx2": ("ltx2.tiny", "make_tiny_ltx2", {"version": "2.3"}),
+              "ltx2.0": ("ltx2.tiny", "make_tiny_ltx2", {"version": "2.0"})}
     if family not in makers:
         fail(2, f"--family {family!r} is unknown; use one of {', '.join(makers)}")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -368,8 +368,15 @@ def decode(
         fail(2, f"--device {device!r} is unknown; use auto, cpu or cuda")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
-    run_decode(latents.expanduser(), None if output is None else output.expanduser(),
-               None if model is None else model.expanduser(), vae_tiling, device, dtype, overwrite, quiet, debug)
+    try:
+        run_decode(latents.expanduser(), None if output is None else output.expanduser(),
+                   None if model is None else model.expanduser(), vae_tiling, device, dtype, overwrite, quiet, debug)
+    except UsageError as e:
+        fail(2, str(e))
+    except Exception as e:  # noqa: BLE001 - the edge: one line, the traceback only with --debug
+        if debug:
+            raise
+        fail(1, f"decoding {latents}: {one_line(e)}")
 
 
 def _count_parameters(folder: Path) -> int:
@@ -394,8 +401,8 @@ def info(
     gpus: int = _opt(1, help="Number of processes to list (cfg, ring, ulysses) layouts for."),
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
 ) -> None:
-    from .dist import layouts
     from .families import resolve
+    from .parallel.dist import layouts
 
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
@@ -455,7 +462,9 @@ BENCH_HELP = (
 @app.command("bench", help=BENCH_HELP, add_help_option=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 def bench(ctx: typer.Context) -> None:
-    from .bench import bench_command  # torch + typer only: runs where diffusers is not installed
+    from .bench import (
+        bench_command,  # torch + typer only: runs where diffusers is not installed
+    )
 
     real = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     real.command("bench", help=BENCH_HELP)(bench_command)

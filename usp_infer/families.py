@@ -1,19 +1,27 @@
 """Model families: the one place that maps a diffusers folder to the code that runs it.
 
 A folder's family comes from its `model_index.json` (`_class_name`, the diffusers pipeline it was
-saved from), never from its path. Each family is two modules with the same small surfaces:
+saved from), never from its path. A family is a folder of the package with the same roles in each:
 
-  its requests (no torch, so --help and usage errors stay fast):
+  usp_infer/<family>/model.py     the transformer: pure torch, diffusers' weight names, no process groups
+  usp_infer/<family>/request.py   its requests (no torch, so --help and usage errors stay fast):
     read_model_configs(model_dir) -> dict        every check that needs no weights
     attention_heads(configs) -> int              what a Ulysses degree must divide
     num_layers(configs) -> int                   for --stg-blocks
     build_request(options, configs) -> request   flags (None = not given) -> a validated request
     MAX_TEXT_TOKENS, MAX_BRANCHES
-  its pipeline:
+  usp_infer/<family>/pipeline.py  its pipeline:
     encode_prompts(model_dir, device, dtype, requests) -> text cache (rank 0, before the transformer loads)
     load_components(model_dir, device, dtype, main=, text_encoder=) -> components
     generate(components, request, plan, progress, vae_tiling, say) -> result with .frames, .outputs()
     compile_blocks(transformer)
+  usp_infer/<family>/tiny.py      the tiny random-weight folder writer (make-tiny, tests)
+  usp_infer/<family>/bench.py     its `usp-infer bench` workload: random model, one timed step, FLOPs
+
+Adding a family means adding such a folder and one record below. What the families share sits flat beside
+them (layers, modulation, kernels, guidance, schedule, config, media), everything that knows about processes
+in `parallel/`, and the run (cli, runner, batch, sidecar) above them all; no module imports one above it
+(tests/test_layout.py walks the imports).
 
 The records below are plain data, so the CLI can name a family and check flags without importing torch.
 """
@@ -62,8 +70,8 @@ FAMILIES = (
         name="ltx-video",
         summary="LTX-Video 0.9.x: T5 text encoder, video only (transformer LTXVideoTransformer3DModel)",
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
-        front="usp_infer.model_folder",
-        module="usp_infer.pipeline",
+        front="usp_infer.ltx_video.request",
+        module="usp_infer.ltx_video.pipeline",
         flags=frozenset({"stg_mode", "cfg_star", "guidance_timesteps", "decode_timestep", "decode_noise_scale",
                          "image_strength"}),
         presets=("ltx-video-2b", "ltx-video-13b-0.9.8"),
@@ -74,8 +82,8 @@ FAMILIES = (
         summary="LTX-2 / LTX-2.3: Gemma-3 text encoder + connectors, video and audio (LTX2VideoTransformer3DModel, "
                 "video and audio VAEs, vocoder)",
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
-        front="usp_infer.request_ltx2",
-        module="usp_infer.pipeline_ltx2",
+        front="usp_infer.ltx2.request",
+        module="usp_infer.ltx2.pipeline",
         flags=frozenset({"modality_scale", "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale",
                          "audio_guidance_rescale", "image_crf", "audio"}),
         presets=("ltx-2", "ltx-2.3"),

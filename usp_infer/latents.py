@@ -17,9 +17,8 @@ import typer
 
 from .batch import Item, _check_output
 from .config import GenerateRequest, ParallelConfig, Session
+from .errors import UsageError, one_line
 from .guidance import GuidanceConfig
-from .request import UsageError
-from .runner import fail, one_line
 
 FORMAT = 1
 
@@ -70,36 +69,33 @@ def _request(d: dict) -> GenerateRequest:
 
 def run_decode(path: Path, output: Path | None, model: Path | None, vae_tiling: bool, device: str,
                dtype: str | None, overwrite: bool, quiet: bool, debug: bool) -> None:
-    from .model_folder import read_model_configs
+    """Decode a kept .latents.npz. Bad input raises UsageError before anything loads; a failure of the
+    decode itself raises as it is (the CLI puts it in one line)."""
+    from .ltx_video.request import read_model_configs
     from .sidecar import config_hash
 
+    latents, meta = read_latents(path)
+    model = model or Path(meta["model"]["path"])
     try:
-        latents, meta = read_latents(path)
-        model = model or Path(meta["model"]["path"])
         read_model_configs(model)
-        if config_hash(model) != meta["model"]["config_sha256"]:
-            raise UsageError(f"{path} was made with other model configs than {model} holds; pass --model with the run's model")
-        output = output or Path(meta["output"])
-        request = _request(meta["request"])
-        s = Session(model=model, device=device, dtype=dtype or meta["dtype"], parallel=ParallelConfig(),
-                    overwrite=overwrite, quiet=quiet, debug=debug, vae_tiling=vae_tiling)
-        _check_output(Item(0, request, output), s)
-    except UsageError as e:
-        fail(2, str(e))
-    try:
-        _decode(latents, meta, output, request, s, path)
-    except Exception as e:  # noqa: BLE001 - the edge: one line, the traceback only with --debug
-        if debug:
-            raise
-        fail(1, f"decoding {path}: {one_line(e)}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if config_hash(model) != meta["model"]["config_sha256"]:
+        raise UsageError(f"{path} was made with other model configs than {model} holds; pass --model with the run's model")
+    output = output or Path(meta["output"])
+    request = _request(meta["request"])
+    s = Session(model=model, device=device, dtype=dtype or meta["dtype"], parallel=ParallelConfig(),
+                overwrite=overwrite, quiet=quiet, debug=debug, vae_tiling=vae_tiling)
+    _check_output(Item(0, request, output), s)
+    _decode(latents, meta, output, request, s, path)
 
 
 def _decode(latents: np.ndarray, meta: dict, output: Path, request: GenerateRequest, s: Session, path: Path) -> None:
     import torch
     from diffusers import AutoencoderKLLTXVideo
 
+    from .ltx_video.pipeline import decode_latents, needs_tiling
     from .media import sidecar_path, write_json_atomic, write_video
-    from .pipeline import decode_latents, needs_tiling
     from .sidecar import config_hash, versions
 
     def say(message: str) -> None:

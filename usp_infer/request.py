@@ -1,19 +1,10 @@
-"""Flags and batch-line keys -> one validated request of the model's family (explicit values > preset >
-defaults). `build_request` is the LTX-Video family's; `build_for` dispatches by family."""
+"""Flags and batch-line keys -> one validated request of the model's family: the parsers every family's
+request module uses, and `build_for`, which hands the flags to the folder's family."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import fields
-
-from .config import GenerateRequest
+from .errors import UsageError
 from .families import ALL_FLAGS, FAMILIES, Family
-from .guidance import PRESETS, GuidanceConfig
-
-
-class UsageError(Exception):
-    """A bad flag or input: exit code 2, nothing written."""
-
 
 # --- option parsing -----------------------------------------------------------------------------
 
@@ -42,50 +33,7 @@ def parse_blocks(text: str | int | list) -> tuple[tuple[int, ...], ...]:
     return sets
 
 
-# Flag name (as snake case, also the key of a batch line) -> how it becomes a request field.
-GUIDANCE_FLAGS = {
-    "guidance_scale": ("cfg", lambda v: parse_floats("--guidance-scale", v)),
-    "stg_scale": ("stg", lambda v: parse_floats("--stg-scale", v)),
-    "guidance_rescale": ("rescale", lambda v: parse_floats("--guidance-rescale", v)),
-    "stg_blocks": ("stg_blocks", parse_blocks),
-    "stg_mode": ("stg_mode", str),
-    "cfg_star": ("cfg_star", bool),
-    "guidance_timesteps": ("timesteps", lambda v: parse_floats("--guidance-timesteps", v) if v != "" else ()),
-}
-REQUEST_FLAGS = {
-    "prompt", "negative_prompt", "height", "width", "num_frames", "fps", "steps", "seed",
-    "max_sequence_length", "decode_timestep", "decode_noise_scale", "image", "image_strength", "branches",
-}
 ITEM_KEYS = ALL_FLAGS | {"output"}  # what a batch line may hold
-GUIDANCE_DEFAULTS = {f.name: f.default for f in fields(GuidanceConfig)}  # the one set of defaults
-
-
-def build_request(options: dict) -> GenerateRequest:
-    """Flags (None = not given) -> one validated request: explicit flags > preset > defaults."""
-    options = {k: v for k, v in options.items() if v is not None}
-    if isinstance(options.get("image"), str):
-        options["image"] = os.path.expanduser(options["image"])  # "~/a.png" from a batch line or a quoted flag
-    if "num_inference_steps" in options:
-        options.setdefault("steps", options.pop("num_inference_steps"))
-    preset_name = options.pop("preset", None)
-    if preset_name is not None and preset_name not in PRESETS:
-        raise UsageError(f"--preset {preset_name!r} is unknown; use one of {', '.join(PRESETS)}")
-    preset = PRESETS.get(preset_name, {})
-    guidance = {k: preset.get(k, v) for k, v in GUIDANCE_DEFAULTS.items()}
-    for flag, (field_name, parse) in GUIDANCE_FLAGS.items():
-        if flag in options:
-            guidance[field_name] = parse(options.pop(flag))
-    if "steps" not in options and "steps" in preset:
-        options["steps"] = preset["steps"]
-    try:
-        return GenerateRequest(guidance=GuidanceConfig(**guidance), **options)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except TypeError as e:
-        raise UsageError(f"bad option: {e}") from None
-
-
-# --- the shared run: generate is a batch of one -------------------------------------------------
 
 
 def build_for(options: dict, family: Family, configs: dict, model: object) -> object:

@@ -18,16 +18,13 @@ import typer
 
 from .batch import Item, at, check_layout, plan_items
 from .config import Session
-from .request import UsageError
+from .errors import UsageError, one_line
 
 
 class ItemError(RuntimeError):
     """A failure of one item, already put in words for the user (which item, and why)."""
 
 
-def one_line(message: object) -> str:
-    """Library messages can span lines (PyAV, safetensors); the CLI promises one line per error."""
-    return "; ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
 
 def close_progress() -> None:
@@ -41,7 +38,7 @@ def close_progress() -> None:
 def fail(code: int, message: str, prefix: bool = True) -> NoReturn:
     """Print one error line and exit. A usage error is every rank's (rank 0 planned and broadcast it): rank 0
     alone prints it. `prefix=False` for an error every rank agreed on, already naming its rank if not 0."""
-    from .dist import env_rank, env_world_size
+    from .parallel.dist import env_rank, env_world_size
 
     close_progress()
     rank = env_rank()
@@ -66,8 +63,8 @@ def check_weights(model: Path) -> None:
 
 def _may_continue(error: Exception, s: Session, world_size: int) -> bool:
     """--keep-going, except where the ranks could disagree about moving on (which would hang them)."""
-    from .dist import AgreedError
-    from .parallel import NonFiniteError
+    from .parallel.dist import AgreedError
+    from .parallel.plan import NonFiniteError
 
     # Every rank sees the same non-finite check (it is all-reduced) and the same broadcast error (rank 0's
     # preparing or writing); any other error may be one rank's alone.
@@ -89,7 +86,7 @@ def _in_collective(error: Exception) -> bool:
 
 def _explain(error: Exception, world_size: int, timeout_s: float) -> str:
     """One line for an error that ends a run (or, with --keep-going, an item)."""
-    from .dist import AgreedError
+    from .parallel.dist import AgreedError
 
     if not isinstance(error, (ValueError, RuntimeError, OSError)):
         return f"{type(error).__name__}: {error}"
@@ -108,7 +105,7 @@ def _plan(items: list[Item], s: Session, control) -> tuple[list[Item], object, l
     """Rank 0 plans (validation, output checks, the --resume to-do list) and every rank takes its plan,
     the items included: a rank that reads another batch file, or sees other files, cannot run other work.
     A usage error is raised on every rank (rank 0 alone prints it)."""
-    from .dist import from_main
+    from .parallel.dist import from_main
 
     def make():
         parallel, todo, family = plan_items(items, s)
@@ -121,7 +118,7 @@ def _run(items: list[Item], s: Session) -> None:
     """Validate everything, then load once and run the items in order. Raises typer.Exit."""
     import torch
 
-    from .dist import AgreedError, env_rank, join_world, teardown
+    from .parallel.dist import AgreedError, env_rank, join_world, teardown
 
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     s = replace(s, dtype=s.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
@@ -147,7 +144,7 @@ def _run(items: list[Item], s: Session) -> None:
     except Exception as e:  # noqa: BLE001 - the edge: one line, the full traceback only with --debug
         if s.debug:
             raise
-        from .parallel import NonFiniteError
+        from .parallel.plan import NonFiniteError
 
         # An error every rank has (broadcast, or the all-reduced finite check): rank 0 says it, once.
         agreed = isinstance(e, AgreedError) or isinstance(e, ItemError) and isinstance(e.__cause__, (AgreedError, NonFiniteError))
@@ -166,11 +163,17 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     decode and write on rank 0 while the others wait without a --dist-timeout deadline."""
     import torch
 
-    from .dist import agree
+    from .errors import DecodeError
     from .latents import keep_latents
-    from .media import fingerprint, remove_stale_temps, sidecar_path, write_json_atomic, write_video
-    from .parallel import Plan
-    from .pipeline import DecodeError
+    from .media import (
+        fingerprint,
+        remove_stale_temps,
+        sidecar_path,
+        write_json_atomic,
+        write_video,
+    )
+    from .parallel.dist import agree
+    from .parallel.plan import Plan
     from .sidecar import build_sidecar, peak_memory_gb
 
     pipe = family.pipeline()
@@ -273,7 +276,7 @@ def _summarize(items: list[Item], todo: list[Item], records: list[dict], failure
 
 def run_session(items: list[Item], s: Session) -> None:
     """Run the items; Ctrl-C (or the SIGTERM torchrun sends when a peer dies) exits 130, writes discarded."""
-    from .dist import env_rank
+    from .parallel.dist import env_rank
 
     # SIGTERM would otherwise kill the process on the spot, skipping the cleanup of a half-written temp file.
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .batch import Item
 from .config import Session
 from .families import family_of
+
+if TYPE_CHECKING:  # batch.py reads sidecars (config_hash) for --resume: a type-only import keeps it one way
+    from .batch import Item
 
 
 def versions() -> dict:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from usp_infer.dist import Mesh
+from .dist import Mesh
 
 
 @dataclass(frozen=True)

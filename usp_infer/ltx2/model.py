@@ -19,20 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ltx import (
+from ..layers import (
     FeedForward,
     TwoLayerMLP,
-    _apply_rope,
-    _drop_trailing_pads,
-    _gelu_tanh,
-    _timestep_features,
+    apply_rope,
     config_kwargs,
+    drop_trailing_pads,
+    gelu_tanh,
     load_folder,
     norm_rope,
     sdpa,
     sdpa_attention,
+    timestep_features,
 )
-from .modulation import Runs, TokenRuns, addcmul, apply, norm_modulate, token_runs, unbind
+from ..modulation import (
+    Runs,
+    TokenRuns,
+    addcmul,
+    apply,
+    norm_modulate,
+    token_runs,
+    unbind,
+)
 
 # Config keys whose only supported value is the one given (the first two are the only ones diffusers has;
 # the others are LTX-2.5 features this file does not implement).
@@ -308,7 +316,7 @@ class Attention(nn.Module):
         super().__init__()
         inner, bias = heads * head_dim, cfg.attention_bias
         self.heads = heads
-        self.apply_rope = _apply_rope if cfg.rope_type == "interleaved" else _apply_split_rope
+        self.rope_fn = apply_rope if cfg.rope_type == "interleaved" else _apply_split_rope
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k, self.to_v = nn.Linear(kv_dim, inner, bias=bias), nn.Linear(kv_dim, inner, bias=bias)
         self.norm_q, self.norm_k = nn.RMSNorm(inner, eps=1e-6), nn.RMSNorm(inner, eps=1e-6)
@@ -323,8 +331,8 @@ class Attention(nn.Module):
         if q_rope is None:
             q, k = self.norm_q(q), self.norm_k(k)
         else:
-            q = norm_rope(q, self.norm_q, q_rope, self.apply_rope)
-            k = norm_rope(k, self.norm_k, k_rope, self.apply_rope)
+            q = norm_rope(q, self.norm_q, q_rope, self.rope_fn)
+            k = norm_rope(k, self.norm_k, k_rope, self.rope_fn)
         heads = (self.heads, -1)  # (B, S, H*D) -> (B, S, H, D)
         return q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)
 
@@ -523,7 +531,7 @@ class AdaLayerNormSingle(nn.Module):
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(N,) -> (N, n, D), (N, D)."""
-        embedded = self.emb.timestep_embedder(_timestep_features(t).to(dtype))
+        embedded = self.emb.timestep_embedder(timestep_features(t).to(dtype))
         return self.linear(F.silu(embedded)).unflatten(1, (-1, embedded.shape[1])), embedded
 
 
@@ -546,7 +554,7 @@ def _text_bias(text: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[T
     """
     if mask is None:
         return text, None
-    text, mask = _drop_trailing_pads(text, mask)
+    text, mask = drop_trailing_pads(text, mask)
     if bool(mask.bool().all()):
         return text, None
     return text, ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
@@ -560,8 +568,8 @@ class LTX2Transformer(nn.Module):
         self.proj_in = nn.Linear(cfg.in_channels, d)
         self.audio_proj_in = nn.Linear(cfg.audio_in_channels, da)
         if cfg.use_prompt_embeddings:  # LTX-2.0; 2.3's connectors project the text themselves
-            self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, _gelu_tanh)
-            self.audio_caption_projection = TwoLayerMLP(cfg.caption_channels, da, _gelu_tanh)
+            self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, gelu_tanh)
+            self.audio_caption_projection = TwoLayerMLP(cfg.caption_channels, da, gelu_tanh)
         self.time_embed = AdaLayerNormSingle(d, 9 if cfg.cross_attn_mod else 6)
         self.audio_time_embed = AdaLayerNormSingle(da, 9 if cfg.audio_cross_attn_mod else 6)
         self.av_cross_attn_video_scale_shift = AdaLayerNormSingle(d, 4)

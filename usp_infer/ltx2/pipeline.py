@@ -14,7 +14,6 @@ the video through the shard (global sums), audio stays whole on every rank.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,19 +23,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import ParallelConfig
-from .guidance import CFG, STG, LocalStats, Rescale, SeqStats
-from .parallel import Plan
+from ..config import ParallelConfig
+from ..guidance import CFG, STG, LocalStats, Rescale, SeqStats
+from ..parallel.plan import Plan
 
 # LTX2Pipeline sets its schedule as LTXPipeline does: sigmas linspace(1, 1/N, N), mu linear in the (video) token
 # count, extrapolated past max_image_seq_len; one step skips the terminal stretch. diffusers steps the audio
 # with a deep copy of the same scheduler, so the stateless Euler update in `Denoiser.step` serves both.
-from .pipeline import sigma_schedule
-from .request_ltx2 import (  # noqa: F401 - the request side, re-exported with the pipeline
+from ..schedule import sigma_schedule
+from .request import (  # noqa: F401 - the request side, re-exported with the pipeline
+    PRESETS,
     LTX2Guidance,
     LTX2Request,
     ModalityGuidance,
-    PRESETS,
     _read_index,
     attention_heads,
     audio_tokens_per_second,
@@ -52,7 +51,7 @@ from .request_ltx2 import (  # noqa: F401 - the request side, re-exported with t
 class Components:
     model_dir: Path
     transformer: Any  # usp_infer.ltx2.LTX2Transformer (or anything with its forward)
-    arch: ModuleType  # the module with rope_tables / LTX2Attention / LOCAL_ATTENTION (usp_infer.ltx2)
+    arch: ModuleType  # the module with rope_tables / LTX2Attention / LOCAL_ATTENTION (usp_infer.ltx2.model)
     vae: torch.nn.Module | None  # None on the ranks that neither encode an image nor decode
     audio_vae: torch.nn.Module | None
     vocoder: torch.nn.Module | None
@@ -79,14 +78,20 @@ def load_components(
     The text encoder stays on the CPU until a prompt is encoded."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+    )
     from diffusers.pipelines.ltx2 import vocoder as vocoders
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     model_dir, device = Path(model_dir), torch.device(device)
     index = _read_index(model_dir)
-    arch = arch or importlib.import_module("usp_infer.ltx2")
+    from . import model
+
+    arch = arch or model
     if transformer is None:
         transformer = arch.load_transformer(model_dir / "transformer", device, dtype)
     vocoder_cls = getattr(vocoders, index["vocoder"][1])
@@ -125,7 +130,7 @@ def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype):
 
 
 def compile_blocks(transformer) -> None:
-    from .ltx2 import compile_blocks as compile_ltx2
+    from .model import compile_blocks as compile_ltx2
 
     compile_ltx2(transformer)
 
@@ -258,7 +263,7 @@ def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: tor
 
     Draw order as diffusers: image latent (argmax: no draw), video noise, audio noise.
     """
-    from .media import load_image
+    from ..media import load_image
 
     shape = (1, lay.channels, lay.frames, lay.height, lay.width)
     mask = None

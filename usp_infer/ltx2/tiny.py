@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from ..schedule import SCHEDULER_CONFIG
 
 VERSIONS = ("2.0", "2.3")
 
@@ -37,7 +37,7 @@ TOKENIZER_MAX_LENGTH = 1024  # what LTX2Pipeline pads prompts to by default
 VIDEO_HEADS, VIDEO_HEAD_DIM = 4, 4  # video inner dim 16; 4 heads so Ulysses 4 runs on it
 AUDIO_HEADS, AUDIO_HEAD_DIM = 4, 2  # audio inner dim 8
 
-SCHEDULER_CONFIG = tiny.SCHEDULER_CONFIG  # LTX-2 ships LTX-Video's scheduler settings (mu 0.95 @1024 -> 2.05 @4096)
+
 
 
 def transformer_config(version: str) -> dict:

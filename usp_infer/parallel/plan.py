@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import ParallelConfig
+from ..config import ParallelConfig
+from ..layers import AttnFn, sdpa_attention
 from .dist import Mesh, from_main, gather_objects, init_mesh
-from .ltx import AttnFn, sdpa_attention
 from .sharding import SeqShard
 
 Prediction = Tensor | tuple[Tensor, ...]  # one branch's output(s), batch dim 1 each (video, or video + audio)

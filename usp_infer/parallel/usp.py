@@ -14,10 +14,9 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from usp_infer.dist import Mesh
-from usp_infer.ltx import sdpa
-from usp_infer.sharding import SeqShard
-
+from ..layers import sdpa
+from .dist import Mesh
+from .sharding import SeqShard
 
 Pending = Callable[[], Tensor]  # waits for an exchange started earlier and returns what arrived
 

@@ -4,7 +4,14 @@ flags -> request; no torch (usage errors stay fast). pipeline.py runs what this 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import fields
 from pathlib import Path
+
+from ..config import GenerateRequest
+from ..errors import UsageError
+from ..guidance import PRESETS, GuidanceConfig
+from ..request import parse_blocks, parse_floats
 
 # Transformer classes we run, by the `_class_name` diffusers writes into transformer/config.json.
 SUPPORTED_TRANSFORMERS = {"LTXVideoTransformer3DModel": "LTX-Video 0.9.x"}
@@ -83,12 +90,49 @@ def num_layers(configs: dict) -> int:
 
 
 def build_request(options: dict, configs: dict):
-    """Flags -> request (request.build_request), with --stg-blocks checked against the model's depth."""
-    from .request import UsageError
-    from .request import build_request as build
-
-    req = build(options)
+    """Flags -> request (request_from_flags), with --stg-blocks checked against the model's depth."""
+    req = request_from_flags(options)
     layers, block = num_layers(configs), req.guidance.max_block()
     if block >= layers:
         raise UsageError(f"--stg-blocks {block} is out of range: the model has {layers} blocks (0..{layers - 1})")
     return req
+
+
+# Flag name (as snake case, also the key of a batch line) -> how it becomes a request field.
+GUIDANCE_FLAGS = {
+    "guidance_scale": ("cfg", lambda v: parse_floats("--guidance-scale", v)),
+    "stg_scale": ("stg", lambda v: parse_floats("--stg-scale", v)),
+    "guidance_rescale": ("rescale", lambda v: parse_floats("--guidance-rescale", v)),
+    "stg_blocks": ("stg_blocks", parse_blocks),
+    "stg_mode": ("stg_mode", str),
+    "cfg_star": ("cfg_star", bool),
+    "guidance_timesteps": ("timesteps", lambda v: parse_floats("--guidance-timesteps", v) if v != "" else ()),
+}
+
+
+GUIDANCE_DEFAULTS = {f.name: f.default for f in fields(GuidanceConfig)}  # the one set of defaults
+
+
+def request_from_flags(options: dict) -> GenerateRequest:
+    """Flags (None = not given) -> one validated request: explicit flags > preset > defaults."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(options.get("image"), str):
+        options["image"] = os.path.expanduser(options["image"])  # "~/a.png" from a batch line or a quoted flag
+    if "num_inference_steps" in options:
+        options.setdefault("steps", options.pop("num_inference_steps"))
+    preset_name = options.pop("preset", None)
+    if preset_name is not None and preset_name not in PRESETS:
+        raise UsageError(f"--preset {preset_name!r} is unknown; use one of {', '.join(PRESETS)}")
+    preset = PRESETS.get(preset_name, {})
+    guidance = {k: preset.get(k, v) for k, v in GUIDANCE_DEFAULTS.items()}
+    for flag, (field_name, parse) in GUIDANCE_FLAGS.items():
+        if flag in options:
+            guidance[field_name] = parse(options.pop(flag))
+    if "steps" not in options and "steps" in preset:
+        options["steps"] = preset["steps"]
+    try:
+        return GenerateRequest(guidance=GuidanceConfig(**guidance), **options)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except TypeError as e:
+        raise UsageError(f"bad option: {e}") from None

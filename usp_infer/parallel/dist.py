@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from usp_infer.config import ParallelConfig
+from ..config import ParallelConfig
 
 if TYPE_CHECKING:  # torch loads only where a mesh is built: layout checks and env_rank run without it
     import torch
@@ -184,7 +184,8 @@ def from_main(make, group: ProcessGroup | None):
     deadline). A ValueError/RuntimeError/OSError (or UsageError) of make() is raised on every rank as an
     AgreedError with the same message (a UsageError stays one, for exit code 2)."""
     import torch.distributed as dist
-    from .request import UsageError
+
+    from ..errors import UsageError
 
     if group is None:
         return make()

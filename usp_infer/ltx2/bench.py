@@ -1,4 +1,4 @@
-"""The LTX-2 workload of `usp-infer bench`: a step is `pipeline_ltx2.Denoiser.step`, what `generate` runs.
+"""The LTX-2 workload of `usp-infer bench`: a step is `pipeline.Denoiser.step`, what `generate` runs.
 
 Random weights of a named `ltx2.SHAPES` config are made on the device; the text is random connector
 output of 1,024 tokens under an all-ones mask (the connectors fill padding with registers, so the real
@@ -14,10 +14,17 @@ from dataclasses import asdict, replace
 import torch
 from torch import Tensor, nn
 
-from .ltx2 import LOCAL_ATTENTION, SHAPES, LTX2Config, LTX2Transformer, flops, rope_tables
-from .parallel import Plan
-from .guidance import LocalStats
-from .pipeline_ltx2 import BranchForward, Denoiser, LTX2Guidance, ModalityGuidance, guide
+from ..guidance import LocalStats
+from ..parallel.plan import Plan
+from .model import (
+    LOCAL_ATTENTION,
+    SHAPES,
+    LTX2Config,
+    LTX2Transformer,
+    flops,
+    rope_tables,
+)
+from .pipeline import BranchForward, Denoiser, LTX2Guidance, ModalityGuidance, guide
 
 FPS = 24.0
 TEXT_TOKENS = 1024

@@ -7,21 +7,30 @@ so the sequence-parallel layer can swap it; nothing here knows about process gro
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import kernels
-from .guidance import STG_MODES
-from .modulation import Runs, addcmul, apply, norm_modulate, token_runs, unbind
+from ..guidance import STG_MODES
+from ..layers import (  # noqa: F401 - AttnFn, sdpa_attention and apply_rope are part of this model's surface
+    AttnFn,
+    FeedForward,
+    TwoLayerMLP,
+    apply_rope,
+    config_kwargs,
+    drop_trailing_pads,
+    gelu_tanh,
+    load_folder,
+    norm_rope,
+    sdpa,
+    sdpa_attention,
+    timestep_features,
+)
+from ..modulation import Runs, addcmul, apply, norm_modulate, token_runs, unbind
 
 # Config keys diffusers stores whose only supported value is the one LTX-Video uses.
 _FIXED_KEYS = {"activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads"}
@@ -69,25 +78,6 @@ class LTXConfig:
         return cls(**config_kwargs(cls, d, _FIXED_KEYS, "LTXVideoTransformer3DModel", channels))
 
 
-def config_kwargs(cls: type, d: dict, fixed: dict, model: str, out_in: tuple[tuple[str, str], ...]) -> dict:
-    """The dataclass `cls`'s fields from a diffusers config dict `d` of class `model`.
-
-    Keys in `fixed` must hold their one supported value; `_`-prefixed bookkeeping keys are ignored; any other
-    unknown key is refused. An output-channel key of 0/None takes its input-channel key's value (`out_in`
-    pairs), as diffusers does.
-    """
-    for key, supported in fixed.items():
-        if d.get(key, supported) != supported:
-            raise ValueError(f"{key}={d[key]!r} is not supported; only {supported!r} is")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in fixed and not k.startswith("_"))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}: not an {model} config?")
-    kwargs = {k: v for k, v in d.items() if k in known}
-    for out, inp in out_in:
-        if out in kwargs and not kwargs[out]:
-            kwargs[out] = kwargs.get(inp, getattr(cls, inp))
-    return kwargs
 
 
 SHAPES: dict[str, LTXConfig] = {
@@ -141,57 +131,16 @@ def rope_pairs(rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.stack((cos[..., ::2], sin[..., ::2]), dim=-1)
 
 
-def _apply_rope(x: Tensor, pairs: Tensor) -> Tensor:
-    """Rotate channel pairs (a, b) = (x[2i], x[2i+1]) of x (B, S, C) by their angle, in fp32 like diffusers.
-
-    diffusers writes x * cos + (-b, a) * sin over full-width tables; per pair that is the same products
-    and sums, (a cos - b sin, b cos + a sin). Under torch.compile the real form fuses into one kernel;
-    run eagerly, the complex product (a + ib)(cos + i sin) takes 3 kernels instead of ~8.
-    """
-    if torch.compiler.is_compiling():
-        cos, sin = pairs[..., :1], pairs[..., 1:]  # (1|B, S, C/2, 1): one angle per pair, broadcast over it
-        xp = x.float().unflatten(-1, (-1, 2))  # (B, S, C/2, 2): (a, b)
-        turned = xp.flip(-1) * torch.tensor([-1.0, 1.0], device=x.device)  # (-b, a)
-        return (xp * cos + turned * sin).flatten(-2).to(x.dtype)
-    turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.view_as_complex(pairs)
-    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
-def norm_rope(x: Tensor, norm: nn.RMSNorm, table: Tensor, rope: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """rope(norm(x), table), as one fused kernel on CUDA (kernels.py): the q/k path of both families.
-
-    table: rope_pairs' (1, S, C/2, 2) for pairs (2i, 2i+1), or LTX-2's "split" (1, S, H, 2, r) for (j, j + r).
-    """
-    if kernels.available(x):
-        run = table.shape[-1] if table.ndim == 5 else 1
-        return kernels.rms_norm_rope(x, norm.weight, norm.eps, table.flatten(2), run)
-    return rope(norm(x), table)
 
 
-AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-# torch tries flash first; cuDNN's kernel uses Hopper's own instructions and ran faster on an H200
-# (bf16, 64- and 128-dim heads; bench/NOTES.md). The others stay as fallbacks for shapes cuDNN refuses.
-_CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.MATH]
 
 
-# Kept out of torch.compile'd graphs: there Inductor copies some inputs to the strides it wants before
-# the cuDNN kernel (2 copies of a (B, S, D) tensor per block), while the kernel takes the views as they
-# are at the same speed (bench/NOTES.md).
-@torch.compiler.disable
-def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-    """F.scaled_dot_product_attention on (B, H, S, D), preferring cuDNN's kernel on CUDA."""
-    if q.is_cuda:
-        with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unmasked attention, (B, S, H, D) in and out: the default, single-process AttnFn."""
-    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing a Tensor field would raise, identity is what is meant
@@ -233,8 +182,8 @@ class Attention(nn.Module):
     def self_attention(
         self, x: Tensor, rope: Tensor, attn_fn: AttnFn, rows: Tensor | None, mode: str | None
     ) -> Tensor:
-        q = norm_rope(self.to_q(x), self.norm_q, rope, _apply_rope)
-        k = norm_rope(self.to_k(x), self.norm_k, rope, _apply_rope)
+        q = norm_rope(self.to_q(x), self.norm_q, rope, apply_rope)
+        k = norm_rope(self.to_k(x), self.norm_k, rope, apply_rope)
         v = self.to_v(x)
         heads = (self.heads, -1)  # (B, S, H*D) <-> (B, S, H, D)
         out = attn_fn(q.unflatten(2, heads), k.unflatten(2, heads), v.unflatten(2, heads)).flatten(2)
@@ -253,38 +202,10 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
-class FeedForward(nn.Module):
-    """diffusers' FeedForward with gelu-approximate: keys net.0.proj and net.2 (net.1 was a dropout)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        gelu_proj = nn.Module()
-        gelu_proj.proj = nn.Linear(dim, 4 * dim)
-        self.net = nn.ModuleList([gelu_proj, nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        up = self.net[0].proj
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # up always has a bias (nn.Linear's default)
-            # GELU in the GEMM's epilogue (cuBLASLt): no separate pass over the 4x-wide activations. On CUDA
-            # this op's GELU is the tanh form LTX uses (on the CPU it is the exact one, so it stays CUDA-only).
-            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
-            return self.net[2](hidden.unflatten(0, x.shape[:-1]))
-        return self.net[2](_gelu_tanh(up(x)))
 
 
-class TwoLayerMLP(nn.Module):
-    """linear_1 -> activation -> linear_2: diffusers' TimestepEmbedding (silu) and PixArtAlphaTextProjection."""
-
-    def __init__(self, d_in: int, d_out: int, act: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.linear_1, self.linear_2, self.act = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out), act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -343,28 +264,8 @@ def compile_blocks(model: LTXTransformer) -> None:
         block.compile(dynamic=False)
 
 
-def _drop_trailing_pads(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Cut the text positions after the last one any row keeps: (B, L, C), (B, L) -> (B, L', C), (B, L').
-
-    A masked key gets a -10000 bias, so its attention weight is exactly 0 whenever its row keeps at
-    least one key: dropping it changes only the work (T5 pads a ~20-token prompt to 128 positions, and
-    every block projects and attends to all of them). A row that keeps nothing attends evenly over its
-    pads, so then nothing is cut.
-    """
-    kept = mask.bool()
-    positions = torch.arange(1, kept.shape[1] + 1, device=kept.device)
-    length, every_row_keeps = torch.stack([(kept.any(0) * positions).max(), kept.any(1).all()]).tolist()
-    if not every_row_keeps:
-        return text, mask
-    return text[:, :length], mask[:, :length]
 
 
-def _timestep_features(t: Tensor) -> Tensor:
-    """diffusers' get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0): (N,) -> (N, 256)."""
-    half = 128
-    exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class LTXTransformer(nn.Module):
@@ -377,7 +278,7 @@ class LTXTransformer(nn.Module):
         self.time_embed = nn.Module()  # diffusers' AdaLayerNormSingle: emb.timestep_embedder, then linear
         self.time_embed.emb = nn.ModuleDict({"timestep_embedder": TwoLayerMLP(256, d, F.silu)})
         self.time_embed.linear = nn.Linear(d, 6 * d)
-        self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, _gelu_tanh)
+        self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, gelu_tanh)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
         self.proj_out = nn.Linear(d, cfg.out_channels)
 
@@ -396,7 +297,7 @@ class LTXTransformer(nn.Module):
         self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation)
         text_bias = None
         if encoder_attention_mask is not None:
-            encoder_hidden_states, encoder_attention_mask = _drop_trailing_pads(encoder_hidden_states,
+            encoder_hidden_states, encoder_attention_mask = drop_trailing_pads(encoder_hidden_states,
                                                                                encoder_attention_mask)
             # diffusers: keep -> 0, pad -> -10000, broadcast over heads and queries
             text_bias = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0)[:, None, None, :]
@@ -406,7 +307,7 @@ class LTXTransformer(nn.Module):
         if timestep.ndim == 2:
             timestep, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S)
             runs = token_runs(index)
-        embedded = self.time_embed.emb.timestep_embedder(_timestep_features(timestep).to(x.dtype))  # (B|K, D)
+        embedded = self.time_embed.emb.timestep_embedder(timestep_features(timestep).to(x.dtype))  # (B|K, D)
         temb = self.time_embed.linear(F.silu(embedded))  # (B|K, 6*D)
         if runs is None:  # (B, 1, ...): one vector per sample, broadcast over its tokens
             temb, embedded = temb[:, None], embedded[:, None]
@@ -458,45 +359,3 @@ def load_transformer(folder: str | Path, device: torch.device | str, dtype: torc
     return load_folder(folder, device, dtype, lambda config: LTXTransformer(LTXConfig.from_dict(config)))
 
 
-def load_folder(
-    folder: str | Path, device: torch.device | str, dtype: torch.dtype, build: Callable[[dict], nn.Module]
-) -> nn.Module:
-    """Build `build(config.json's dict)` on the meta device and assign it the folder's safetensors weights.
-
-    The parameters are the loaded tensors themselves (assign=True): each is read straight to `device` and
-    cast there, so weights are never held twice. Every key and shape is checked against the built model.
-    """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}: pass a diffusers `transformer/` folder")
-    config = json.loads(config_path.read_text())
-    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index_path.is_file():
-        files = sorted({folder / name for name in json.loads(index_path.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if len(files) > 1:
-            raise ValueError(f"{folder} holds {[f.name for f in files]} but no {index_path.name}: keep one file")
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    with torch.device("meta"):
-        model = build(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state: dict[str, Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"{index_path} lists {path.name}, which is not in {folder}")
-        for key, tensor in load_file(path, device=str(torch.device(device))).items():
-            if key not in expected:
-                raise ValueError(f"{path}: unexpected key {key!r}; is this a {type(model).__name__} checkpoint?")
-            if tensor.shape != expected[key]:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, config.json implies "
-                                 f"{tuple(expected[key])}")
-            state[key] = tensor.to(dtype)
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        raise ValueError(f"{folder}: key {missing[0]!r} is in none of {[f.name for f in files]} "
-                         f"({len(missing)} missing)")
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)

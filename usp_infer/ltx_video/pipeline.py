@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import GenerateRequest
-from .guidance import Guider, StepScales
-from .ltx import AttnFn, LTXTransformer, Perturbation, load_transformer, rope_tables
-from .ltx import compile_blocks  # noqa: F401 - part of the family surface (families.py)
-from .parallel import Plan
+from ..config import GenerateRequest
+from ..errors import DecodeError
+from ..guidance import Guider, StepScales
+from ..layers import AttnFn
+from ..parallel.plan import Plan
+from ..schedule import sigma_schedule
+from .model import (
+    LTXTransformer,
+    Perturbation,
+    compile_blocks,  # noqa: F401 - part of the family surface (families.py)
+    load_transformer,
+    rope_tables,
+)
+
 
 @dataclass
 class Components:
@@ -102,12 +111,6 @@ class Result:
         return {"latents": self.latents}
 
 
-class DecodeError(RuntimeError):
-    """The VAE decode failed after a finished denoising loop; `latents` (what it was decoding) are kept."""
-
-    def __init__(self, message: str, result: Result):
-        super().__init__(message)
-        self.result = result
 
 
 def _free_memory(device: torch.device) -> int:
@@ -174,26 +177,6 @@ def _latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
     return vae.latents_mean.view(1, -1, 1, 1, 1).float().cpu(), vae.latents_std.view(1, -1, 1, 1, 1).float().cpu()
 
 
-def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps, sigmas) for `steps` steps, dynamic shift from the global token count, as LTXPipeline."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
-
-    if steps == 1:
-        # The terminal stretch rescales the schedule so that its last sigma is `shift_terminal`; one step has
-        # only sigma 1 (which every shift keeps at 1), so the stretch divides by zero (diffusers' LTXPipeline
-        # gives NaN too). Without it one step is the plain Euler step from sigma 1 to 0: the model's x0 guess.
-        scheduler_config = {**scheduler_config, "shift_terminal": None}
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = calculate_shift(
-        tokens,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
-    return scheduler.timesteps, scheduler.sigmas
 
 
 @dataclass
@@ -262,7 +245,7 @@ class Inputs:
 def prepare_inputs(c: Components, req: GenerateRequest, schedule) -> tuple[Inputs, torch.Generator]:
     """Rank 0's part before the loop: text embeddings and the global initial latent, drawn exactly as diffusers
     draws it (image latent sample, then noise); the generator goes on to draw the decode noise."""
-    from .media import load_image
+    from ..media import load_image
 
     s_ratio, t_ratio = c.vae.spatial_compression_ratio, c.vae.temporal_compression_ratio
     frames, height, width = (req.num_frames - 1) // t_ratio + 1, req.height // s_ratio, req.width // s_ratio

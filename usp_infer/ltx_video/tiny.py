@@ -21,23 +21,12 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from ..schedule import SCHEDULER_CONFIG
+
 LATENT_CHANNELS = 8  # VAE latent channels == transformer in/out channels
 TEXT_DIM = 48  # T5 d_model == transformer caption_channels; != inner dim so a transposed projection fails
 TOKENIZER_MAX_LENGTH = 128  # what the LTX-Video tokenizer ships; LTXPipeline pads prompts to it
 
-# As Lightricks/LTX-Video ships scheduler/scheduler_config.json (and diffusers' conversion script):
-# the shift mu is interpolated from the token count, 0.95 at 1024 tokens to 2.05 at 4096.
-SCHEDULER_CONFIG: dict = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.95,
-    "max_shift": 2.05,
-    "base_image_seq_len": 1024,
-    "max_image_seq_len": 4096,
-    "shift_terminal": 0.1,
-    "time_shift_type": "exponential",
-}
 
 TRANSFORMER_CONFIG: dict = {
     "in_channels": LATENT_CHANNELS,

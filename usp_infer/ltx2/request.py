@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import check_video
+from ..config import check_video
 
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
 
@@ -160,7 +160,8 @@ _AUDIO_FLAGS = {f"audio_{flag}": name for flag, name in _VIDEO_FLAGS.items()}
 
 def build_request(options: dict, configs: dict) -> LTX2Request:
     """Flags (None = not given) -> one validated request: explicit flags > preset > the weights' own recipe."""
-    from .request import UsageError, parse_blocks, parse_floats
+    from ..errors import UsageError
+    from ..request import parse_blocks, parse_floats
 
     o = {k: v for k, v in options.items() if v is not None}
     if "num_inference_steps" in o:
@@ -211,7 +212,7 @@ def audio_tokens_per_second(audio_vae_config: dict) -> float:
 
 
 def _check_audio_tokens(req: LTX2Request, audio_vae_config: dict) -> None:
-    from .request import UsageError
+    from ..errors import UsageError
 
     per_second = audio_tokens_per_second(audio_vae_config)
     if round(req.num_frames / req.fps * per_second) < 1:
