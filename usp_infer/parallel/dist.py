@@ -65,13 +65,14 @@ def _divisors(n: int) -> list[int]:
 def layouts(world_size: int, num_heads: int | None, num_branches: int | None) -> list[tuple[int, int, int]]:
     """Every (cfg, ring, ulysses) whose product is world_size and that the model can run.
 
-    Ulysses splits heads, so it must divide num_heads; cfg ranks run equal shares of the
-    guidance branches, so it must divide num_branches. None leaves that degree unconstrained.
+    Ulysses splits heads, so it must divide num_heads; cfg ranks share the guidance branches, so there are
+    at most num_branches of them (a share may be uneven: Plan.run_branches gives rank j % cfg branch j).
+    None leaves that degree unconstrained.
     """
     return [
         (cfg, ring, world_size // (cfg * ring))
         for cfg in _divisors(world_size)
-        if num_branches is None or num_branches % cfg == 0
+        if num_branches is None or cfg <= num_branches
         for ring in _divisors(world_size // cfg)
         if num_heads is None or num_heads % (world_size // (cfg * ring)) == 0
     ]
