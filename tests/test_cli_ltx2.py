@@ -168,3 +168,16 @@ def test_recipe_follows_the_weights_version():
     configs["transformer"]["cross_attn_mod"] = False
     assert version_preset(configs) == "ltx-2"
     assert (build_request({"prompt": "x"}, configs).steps, build_request({"prompt": "x"}, configs).guidance.stg_blocks) == (40, (29,))
+
+
+def test_bundled_tiny_models_are_named_from_anywhere(tmp_path, monkeypatch):
+    """`--model ltx2-tiny` (and `info ltx2-tiny`) from a folder with no models/ in it: the package's copy; a
+    folder of that name where the user is wins; a name that is neither says what exists."""
+    monkeypatch.chdir(tmp_path)
+    shown = cli("info", "ltx2-tiny", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["family"] == "ltx-2"
+    assert json.loads(shown.stdout)["model"] == str(LTX2)
+    shutil.copytree(LTXV, tmp_path / "ltx2-tiny")  # the user's own folder, which happens to share the name
+    assert json.loads(cli("info", "ltx2-tiny", "--json").stdout)["family"] == "ltx-video"
+    missing = cli("generate", "--prompt", "x", "--model", "ltx3-tiny")
+    assert missing.exit_code == 2 and "a bundled tiny model: ltx-tiny, ltx2-tiny" in error_line(missing.stderr)
