@@ -179,6 +179,24 @@ def test_default_layout_that_does_not_fit_names_its_cause(world, flags, needles,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_usage_error_under_torchrun_is_each_ranks_exit_2_and_torchruns_root_cause(tmp_path, monkeypatch):
+    """torchrun prints its own report and exits 1 when a worker fails (nothing a worker does silences that):
+    every rank exits 2, rank 0 prints the one line and leaves it in torchrun's error file, so the report's
+    root cause reads `traceback : error: ...`; the other ranks wait for rank 0, quietly."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    result = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == error_line(result.stderr)
+    slept = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error-1.json"))
+    other = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    assert other.exit_code == 2 and other.stderr == "" and slept and not (tmp_path / "error-1.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
+
+
 def test_one_step_makes_a_video(tmp_path):
     """One step used to give NaN latents (the terminal stretch divides by zero); now it is the Euler step 1 -> 0."""
     from usp_infer.schedule import sigma_schedule
@@ -412,7 +430,8 @@ def test_quiet_silences_progress(tmp_path):
     # A fresh process (in this one an earlier test may have switched transformers' weight bar off already),
     # from a folder without models/: the bundled tiny model is named, not pathed.
     quiet = subprocess.run([sys.executable, "-m", "usp_infer", "generate", "--prompt", "a fox", *FAST, "--model", "ltx-tiny",
-                            "-o", "b.mp4", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            "-o", "b.mp4", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout, wherever it is installed
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr[-2000:]
     assert (tmp_path / "b.mp4").is_file()
     assert json.loads((tmp_path / "b.mp4.json").read_text())["model"]["path"] == str(MODEL)

@@ -140,6 +140,41 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def report_to_launcher(message: str) -> None:
+    """Under torchrun, put `message` in the error file torchrun gives each worker, so its closing report shows
+    it as the root cause (`traceback : error: ...`) instead of a pointer to its docs. torchrun still prints
+    that report and exits 1 when a worker fails; nothing a worker does silences it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the line is on stderr already; the report is a courtesy
+
+
+def wait_for_main(seconds: float = 5.0) -> None:
+    """A non-zero rank that met rank 0's usage error: give rank 0 the time to say it (torchrun ends every worker
+    as soon as one exits), returning early when torchrun's SIGTERM comes, so this rank too exits with the
+    usage error's code."""
+    import signal
+    import threading
+    import time
+
+    if env_world_size() == 1 or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _timeout_options(backend: str, timeout: timedelta):
     """Backend options carrying our collective timeout: a mesh's groups do not inherit the default group's."""
     import torch.distributed as dist
