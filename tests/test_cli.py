@@ -543,11 +543,21 @@ main()
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["batch", "--help"], ["--version"],
                                   ["generate", "--prompt", "a", "--num-frames", "10"],
-                                  ["generate", "--prompt", "a", "--model", "nope"]])
+                                  ["generate", "--prompt", "a", "--model", "nope"], ["bench", "--help"],
+                                  ["bench", "--bogus"], ["generate", "--steps", "many"]])
 def test_help_and_usage_errors_do_not_import_torch(args):
     run = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode in (0, 2), run.stderr
     assert run.stderr.splitlines()[-1] == "[]", run.stderr  # the modules of the three that were imported
+    if run.returncode == 2:  # click's own usage errors too: one line, `error: ...`, as every other error
+        lines = run.stderr.splitlines()[:-1]
+        assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+
+
+def test_bench_shapes_listed_without_torch_are_bench_shapes():
+    from usp_infer import bench, bench_cli
+
+    assert bench_cli.SHAPES == tuple(bench.SHAPES)
 
 
 # --- the example scripts -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ LAYERS = (
     set(FAMILIES),
     {"latents", "sidecar", "batch"},
     {"runner", "bench"},
-    {"cli"},
+    {"cli", "bench_cli"},
     {"__main__"},
 )
 

@@ -19,6 +19,7 @@ from .config import ParallelConfig, Session
 from .errors import UsageError, one_line
 from .guidance import PRESETS
 from .request import build_for
+from .bench_cli import bench_command
 from .runner import check_weights, fail, run_session
 
 
@@ -482,19 +483,26 @@ BENCH_HELP = (
 )
 
 
-# A thin wrapper: its body imports bench (and so torch), so `usp-infer --help` and every other command start
-# without it. Its arguments, --help included, go to the real command, which typer builds on first use.
-@app.command("bench", help=BENCH_HELP, add_help_option=False,
-             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench(ctx: typer.Context) -> None:
-    from .bench import (
-        bench_command,  # torch + typer only: runs where diffusers is not installed
-    )
-
-    real = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    real.command("bench", help=BENCH_HELP)(bench_command)
-    real(args=ctx.args, prog_name=ctx.command_path)
+# Its flags live in a torch-free module and its body imports bench (and torch) only when it runs, so
+# `usp-infer bench --help` and every other command start without torch.
+app.command("bench", help=BENCH_HELP)(bench_command)
 
 
 def main() -> None:
-    app()
+    """The console script: click's own usage errors ("Error: No such option") in the one-line form every other
+    error has (`error: ...`, exit 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a run (a run says so itself and exits 130)
+        code = 130
+    except Exception as e:  # click's exceptions (typer vendors its own click): they know their message and code
+        if not callable(getattr(e, "format_message", None)):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `usp-infer` alone: the help, as click shows it
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        context = getattr(e, "ctx", None)
+        hint = f"; see {context.command_path} --help" if context is not None else ""
+        typer.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+        code = getattr(e, "exit_code", 2)
+    raise SystemExit(code if isinstance(code, int) else 0)
