@@ -190,6 +190,13 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     error = None
     try:
         check_weights(s.model)  # every rank: each loads its own copy of the transformer; before any progress line
+        if mesh.device.type == "cpu":
+            from .estimate import cpu_note
+
+            front = family.requests()
+            note = cpu_note(s.model, front.read_model_configs(s.model), [i.request for i in todo], front.MAX_BRANCHES)
+            if note:
+                say(note)
         say(f"loading {s.model} on {mesh.device} ({s.dtype})")
         dtype = getattr(torch, s.dtype)
         try:
