@@ -14,7 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from usp_infer.bench import randomize, bench_command, latent_grid
+from usp_infer.bench import latent_grid, randomize
+from usp_infer.bench_cli import bench_command
 from usp_infer.ltx_video.bench import random_model, step_flops
 from usp_infer.layers import apply_rope, drop_trailing_pads
 from usp_infer.ltx_video.model import SHAPES, LTXConfig, rope_pairs, rope_tables

@@ -179,6 +179,24 @@ def test_default_layout_that_does_not_fit_names_its_cause(world, flags, needles,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_usage_error_under_torchrun_is_each_ranks_exit_2_and_torchruns_root_cause(tmp_path, monkeypatch):
+    """torchrun prints its own report and exits 1 when a worker fails (nothing a worker does silences that):
+    every rank exits 2, rank 0 prints the one line and leaves it in torchrun's error file, so the report's
+    root cause reads `traceback : error: ...`; the other ranks wait for rank 0, quietly."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    result = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == error_line(result.stderr)
+    slept = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error-1.json"))
+    other = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    assert other.exit_code == 2 and other.stderr == "" and slept and not (tmp_path / "error-1.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
+
+
 def test_one_step_makes_a_video(tmp_path):
     """One step used to give NaN latents (the terminal stretch divides by zero); now it is the Euler step 1 -> 0."""
     from usp_infer.schedule import sigma_schedule
@@ -351,9 +369,12 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
 
     # A finished output made with other settings is not silently kept (nor replaced) by --resume:
     # another request, dtype or model (its configs) than the sidecar records.
-    for flags, what in ((["--seed", "9"], "request"), (["--dtype", "bfloat16"], "dtype"), (["--model", str(other_model)], "model config")):
+    # The refusal names the setting and both values (line 1 sets its own seed, so line 3 is the one refused).
+    for flags, what in ((["--seed", "9"], "(seed 0 -> 9)"), (["--steps", "3"], "(steps 2 -> 3)"),
+                        (["--dtype", "bfloat16"], '(dtype "float32" -> "bfloat16")'),
+                        (["--model", str(other_model)], "(model config ")):
         changed = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", *flags)
-        assert changed.exit_code == 2 and f"was made with other settings than this line asks for ({what} differ)" in error_line(changed.stderr)
+        assert changed.exit_code == 2 and f"was made with other settings than this line asks for {what}" in error_line(changed.stderr)
     without = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
     assert without.exit_code == 2 and "pass --overwrite to replace it, or --resume" in error_line(without.stderr)
     assert snapshot(tmp_path) == before
@@ -406,8 +427,14 @@ def test_json_summary_is_all_of_stdout(tmp_path, monkeypatch):
 def test_quiet_silences_progress(tmp_path):
     loud = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "a.mp4")
     assert loud.exit_code == 0 and "step" in loud.stderr and "wrote" in loud.stderr
-    quiet = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "b.mp4", "--quiet")
-    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    # A fresh process (in this one an earlier test may have switched transformers' weight bar off already),
+    # from a folder without models/: the bundled tiny model is named, not pathed.
+    quiet = subprocess.run([sys.executable, "-m", "usp_infer", "generate", "--prompt", "a fox", *FAST, "--model", "ltx-tiny",
+                            "-o", "b.mp4", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout, wherever it is installed
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr[-2000:]
+    assert (tmp_path / "b.mp4").is_file()
+    assert json.loads((tmp_path / "b.mp4.json").read_text())["model"]["path"] == str(MODEL)
 
 
 # --- the sidecar --------------------------------------------------------------------------------
@@ -475,10 +502,14 @@ def test_info_text_and_json(tmp_path):
         assert f"--cfg-parallel 1 {flags}" in text.stdout
     data = json.loads(cli("info", "--gpus", "4", "--json").stdout)  # the default model
     assert data["model"] == str(MODEL) and data["transformer"]["num_attention_heads"] == 4
-    assert data["layouts"] == [{"cfg": 1, "ring": 1, "ulysses": 4}, {"cfg": 1, "ring": 2, "ulysses": 2}, {"cfg": 1, "ring": 4, "ulysses": 1}]
+    layouts = lambda d: [(x["cfg"], x["ring"], x["ulysses"]) for x in d["layouts"]]  # noqa: E731
+    # cfg-parallel 2 over 3 branches is uneven and runs (one cfg group takes two): listed, with what it costs
+    assert layouts(data) == [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
+    assert data["layouts"][3]["cost"].startswith("~0.33 of one GPU's step per rank: 2 of 3 branches (uneven")
+    assert "--cfg-parallel 2 --ring-degree 1 --ulysses-degree 2" in text.stdout and "2 of 3 branches" in text.stdout
     assert all(n > 0 for n in data["parameters"].values())
     # 3 processes: Ulysses 3 does not divide 4 heads, so only ring 3 or cfg-parallel 3 (3 guidance branches) fit.
-    assert json.loads(cli("info", "--gpus", "3", "--json").stdout)["layouts"] == [{"cfg": 1, "ring": 3, "ulysses": 1}, {"cfg": 3, "ring": 1, "ulysses": 1}]
+    assert layouts(json.loads(cli("info", "--gpus", "3", "--json").stdout)) == [(1, 3, 1), (3, 1, 1)]
     assert cli("info", tmp_path / "nope").exit_code == 2
     assert cli("info", "--gpus", "0").exit_code == 2
     broken = cli("info", _truncated(tmp_path)[1])
@@ -512,11 +543,21 @@ main()
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["batch", "--help"], ["--version"],
                                   ["generate", "--prompt", "a", "--num-frames", "10"],
-                                  ["generate", "--prompt", "a", "--model", "nope"]])
+                                  ["generate", "--prompt", "a", "--model", "nope"], ["bench", "--help"],
+                                  ["bench", "--bogus"], ["generate", "--steps", "many"]])
 def test_help_and_usage_errors_do_not_import_torch(args):
     run = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode in (0, 2), run.stderr
     assert run.stderr.splitlines()[-1] == "[]", run.stderr  # the modules of the three that were imported
+    if run.returncode == 2:  # click's own usage errors too: one line, `error: ...`, as every other error
+        lines = run.stderr.splitlines()[:-1]
+        assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+
+
+def test_bench_shapes_listed_without_torch_are_bench_shapes():
+    from usp_infer import bench, bench_cli
+
+    assert bench_cli.SHAPES == tuple(bench.SHAPES)
 
 
 # --- the example scripts -------------------------------------------------------------------------

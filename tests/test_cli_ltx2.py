@@ -4,6 +4,7 @@ equals diffusers' LTX2Pipeline; the other family's flags and impossible audio re
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LTX2Pipeline
+from model_folders import differences
 from test_cli import cli, error_line, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +121,31 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 
 
 def test_make_tiny_ltx2_writes_the_committed_model(tmp_path):
+    """Tensors bit for bit, configs and tokenizer as JSON: a new transformers or diffusers release, which stamps
+    its version into the configs, does not fail it; a changed weight or config value does (test below)."""
     assert cli("make-tiny", "--family", "ltx2", tmp_path / "t").exit_code == 0
-    ours = sorted(p.relative_to(tmp_path / "t") for p in (tmp_path / "t").rglob("*") if p.is_file())
-    assert ours == sorted(p.relative_to(LTX2) for p in LTX2.rglob("*") if p.is_file())
-    assert all((tmp_path / "t" / p).read_bytes() == (LTX2 / p).read_bytes() for p in ours)
+    assert differences(tmp_path / "t", LTX2) == []
+
+
+def test_committed_model_check_sees_a_changed_weight_or_config(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(LTX2, copy)
+    stamped = copy / "text_encoder" / "config.json"
+    stamped.write_text(stamped.read_text().replace('"transformers_version": "', '"transformers_version": "9'))
+    assert differences(copy, LTX2) == []  # a version stamp is not part of the model
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 2 ** -20  # one value, one ulp-ish step
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert differences(copy, LTX2) == [f"vae/diffusion_pytorch_model.safetensors:{key}"]
+    shutil.copy(LTX2 / "vae" / "diffusion_pytorch_model.safetensors", weights)
+    config = copy / "vae" / "config.json"
+    config.write_text(config.read_text().replace('"patch_size": 4', '"patch_size": 2'))
+    assert differences(copy, LTX2) == ["vae/config.json.patch_size: 4 -> 2"]
 
 
 def test_one_step_makes_a_video_with_sound(tmp_path):
@@ -145,3 +168,16 @@ def test_recipe_follows_the_weights_version():
     configs["transformer"]["cross_attn_mod"] = False
     assert version_preset(configs) == "ltx-2"
     assert (build_request({"prompt": "x"}, configs).steps, build_request({"prompt": "x"}, configs).guidance.stg_blocks) == (40, (29,))
+
+
+def test_bundled_tiny_models_are_named_from_anywhere(tmp_path, monkeypatch):
+    """`--model ltx2-tiny` (and `info ltx2-tiny`) from a folder with no models/ in it: the package's copy; a
+    folder of that name where the user is wins; a name that is neither says what exists."""
+    monkeypatch.chdir(tmp_path)
+    shown = cli("info", "ltx2-tiny", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["family"] == "ltx-2"
+    assert json.loads(shown.stdout)["model"] == str(LTX2)
+    shutil.copytree(LTXV, tmp_path / "ltx2-tiny")  # the user's own folder, which happens to share the name
+    assert json.loads(cli("info", "ltx2-tiny", "--json").stdout)["family"] == "ltx-video"
+    missing = cli("generate", "--prompt", "x", "--model", "ltx3-tiny")
+    assert missing.exit_code == 2 and "a bundled tiny model: ltx-tiny, ltx2-tiny" in error_line(missing.stderr)

@@ -90,6 +90,20 @@ def test_wav_output_writes_the_audio_alone(tmp_path):
         assert f.getnframes() == 100
 
 
+def test_wav_is_as_long_as_its_video(tmp_path):
+    """The causal audio VAE decodes a few mel frames short (17 frames at 24 fps: 0.690 s for 0.708 s); the .wav,
+    like the mp4's track, is zero-padded (or trimmed) to the video's duration. The npz keeps the raw waveform."""
+    frames = _frames(17)
+    for seconds in (0.690, 0.75):
+        out = tmp_path / f"{seconds}.wav"
+        write_video(out, frames, fps=FPS, audio=_tone(seconds), audio_sample_rate=RATE)
+        with wave.open(str(out)) as f:
+            assert f.getnframes() == round(17 / FPS * RATE)
+    write_video(tmp_path / "raw.npz", frames, fps=FPS, audio=_tone(0.690), audio_sample_rate=RATE,
+                latents=np.zeros((8, 3, 2, 3), np.float32))
+    assert np.load(tmp_path / "raw.npz")["audio"].shape[1] == round(0.690 * RATE)
+
+
 def test_wav_without_audio_or_rate_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no audio"):
         write_video(tmp_path / "x.wav", _frames(1), fps=FPS)

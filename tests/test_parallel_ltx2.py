@@ -43,15 +43,19 @@ BASE = LTX2Request(
     guidance=LTX2Guidance(ModalityGuidance(3.0, 1.0, 2.5, 0.7), ModalityGuidance(5.0, 0.5, 2.0, 0.5), (1,)),
 )
 REQUESTS = {"full": BASE, "full-i2v": replace(BASE, image=str(IMAGE)),
-            "sequential": replace(BASE, branches="sequential")}
+            "sequential": replace(BASE, branches="sequential"),
+            # modality scales 1: three branches (cond, uncond, perturbed), which cfg 2 does not divide
+            "three": replace(BASE, guidance=LTX2Guidance(replace(BASE.guidance.video, modality=1.0),
+                                                         replace(BASE.guidance.audio, modality=1.0), (1,)))}
 CASES = {  # world -> (case id, (cfg, ring, ulysses), a2a mode, request)
     2: [("u2", (1, 1, 2), "direct", "full"), ("u2-functional", (1, 1, 2), "functional", "full"),
         ("r2", (1, 2, 1), "direct", "full"), ("cfg2", (2, 1, 1), "direct", "full"),
-        ("u2-i2v", (1, 1, 2), "direct", "full-i2v")],
+        ("u2-i2v", (1, 1, 2), "direct", "full-i2v"), ("cfg2-three", (2, 1, 1), "direct", "three")],
     4: [("u4", (1, 1, 4), "direct", "full"), ("u4-functional", (1, 1, 4), "functional", "full"),
         ("u2r2", (1, 2, 2), "direct", "full"), ("cfg2u2", (2, 1, 2), "direct", "full"),
         ("cfg4", (4, 1, 1), "direct", "full"), ("cfg2u2-seq", (2, 1, 2), "direct", "sequential"),
-        ("u4-i2v", (1, 1, 4), "direct", "full-i2v"), ("u2r2-i2v", (1, 2, 2), "direct", "full-i2v")],
+        ("u4-i2v", (1, 1, 4), "direct", "full-i2v"), ("u2r2-i2v", (1, 2, 2), "direct", "full-i2v"),
+        ("cfg2u2-three", (2, 1, 2), "direct", "three")],
 }
 
 
@@ -60,16 +64,48 @@ def _components():
     return load_components(MODEL, "cpu", torch.float32)
 
 
-def _generate(request: LTX2Request, parallel: ParallelConfig) -> dict | None:
-    plan = Plan.build(parallel, "cpu")  # one default process group serves every case of a job
+class _Recording(Plan):
+    """The plan, keeping what every rank holds after the last step (the loop's finite check sees it all)."""
+
+    def check_finite(self, step, steps, *tensors):
+        _LAST[:] = [t.detach().clone() for t in tensors]  # (this rank's video shard, the whole audio)
+        super().check_finite(step, steps, *tensors)
+
+
+_LAST: list = []
+
+
+def _generate(request: LTX2Request, parallel: ParallelConfig) -> dict:
+    plan = _Recording.build(parallel, "cpu")  # one default process group serves every case of a job
     result = generate(_components(), request, plan, progress=False)
-    return {"frames": result.frames, "audio": result.audio} if plan.is_main else None
+    m = plan.mesh
+    video, audio = _LAST
+    mine = {"video": video.cpu(), "audio": audio.cpu(), "seq_rank": m.seq_rank}  # every rank's, to compare
+    return {**mine, **({"frames": result.frames, "audio_out": result.audio} if plan.is_main else {})}
+
+
+def _constant_branches(world: int) -> dict:
+    """Plan.run_branches with each branch returning its own constants, for 1-5 branches on every cfg degree
+    the world allows: {(cfg, branches): the names that came back with another branch's values}."""
+    wrong = {}
+    for cfg in (c for c in (2, 4) if world % c == 0):
+        plan = Plan.build(ParallelConfig(cfg=cfg, ulysses=world // cfg, timeout_s=120), "cpu")
+        for count in range(1, 6):
+            names = tuple(f"b{i}" for i in range(count))
+            value = {n: (torch.full((1, 3), i + 1.0), torch.full((1, 2), -(i + 1.0))) for i, n in enumerate(names)}
+            got = plan.run_branches(names, lambda subset: [value[n] for n in subset], like=(torch.zeros(1, 3), torch.zeros(1, 2)))
+            single = plan.run_branches(names, lambda subset: [value[n][0] for n in subset], like=torch.zeros(1, 3))
+            wrong[cfg, count] = [n for n in names if set(got) != set(names) or not (
+                torch.equal(got[n][0], value[n][0]) and torch.equal(got[n][1], value[n][1])
+                and torch.equal(single[n], value[n][0]))]
+    return wrong
 
 
 def _job(world: int) -> dict:
     torch.set_num_threads(1)
-    return {case: _generate(REQUESTS[name], ParallelConfig(*layout, a2a_mode=mode, timeout_s=120))
-            for case, layout, mode, name in CASES[world]}
+    cases = {case: _generate(REQUESTS[name], ParallelConfig(*layout, a2a_mode=mode, timeout_s=120))
+             for case, layout, mode, name in CASES[world]}
+    return {**cases, "run_branches": _constant_branches(world)}
 
 
 @lru_cache(maxsize=None)
@@ -82,8 +118,14 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def spawned(request: pytest.FixtureRequest) -> tuple[int, dict]:
-    return request.param, run_spawn(_job, request.param, request.param)[0]
+def spawned_ranks(request: pytest.FixtureRequest) -> tuple[int, list[dict]]:
+    return request.param, run_spawn(_job, request.param, request.param)  # every rank's results
+
+
+@pytest.fixture(scope="module")
+def spawned(spawned_ranks) -> tuple[int, dict]:
+    world, ranks = spawned_ranks
+    return world, {case: r for case, r in ranks[0].items()}
 
 
 def test_every_layout_equals_one_process(spawned: tuple[int, dict]) -> None:
@@ -91,7 +133,7 @@ def test_every_layout_equals_one_process(spawned: tuple[int, dict]) -> None:
     errors = {}
     for case, _, _, name in CASES[world]:
         ref = _reference(name)
-        errors[case] = (_rel(results[case]["frames"], ref["frames"]), _rel(results[case]["audio"], ref["audio"]))
+        errors[case] = (_rel(results[case]["frames"], ref["frames"]), _rel(results[case]["audio_out"], ref["audio_out"]))
     bad = {case: err for case, err in errors.items() if max(err) > RTOL}
     assert not bad, f"world {world}: (frames, audio) relative error above {RTOL}: {bad}"
 
@@ -100,7 +142,7 @@ def test_a2a_modes_bitwise_equal(spawned: tuple[int, dict]) -> None:
     world, results = spawned
     direct, functional = results[f"u{world}"], results[f"u{world}-functional"]
     assert np.array_equal(direct["frames"], functional["frames"])
-    assert np.array_equal(direct["audio"], functional["audio"])
+    assert np.array_equal(direct["audio_out"], functional["audio_out"])
 
 
 def test_the_comparison_is_not_vacuous() -> None:
@@ -108,5 +150,26 @@ def test_the_comparison_is_not_vacuous() -> None:
     full, i2v = _reference("full"), _reference("full-i2v")
     plain = _generate(replace(BASE, guidance=LTX2Guidance(ModalityGuidance(), ModalityGuidance(), ())),
                       ParallelConfig())
-    for other in (i2v, plain):
-        assert _rel(other["frames"], full["frames"]) > 1e-3 and _rel(other["audio"], full["audio"]) > 1e-3
+    for other in (i2v, plain, _reference("three")):
+        assert _rel(other["frames"], full["frames"]) > 1e-3 and _rel(other["audio_out"], full["audio_out"]) > 1e-3
+
+
+def test_every_rank_holds_the_same_audio_and_shards(spawned_ranks) -> None:
+    """Audio is whole on every rank and must stay identical there (rank 0 decodes it, but every rank feeds it
+    to the next step's attention); ranks holding the same video shard (cfg groups) hold it bit for bit."""
+    world, ranks = spawned_ranks
+    for case, *_ in CASES[world]:
+        audio = [r[case]["audio"] for r in ranks]
+        assert all(torch.equal(a, audio[0]) for a in audio), f"{case}: the audio differs between ranks"
+        by_shard = {}
+        for r in ranks:
+            by_shard.setdefault(r[case]["seq_rank"], []).append(r[case]["video"])
+        assert all(torch.equal(v, shards[0]) for shards in by_shard.values() for v in shards), f"{case}: video shards differ"
+
+
+def test_run_branches_returns_each_branch_its_own_prediction(spawned_ranks) -> None:
+    """1-5 branches on cfg 2 and 4: even and uneven splits, a rank with no branch at all (1 branch on cfg 4)."""
+    world, ranks = spawned_ranks
+    for r in ranks:
+        wrong = {key: names for key, names in r["run_branches"].items() if names}
+        assert not wrong, f"world {world}: (cfg, branches) -> branches that got another's prediction: {wrong}"

@@ -1,5 +1,7 @@
 """The whole pipeline equals diffusers' LTX pipelines on the embedded tiny checkpoint."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +52,29 @@ def test_text_to_video_equals_diffusers(tmp_path):
     assert np.abs(other["frames"] - ref).max() > 1e-2
 
 
-def test_image_to_video_equals_diffusers(tmp_path):
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("scaling_factor", [None, 0.7], ids=["committed", "scaling-0.7"])
+def test_image_to_video_equals_diffusers(tmp_path, scaling_factor):
+    """96x160 (3 x 5 tokens a frame), 17 frames, 3 steps. Every LTX VAE has scaling_factor 1, which hides where
+    it enters (diffusers: not into the image latent, into the decode): a copy with 0.7 must match too."""
+    model = MODEL
+    if scaling_factor is not None:
+        model = tmp_path / "scaled"
+        shutil.copytree(MODEL, model)
+        config = model / "vae" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": scaling_factor}))
+    size = dict(height=96, width=160, num_frames=17)
     image_path = tmp_path / "first.png"
-    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(image_path)
-    pipe = LTXImageToVideoPipeline.from_pretrained(MODEL)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(image_path)
+    pipe = LTXImageToVideoPipeline.from_pretrained(model)
     ref = pipe(
-        image=Image.open(image_path), **SETTINGS, **SIZE, generator=torch.Generator().manual_seed(42), output_type="np"
+        image=Image.open(image_path), **SETTINGS, **size, generator=torch.Generator().manual_seed(42), output_type="np"
     ).frames[0]
-    ours = run_cli(tmp_path, "--image", str(image_path))
+    at_size = ["--model", str(model), "--height", "96", "--width", "160"]  # the later flag wins
+    ours = run_cli(tmp_path, *at_size, "--image", str(image_path))
     np.testing.assert_allclose(ours["frames"], ref, rtol=0, atol=ATOL)
-    plain = run_cli(tmp_path, "--overwrite")
-    assert np.abs(plain["frames"] - ref).max() > 1e-2  # the image really conditions the video
+    if scaling_factor is None:
+        plain = run_cli(tmp_path, *at_size, "--overwrite")
+        assert np.abs(plain["frames"] - ref).max() > 1e-2  # the image really conditions the video
 
 
 # --- soft image conditioning (--image-strength < 1) against LTX-Video's formulas, written out here ----

@@ -365,7 +365,8 @@ def test_validate_layout_messages() -> None:
 def test_layouts() -> None:
     assert layouts(4, 32, 2) == [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
     assert layouts(4, 2, 1) == [(1, 2, 2), (1, 4, 1)]  # 2 heads: Ulysses at most 2; one branch: no cfg split
-    assert layouts(6, 3, 3) == [(1, 2, 3), (1, 6, 1), (3, 2, 1)]
+    # cfg 2 over 3 branches is uneven but runs (one cfg group takes two): listed; cfg 6 > 3 branches is not
+    assert layouts(6, 3, 3) == [(1, 2, 3), (1, 6, 1), (2, 1, 3), (2, 3, 1), (3, 2, 1)]
     assert layouts(1, 1, 1) == [(1, 1, 1)]
 
 

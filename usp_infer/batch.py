@@ -56,12 +56,15 @@ def _finished(item: Item, s: Session) -> bool:
             f"{at(item, str(item.output))} exists but has no usp-infer sidecar, so this run did not write it; "
             "pass --overwrite to replace it, or give the line another 'output'"
         )
-    made = {"request": record.get("request"), "model config": record.get("model", {}).get("config_sha256"), "dtype": record.get("dtype")}
-    wanted = {"request": json.loads(json.dumps(asdict(item.request))), "model config": config_hash(s.model), "dtype": s.dtype}
-    differ = [name for name in made if made[name] != wanted[name]]
+    # The whole request as JSON, field by field: a field a family adds later (a recipe, a LoRA, a condition)
+    # is compared, and named, without a change here.
+    request = record.get("request")
+    differ = changes(request, json.loads(json.dumps(asdict(item.request)))) if isinstance(request, dict) else ["request"]
+    differ += changes({"model config": record.get("model", {}).get("config_sha256"), "dtype": record.get("dtype")},
+                      {"model config": config_hash(s.model), "dtype": s.dtype})
     if differ:
         raise UsageError(
-            f"{at(item, str(item.output))} was made with other settings than this line asks for ({', '.join(differ)} differ); "
+            f"{at(item, str(item.output))} was made with other settings than this line asks for ({'; '.join(differ)}); "
             "pass --overwrite to redo it, or give the line another 'output'"
         )
     try:
@@ -69,6 +72,19 @@ def _finished(item: Item, s: Session) -> bool:
     except OSError:
         return False
     return all(record.get(key) == value for key, value in on_disk.items())
+
+
+def changes(made: object, wanted: object, name: str = "") -> list[str]:
+    """What differs between two JSON values, each as 'dotted.name recorded -> asked' ('steps 30 -> 40')."""
+    if isinstance(made, dict) and isinstance(wanted, dict):
+        return [change for key in sorted(set(made) | set(wanted), key=str)
+                for change in changes(made.get(key), wanted.get(key), f"{name}.{key}" if name else str(key))]
+    return [] if made == wanted else [f"{name} {_short(made)} -> {_short(wanted)}"]
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_output(item: Item, s: Session) -> bool:
@@ -210,31 +226,45 @@ def read_batch(path: Path, flags: dict, output_dir: Path, build: Callable[[dict]
         lines = path.read_text().splitlines()
     except OSError as e:
         raise UsageError(f"batch file {path} cannot be read ({e.strerror})") from None
-    items = []
+    items, problems = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"line {number} of {path}"
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where} is not valid JSON ({e.msg}); each line must be one object like {{\"prompt\": \"...\"}}") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise UsageError(f"{where} needs a \"prompt\" string")
-        unknown = set(entry) - ITEM_KEYS
-        if unknown:
-            raise UsageError(f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(ITEM_KEYS))}")
-        output = entry.pop("output", None)
-        try:
-            request = build({**flags, **entry})
+            request, output = _read_line(where, line, flags, build)
         except UsageError as e:
-            raise UsageError(f"{where}: {e}") from None
+            problems.append(str(e))  # every bad line is named, not just the first
+            continue
         index = len(items)
         if output is None:
             output = output_dir / f"{index:04d}-{_slug(request.prompt)}-s{request.seed}.mp4"
         items.append(Item(index, request, Path(output).expanduser(), where))
+    if problems:
+        raise UsageError("; ".join(problems))
     if not items:
         raise UsageError(f"batch file {path} has no items")
     return items
 
 
+def _read_line(where: str, line: str, flags: dict, build: Callable[[dict], object]) -> tuple[object, str | None]:
+    """One line -> (its request, its "output" or None); UsageError naming the line and every bad key."""
+    from .batch_keys import wrong_kinds
+
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where} is not valid JSON ({e.msg}); each line must be one object like {{\"prompt\": \"...\"}}") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+        raise UsageError(f"{where} needs a \"prompt\" string")
+    unknown = set(entry) - ITEM_KEYS
+    if unknown:
+        raise UsageError(f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(ITEM_KEYS))}")
+    wrong = wrong_kinds(entry)
+    if wrong:
+        raise UsageError(f"{where}: " + ", ".join(wrong))
+    output = entry.pop("output", None)
+    try:
+        return build({**flags, **entry}), output
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None

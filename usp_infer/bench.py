@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from .ltx_video.model import SHAPES as LTX_SHAPES
 from .ltx_video.model import LTXTransformer
 from .parallel.dist import (
     Mesh,
+    check_device,
     env_rank,
     env_world_size,
     init_mesh,
@@ -418,51 +419,20 @@ def _check_fits_host(s: Setup) -> None:
         )
 
 
-def bench_command(
-    shape: str = typer.Option("ltx-video-13b", help=f"Model shape, random weights: {', '.join(SHAPES)}."),
-    height: int = typer.Option(512, help="Pixels, a multiple of 32."),
-    width: int = typer.Option(768, help="Pixels, a multiple of 32."),
-    num_frames: int = typer.Option(121, help="Frames, 8k+1; tokens = ((F-1)/8+1) x H/32 x W/32."),
-    branches: Optional[int] = typer.Option(None, help="Guidance branches per step: 1 cond, 2 + uncond (CFG), 3 + STG, "
-                                           "4 + modality-isolated (LTX-2) [default: all of the shape's family]."),
-    branch_mode: str = typer.Option("batched", help="batched (one forward) | sequential (one per branch)."),
-    ulysses_degree: Optional[int] = typer.Option(None, help="Ulysses degree [default: world / (cfg x ring)]."),
-    ring_degree: int = typer.Option(1, help="Ring-attention degree."),
-    cfg_parallel: int = typer.Option(1, help="Spread the branches over this many rank groups."),
-    layouts: Optional[str] = typer.Option(None, "--layouts", help="Several layouts in one launch: 'all' (every "
-                                          "one that fits the world) or 'CxRxU,...', e.g. 1x1x4,1x2x2."),
-    a2a_mode: str = typer.Option("direct", help="direct | functional | both (ratios from the same launch)."),
-    comm_share: bool = typer.Option(False, help="Also time each Ulysses configuration with its exchanges "
-                                                "replaced by local copies: the difference is their share."),
-    compile: bool = typer.Option(False, "--compile", help="Also time each configuration with torch.compile'd "
-                                                          "blocks (the exchanges stay eager)."),
-    warmup: int = typer.Option(2, help="Untimed steps first (compilation happens here)."),
-    steps: int = typer.Option(5, help="Timed steps; the median is reported."),
-    baseline: str = typer.Option("none", help="none | diffusers: also time diffusers' transformer "
-                                              "(LTX-Video: with enable_parallelism(ContextParallelConfig(ulysses_degree=N)); "
-                                              "LTX-2: one GPU, called as LTX2Pipeline calls it, and all branches batched)."),
-    image: bool = typer.Option(False, "--image", help="Time image-to-video steps (per-token timesteps) instead."),
-    json_out: Optional[Path] = typer.Option(None, help="Write the records (a JSON list) here (rank 0)."),
-    profile: Optional[Path] = typer.Option(None, help="Profile one extra step of each configuration; "
-                                                      "each rank writes its kernel tables into this folder."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
-    dist_timeout: float = typer.Option(600.0, help="Seconds a collective may wait before the run fails."),
-    seed: int = typer.Option(0, help="Weight seed (the same on every rank)."),
+def run(
+    shape, height, width, num_frames, branches, branch_mode,
+    ulysses_degree, ring_degree, cfg_parallel, layouts, a2a_mode, comm_share,
+    compile, warmup, steps, baseline, image, json_out,
+    profile, device, dtype, dist_timeout, seed,
 ) -> None:
-    """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
-
-    Examples:
-
-      usp-infer bench --shape ltx-video-13b --warmup 2 --steps 5
-
-      torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json
-    """
+    """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs; the flags are
+    bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
     world = env_world_size()
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
     try:
         _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype)
+        check_device(device)  # --device cuda on a CPU-only machine: one line, not torch's traceback
         where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                              "cpu" if device == "auto" else device)
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,

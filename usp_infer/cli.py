@@ -19,6 +19,7 @@ from .config import ParallelConfig, Session
 from .errors import UsageError, one_line
 from .guidance import PRESETS
 from .request import build_for
+from .bench_cli import bench_command
 from .runner import check_weights, fail, run_session
 
 
@@ -29,6 +30,16 @@ def _models_dir() -> Path:
 
 
 DEFAULT_MODEL = _models_dir() / "ltx-tiny"
+
+
+def model_path(given: Path | str) -> Path:
+    """A model folder as given, or, where no such folder exists, the bundled tiny model of that name
+    (`--model ltx2-tiny` from any directory: the package carries models/*-tiny)."""
+    path = Path(given).expanduser()
+    bundled = _models_dir() / str(given)
+    if not path.exists() and path.name == str(given) and bundled.is_dir():
+        return bundled
+    return path
 
 
 def _help(summary: str, *examples: str) -> str:
@@ -106,7 +117,8 @@ AudioModalityScale = Annotated[Optional[str], _opt(help="LTX-2: modality-isolati
 AudioGuidanceRescale = Annotated[Optional[str], _opt(help="LTX-2: rescale r for the audio.")]
 ImageCrf = Annotated[Optional[int], _opt(help="LTX-2: H.264 CRF the image is re-compressed with before encoding, 0..51; 0 = off [default: 33].")]
 Audio = Annotated[Optional[bool], _opt("--audio/--no-audio", help="LTX-2: decode the audio track; --no-audio writes a silent mp4 [default: audio].")]
-Model = Annotated[Path, _opt(help="Diffusers-format LTX folder; default: the embedded tiny model.")]
+Model = Annotated[Path, _opt(help="Diffusers-format LTX folder, or a bundled tiny model by name (ltx-tiny, "
+                             "ltx2-tiny) from any directory; default: ltx-tiny.")]
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
 RingDegree = Annotated[Optional[int], _opt(help="Ring-attention degree [default: 1].")]
 CfgParallel = Annotated[Optional[int], _opt("--cfg-parallel", "--cfg-degree", help="Spread guidance branches over this many rank groups [default: 1].")]
@@ -154,7 +166,7 @@ def _session_from(flags: dict, **extra) -> Session:
     except ValueError as e:
         fail(2, str(e))
     return Session(
-        model=Path(f["model"]).expanduser(), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
+        model=model_path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
         quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"],
         vae_tiling=f["vae_tiling"], **extra,
     )
@@ -370,13 +382,24 @@ def decode(
         fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
     try:
         run_decode(latents.expanduser(), None if output is None else output.expanduser(),
-                   None if model is None else model.expanduser(), vae_tiling, device, dtype, overwrite, quiet, debug)
+                   None if model is None else model_path(model), vae_tiling, device, dtype, overwrite, quiet, debug)
     except UsageError as e:
         fail(2, str(e))
     except Exception as e:  # noqa: BLE001 - the edge: one line, the traceback only with --debug
         if debug:
             raise
         fail(1, f"decoding {latents}: {one_line(e)}")
+
+
+def layout_cost(cfg: int, ring: int, ulysses: int, branches: int) -> str:
+    """What one rank does in a step of a layout, with every guidance branch on, against one GPU doing it all."""
+    per_rank = -(-branches // cfg)  # the busiest cfg rank's branches
+    share = per_rank / branches / (ring * ulysses)
+    parts = [f"{per_rank} of {branches} branches" + (" (uneven: a cfg group idles part of a step)" if branches % cfg else ""),
+             f"1/{ring * ulysses} of the video tokens" if ring * ulysses > 1 else "all the video tokens"]
+    talk = [name for name, degree in (("all-to-all in each attention", ulysses), ("K/V passed round a ring", ring),
+                                      ("a gather of predictions each step", cfg)) if degree > 1]
+    return f"~{share:.2g} of one GPU's step per rank: " + ", ".join(parts) + ("; " + ", ".join(talk) if talk else "")
 
 
 def _count_parameters(folder: Path) -> int:
@@ -407,7 +430,8 @@ def info(
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
     try:
-        family, configs = resolve(model.expanduser())
+        model = model_path(model)
+        family, configs = resolve(model)
     except ValueError as e:
         fail(2, str(e))
     front = family.requests()
@@ -430,7 +454,7 @@ def info(
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
-        "layouts": [{"cfg": c, "ring": r, "ulysses": u}
+        "layouts": [{"cfg": c, "ring": r, "ulysses": u, "cost": layout_cost(c, r, u, front.MAX_BRANCHES)}
                     for c, r, u in layouts(gpus, front.attention_heads(configs), front.MAX_BRANCHES)],
         "configs": configs,
     }
@@ -444,9 +468,11 @@ def info(
     typer.echo(f"frames       {summary['frames']}")
     typer.echo(f"height/width {summary['height_width']}")
     typer.echo(f"tokens       {summary['tokens']}")
-    typer.echo(f"layouts for {gpus} process(es) (cfg x ring x ulysses; cfg needs guidance branches):")
+    typer.echo(f"layouts for {gpus} process(es) (cfg x ring x ulysses; cfg shares out the guidance branches), "
+               "with each rank's work:")
     for layout in summary["layouts"]:
-        typer.echo(f"  --cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}")
+        flags = f"--cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}"
+        typer.echo(f"  {flags:<56} {layout['cost']}")
 
 
 BENCH_HELP = (
@@ -457,19 +483,26 @@ BENCH_HELP = (
 )
 
 
-# A thin wrapper: its body imports bench (and so torch), so `usp-infer --help` and every other command start
-# without it. Its arguments, --help included, go to the real command, which typer builds on first use.
-@app.command("bench", help=BENCH_HELP, add_help_option=False,
-             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench(ctx: typer.Context) -> None:
-    from .bench import (
-        bench_command,  # torch + typer only: runs where diffusers is not installed
-    )
-
-    real = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    real.command("bench", help=BENCH_HELP)(bench_command)
-    real(args=ctx.args, prog_name=ctx.command_path)
+# Its flags live in a torch-free module and its body imports bench (and torch) only when it runs, so
+# `usp-infer bench --help` and every other command start without torch.
+app.command("bench", help=BENCH_HELP)(bench_command)
 
 
 def main() -> None:
-    app()
+    """The console script: click's own usage errors ("Error: No such option") in the one-line form every other
+    error has (`error: ...`, exit 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a run (a run says so itself and exits 130)
+        code = 130
+    except Exception as e:  # click's exceptions (typer vendors its own click): they know their message and code
+        if not callable(getattr(e, "format_message", None)):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `usp-infer` alone: the help, as click shows it
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        context = getattr(e, "ctx", None)
+        hint = f"; see {context.command_path} --help" if context is not None else ""
+        typer.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+        code = getattr(e, "exit_code", 2)
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -97,7 +97,7 @@ def family_of(model_dir: Path) -> Family:
     """The family of a diffusers-format folder; ValueError (one line, naming what was found) otherwise."""
     if not model_dir.is_dir():
         raise ValueError(f"--model {model_dir} is not a directory; pass a diffusers-format LTX folder "
-                         "(see models/README.md)")
+                         "(see models/README.md) or a bundled tiny model: ltx-tiny, ltx2-tiny")
     path = model_dir / "model_index.json"
     try:
         found = json.loads(path.read_text()).get("_class_name")

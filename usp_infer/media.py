@@ -78,8 +78,9 @@ def write_video(
     """Write float frames (F, H, W, 3) in [0, 1] as mp4, png frames or npz; returns the paths written.
 
     With `audio` (float (channels, samples) in [-1, 1], mono or stereo) and its sample rate, the mp4
-    gets an AAC stereo track, the npz also stores `audio`, `audio_sample_rate` and `audio_latents`,
-    and a .wav path writes the audio alone (the frames are then not written). png frames carry no audio.
+    gets an AAC stereo track, the npz also stores `audio`, `audio_sample_rate` and `audio_latents` (the
+    waveform as the vocoder made it), and a .wav path writes the audio alone, fitted to the frames' duration
+    (the frames themselves are not written). png frames carry no audio.
     Refuses to replace existing outputs unless `overwrite` (FileExistsError).
     """
     kind = output_kind(path)  # before Path(): a trailing slash means a directory
@@ -89,6 +90,8 @@ def write_video(
     elif kind == "wav":
         raise ValueError(f"output {path} is a .wav file but this model produced no audio; use {SUPPORTED_OUTPUTS}")
     if kind == "wav":
+        if frames is not None:  # as long as the video it goes with, as the mp4's track is (see _fit_audio)
+            audio = _fit_audio(audio, len(frames) / fps, audio_sample_rate)
         return [write_audio(path, audio, audio_sample_rate, overwrite=overwrite)]
     frames = _check_frames(frames)
     if kind == "mp4":

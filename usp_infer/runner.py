@@ -38,14 +38,18 @@ def close_progress() -> None:
 def fail(code: int, message: str, prefix: bool = True) -> NoReturn:
     """Print one error line and exit. A usage error is every rank's (rank 0 planned and broadcast it): rank 0
     alone prints it. `prefix=False` for an error every rank agreed on, already naming its rank if not 0."""
-    from .parallel.dist import env_rank, env_world_size
+    from .parallel.dist import env_rank, env_world_size, report_to_launcher, wait_for_main
 
     close_progress()
     rank = env_rank()
     if code == 2 and rank != 0:
+        wait_for_main()  # rank 0 says it; this rank exits 2 too, not 130 by torchrun's signal
         raise typer.Exit(code)
     prefix = f"rank {rank}: " if env_world_size() > 1 and code != 2 and prefix else ""
-    typer.echo(f"error: {prefix}{one_line(message)}", err=True)
+    line = f"error: {prefix}{one_line(message)}"
+    typer.echo(line, err=True)
+    if code == 2:
+        report_to_launcher(line)  # torchrun's closing report then names it as the root cause, last
     raise typer.Exit(code)
 
 
@@ -125,12 +129,7 @@ def _run(items: list[Item], s: Session) -> None:
     records, failures, mesh = [], [], None
     try:
         try:
-            try:  # a wrong layout fails before any rendezvous, on every rank alike
-                check_layout(s)
-            except UsageError:
-                if env_rank() != 0:  # rank 0 says it (fail prints there only); its exit makes torchrun end this rank
-                    time.sleep(5)
-                raise
+            check_layout(s)  # a wrong layout fails before any rendezvous, on every rank alike (rank 0 says it)
             control = join_world(device, s.parallel.timeout_s)
             items, parallel, todo, family = _plan(items, s, control)
         except UsageError as e:
@@ -191,6 +190,13 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     error = None
     try:
         check_weights(s.model)  # every rank: each loads its own copy of the transformer; before any progress line
+        if mesh.device.type == "cpu":
+            from .estimate import cpu_note
+
+            front = family.requests()
+            note = cpu_note(s.model, front.read_model_configs(s.model), [i.request for i in todo], front.MAX_BRANCHES)
+            if note:
+                say(note)
         say(f"loading {s.model} on {mesh.device} ({s.dtype})")
         dtype = getattr(torch, s.dtype)
         try:

@@ -274,7 +274,9 @@ def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: tor
         pixels = pixels.to(c.device, c.dtype)[None, :, None]  # (3, H, W) -> (1, 3, 1, H, W)
         encoded = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist.mode().float().cpu()
         mean, std = _video_stats(c.vae)
-        encoded = (encoded - mean) * c.vae.config.scaling_factor / std
+        # As LTX2ImageToVideoPipeline (and LTX-Video's image path): per-channel statistics, no scaling_factor
+        # (which the decode divides by); every LTX-2 VAE has 1, where the two readings agree.
+        encoded = (encoded - mean) / std
         cond = torch.zeros((1, 1, lay.frames, lay.height, lay.width))
         cond[:, :, 0] = 1.0
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)

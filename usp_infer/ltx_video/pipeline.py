@@ -71,8 +71,11 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
 
 
 def _load_text_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    import transformers
     from transformers import AutoTokenizer, T5EncoderModel
 
+    # encode_prompts loads it before load_components runs: without this --quiet prints transformers' weight bar
+    transformers.utils.logging.disable_progress_bar()
     encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
     return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer")
 

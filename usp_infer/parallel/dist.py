@@ -65,13 +65,14 @@ def _divisors(n: int) -> list[int]:
 def layouts(world_size: int, num_heads: int | None, num_branches: int | None) -> list[tuple[int, int, int]]:
     """Every (cfg, ring, ulysses) whose product is world_size and that the model can run.
 
-    Ulysses splits heads, so it must divide num_heads; cfg ranks run equal shares of the
-    guidance branches, so it must divide num_branches. None leaves that degree unconstrained.
+    Ulysses splits heads, so it must divide num_heads; cfg ranks share the guidance branches, so there are
+    at most num_branches of them (a share may be uneven: Plan.run_branches gives rank j % cfg branch j).
+    None leaves that degree unconstrained.
     """
     return [
         (cfg, ring, world_size // (cfg * ring))
         for cfg in _divisors(world_size)
-        if num_branches is None or num_branches % cfg == 0
+        if num_branches is None or cfg <= num_branches
         for ring in _divisors(world_size // cfg)
         if num_heads is None or num_heads % (world_size // (cfg * ring)) == 0
     ]
@@ -137,6 +138,41 @@ def env_world_size() -> int:
 def env_rank() -> int:
     """The rank torchrun announced (0 for a plain process): the CLI prints errors from it before any mesh exists."""
     return int(os.environ.get("RANK", "0"))
+
+
+def report_to_launcher(message: str) -> None:
+    """Under torchrun, put `message` in the error file torchrun gives each worker, so its closing report shows
+    it as the root cause (`traceback : error: ...`) instead of a pointer to its docs. torchrun still prints
+    that report and exits 1 when a worker fails; nothing a worker does silences it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the line is on stderr already; the report is a courtesy
+
+
+def wait_for_main(seconds: float = 5.0) -> None:
+    """A non-zero rank that met rank 0's usage error: give rank 0 the time to say it (torchrun ends every worker
+    as soon as one exits), returning early when torchrun's SIGTERM comes, so this rank too exits with the
+    usage error's code."""
+    import signal
+    import threading
+    import time
+
+    if env_world_size() == 1 or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _timeout_options(backend: str, timeout: timedelta):

@@ -1,0 +1,55 @@
+"""Before a long CPU run, one line says what it is and roughly how long; short runs say nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_cli import FAST, cli
+
+from usp_infer.estimate import cpu_note, parameters
+from usp_infer.ltx2 import request as ltx2_request
+from usp_infer.ltx_video import request as ltx_video_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("front, model, expected", [
+    (ltx_video_request, ROOT / "models" / "ltx-tiny", "480x704x121 = 5,280 video tokens x 40 steps x 2 branches"),
+    (ltx2_request, ROOT / "models" / "ltx2-tiny", "512x768x121 = 6,144 video tokens x 30 steps x 4 branches"),
+])
+def test_the_defaults_on_the_cpu_get_a_note_and_a_small_run_none(front, model, expected):
+    configs = front.read_model_configs(model)
+    defaults = front.build_request({"prompt": "a fox"}, configs)
+    note = cpu_note(model, configs, [defaults], front.MAX_BRANCHES)
+    assert note.startswith(f"note: on the CPU {expected}: roughly ") and "--steps 4" in note
+    longer = cpu_note(model, configs, [front.build_request({"prompt": "a fox", "num_frames": 1001}, configs)], 3)
+    assert _minutes(longer) > 10 * _minutes(note)  # attention grows with the square of the tokens
+    small = front.build_request({"prompt": "a fox", "height": 64, "width": 96, "num_frames": 9, "steps": 4}, configs)
+    assert cpu_note(model, configs, [small], front.MAX_BRANCHES) is None
+
+
+def _minutes(note: str) -> float:
+    value, unit = note.split("roughly ")[1].split(" of denoising")[0].split()
+    return float(value) / (60 if unit == "s" else 1)
+
+
+def test_parameters_come_from_the_headers():
+    from safetensors.torch import load_file
+
+    folder = ROOT / "models" / "ltx-tiny" / "transformer"
+    assert parameters(folder) == sum(t.numel() for t in load_file(next(folder.glob("*.safetensors"))).values())
+
+
+def test_generate_says_it_before_loading(tmp_path, monkeypatch):
+    from usp_infer.ltx_video import pipeline
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped here by the test")
+
+    monkeypatch.setattr(pipeline, "encode_prompts", stop)
+    result = cli("generate", "--prompt", "a fox", "--device", "cpu", "-o", tmp_path / "a.mp4")
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("note: on the CPU 480x704x121 = 5,280 video tokens x 40 steps") and lines[1].startswith("loading")
+    quick = cli("generate", "--prompt", "a fox", *FAST, "--device", "cpu", "-o", tmp_path / "b.mp4")
+    assert "note:" not in quick.stderr
