@@ -449,6 +449,10 @@ def bench_command(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     dist_timeout: float = typer.Option(600.0, help="Seconds a collective may wait before the run fails."),
     seed: int = typer.Option(0, help="Weight seed (the same on every rank)."),
+    recipe: Optional[str] = typer.Option(None, help="LTX-2: time whole generations instead, by phase (stage 1, "
+                                         "upsample, stage 2, decodes, mp4): one-stage, distilled, two-stage, "
+                                         "two-stage-distilled, a comma list or 'all'; --height/--width are the "
+                                         "output's; the dev recipe takes the weights' steps (one process)."),
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
 
@@ -459,6 +463,8 @@ def bench_command(
       torchrun --nproc_per_node 4 -m usp_infer bench --layouts all --a2a-mode both --json-out r.json
     """
     world = env_world_size()
+    if recipe is not None:
+        return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world)
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
     try:
@@ -494,6 +500,40 @@ def bench_command(
         teardown()
     if env_rank() == 0:
         _print_table(records)
+
+
+def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames: int, device: str,
+                   dtype: str, seed: int, json_out: Path | None, world: int) -> None:
+    """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process."""
+    from .ltx2 import bench_e2e
+    from .ltx2.recipes import check_two_stage_size
+
+    names = list(bench_e2e.RECIPES) if recipe == "all" else recipe.split(",")
+    try:
+        unknown = [n for n in names if n not in bench_e2e.RECIPES]
+        if unknown:
+            raise ValueError(f"--recipe {unknown[0]!r} is unknown; use {', '.join(bench_e2e.RECIPES)}, a list or all")
+        if shape not in LTX2_SHAPES:
+            raise ValueError(f"--recipe runs LTX-2 shapes ({', '.join(LTX2_SHAPES)}), not {shape}")
+        if world != 1:
+            raise ValueError("--recipe times one process; run it without torchrun")
+        if any(n.startswith("two-stage") for n in names):
+            check_two_stage_size(height, width)
+        _validated(shape, height, width, num_frames, 1, "batched", "direct", "none", 1, 1, dtype)
+        where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                             "cpu" if device == "auto" else device)
+        _check_fits_host(Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype)))
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
+                                      seed, 1, randomize)
+    for r in records:
+        r["command"] = _command_line()
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(records, indent=1))
+    bench_e2e.print_table(records, typer.echo)
 
 
 def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, timeout_s: float,
