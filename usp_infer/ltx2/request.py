@@ -184,7 +184,7 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
         raise UsageError(f"--preset {name!r} is not an LTX-2 preset; use one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     try:
-        recipe = build_recipe(o, preset.get("sigmas"), configs, Path(configs["folder"]))  # sets steps from sigmas
+        recipe = build_recipe(o, preset.get("sigmas"), configs, Path(configs.get("folder", ".")))  # sets steps from sigmas
     except ValueError as e:
         raise UsageError(str(e)) from None
     o.setdefault("steps", preset["steps"])
