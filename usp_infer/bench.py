@@ -423,11 +423,13 @@ def run(
     shape, height, width, num_frames, branches, branch_mode,
     ulysses_degree, ring_degree, cfg_parallel, layouts, a2a_mode, comm_share,
     compile, warmup, steps, baseline, image, json_out,
-    profile, device, dtype, dist_timeout, seed,
+    profile, device, dtype, dist_timeout, seed, recipe=None,
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs; the flags are
     bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
     world = env_world_size()
+    if recipe is not None:
+        return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world)
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
     try:
@@ -464,6 +466,40 @@ def run(
         teardown()
     if env_rank() == 0:
         _print_table(records)
+
+
+def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames: int, device: str,
+                   dtype: str, seed: int, json_out: Path | None, world: int) -> None:
+    """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process."""
+    from .ltx2 import bench_e2e
+    from .ltx2.recipes import check_two_stage_size
+
+    names = list(bench_e2e.RECIPES) if recipe == "all" else recipe.split(",")
+    try:
+        unknown = [n for n in names if n not in bench_e2e.RECIPES]
+        if unknown:
+            raise ValueError(f"--recipe {unknown[0]!r} is unknown; use {', '.join(bench_e2e.RECIPES)}, a list or all")
+        if shape not in LTX2_SHAPES:
+            raise ValueError(f"--recipe runs LTX-2 shapes ({', '.join(LTX2_SHAPES)}), not {shape}")
+        if world != 1:
+            raise ValueError("--recipe times one process; run it without torchrun")
+        if any(n.startswith("two-stage") for n in names):
+            check_two_stage_size(height, width)
+        _validated(shape, height, width, num_frames, 1, "batched", "direct", "none", 1, 1, dtype)
+        where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                             "cpu" if device == "auto" else device)
+        _check_fits_host(Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype)))
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
+                                      seed, 1, randomize)
+    for r in records:
+        r["command"] = _command_line()
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(records, indent=1))
+    bench_e2e.print_table(records, typer.echo)
 
 
 def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, timeout_s: float,

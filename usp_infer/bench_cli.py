@@ -42,6 +42,10 @@ def bench_command(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     dist_timeout: float = typer.Option(600.0, help="Seconds a collective may wait before the run fails."),
     seed: int = typer.Option(0, help="Weight seed (the same on every rank)."),
+    recipe: Optional[str] = typer.Option(None, help="LTX-2: time whole generations instead, by phase (stage 1, "
+                                         "upsample, stage 2, decodes, mp4): one-stage, distilled, two-stage, "
+                                         "two-stage-distilled, a comma list or 'all'; --height/--width are the "
+                                         "output's; the dev recipe takes the weights' steps (one process)."),
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
 

@@ -102,7 +102,7 @@ StgMode = Annotated[Optional[str], _opt(help="values | skip | residual | block [
 GuidanceRescale = Annotated[Optional[str], _opt(help="Rescale r in [0,1] (or list) [default: 0 = off].")]
 CfgStar = Annotated[Optional[bool], _opt("--cfg-star/--no-cfg-star", help="CFG-star: rescale the uncond prediction.")]
 GuidanceTimesteps = Annotated[Optional[str], _opt(help="Descending sigma thresholds for per-interval scale lists.")]
-Preset = Annotated[Optional[str], _opt(help=f"Named defaults: {', '.join(PRESETS)}.")]
+Preset = Annotated[Optional[str], _opt(help=f"Named defaults: {', '.join(PRESETS)}; LTX-2: ltx-2, ltx-2.3, ltx-2-distilled, ltx-2.3-distilled.")]
 ImageOpt = Annotated[Optional[str], _opt("--image", help="PNG/JPEG conditioning the first frame (image-to-video).")]
 ImageStrength = Annotated[Optional[float], _opt(help="How firmly the image holds, in [0,1] [default: 1].")]
 MaxSequenceLength = Annotated[Optional[int], _opt(help="T5 tokens [default: 128].")]
@@ -117,6 +117,13 @@ AudioModalityScale = Annotated[Optional[str], _opt(help="LTX-2: modality-isolati
 AudioGuidanceRescale = Annotated[Optional[str], _opt(help="LTX-2: rescale r for the audio.")]
 ImageCrf = Annotated[Optional[int], _opt(help="LTX-2: H.264 CRF the image is re-compressed with before encoding, 0..51; 0 = off [default: 33].")]
 Audio = Annotated[Optional[bool], _opt("--audio/--no-audio", help="LTX-2: decode the audio track; --no-audio writes a silent mp4 [default: audio].")]
+# LTX-2 recipes (ltx2/recipes.py): sigma lists, two stages with the latent upsampler, LoRAs.
+Sigmas = Annotated[Optional[str], _opt(help="LTX-2: run this sigma list as given, e.g. 1,0.99375,...,0.421875 (the final 0 implied); sets the steps.")]
+TwoStage = Annotated[Optional[bool], _opt("--two-stage", help="LTX-2: stage 1 at half --height/--width, the x2 latent upsampler, a short stage 2 at full size.")]
+Upsampler = Annotated[Optional[str], _opt(help="LTX-2 --two-stage: the LTX2LatentUpsamplerModel folder [default: MODEL/latent_upsampler].")]
+Stage2Sigmas = Annotated[Optional[str], _opt(help="LTX-2 --two-stage: stage 2's sigmas; it re-noises to the first [default: 0.909375,0.725,0.421875].")]
+Lora = Annotated[Optional[list[str]], _opt("--lora", help="LTX-2: PATH[:STRENGTH] of a LoRA (Lightricks or diffusers keys), fused for both stages; repeatable.")]
+Stage2Lora = Annotated[Optional[list[str]], _opt("--stage2-lora", help="LTX-2 --two-stage: PATH[:STRENGTH] of a LoRA for stage 2 only (the distilled LoRA); repeatable.")]
 Model = Annotated[Path, _opt(help="Diffusers-format LTX folder, or a bundled tiny model by name (ltx-tiny, "
                              "ltx2-tiny) from any directory; default: ltx-tiny.")]
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
@@ -228,6 +235,12 @@ def generate(
     audio_guidance_rescale: AudioGuidanceRescale = None,
     image_crf: ImageCrf = None,
     audio: Audio = None,
+    sigmas: Sigmas = None,
+    two_stage: TwoStage = None,
+    upsampler: Upsampler = None,
+    stage2_sigmas: Stage2Sigmas = None,
+    lora: Lora = None,
+    stage2_lora: Stage2Lora = None,
     model: Model = DEFAULT_MODEL,
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
@@ -305,6 +318,12 @@ def batch(
     audio_guidance_rescale: AudioGuidanceRescale = None,
     image_crf: ImageCrf = None,
     audio: Audio = None,
+    sigmas: Sigmas = None,
+    two_stage: TwoStage = None,
+    upsampler: Upsampler = None,
+    stage2_sigmas: Stage2Sigmas = None,
+    lora: Lora = None,
+    stage2_lora: Stage2Lora = None,
     model: Model = DEFAULT_MODEL,
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
@@ -423,6 +442,8 @@ def info(
     model: Path = typer.Argument(DEFAULT_MODEL, help="Diffusers-format LTX folder [default: the embedded tiny model]."),
     gpus: int = _opt(1, help="Number of processes to list (cfg, ring, ulysses) layouts for."),
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
+    lora: Lora = None,
+    stage2_lora: Stage2Lora = None,
 ) -> None:
     from .families import resolve
     from .parallel.dist import layouts
@@ -458,6 +479,14 @@ def info(
                     for c, r, u in layouts(gpus, front.attention_heads(configs), front.MAX_BRANCHES)],
         "configs": configs,
     }
+    if lora or stage2_lora:  # the LoRAs a run with these flags would apply, checked against the weights
+        describe = getattr(front, "describe_loras", None)
+        if describe is None:
+            fail(2, f"--lora is a flag of ltx-2 models, but {model} is an {family.name} model")
+        try:
+            summary["loras"] = describe(configs, lora or [], stage2_lora or [])
+        except ValueError as e:
+            fail(2, str(e))
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -468,6 +497,9 @@ def info(
     typer.echo(f"frames       {summary['frames']}")
     typer.echo(f"height/width {summary['height_width']}")
     typer.echo(f"tokens       {summary['tokens']}")
+    for entry in summary.get("loras", []):
+        typer.echo(f"lora         {entry['path']} x{entry['strength']:g} ({entry['stage']}): {entry['modules']} "
+                   f"modules, rank {'/'.join(map(str, entry['rank']))}")
     typer.echo(f"layouts for {gpus} process(es) (cfg x ring x ulysses; cfg shares out the guidance branches), "
                "with each rank's work:")
     for layout in summary["layouts"]:

@@ -83,10 +83,11 @@ FAMILIES = (
                 "video and audio VAEs, vocoder)",
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
         front="usp_infer.ltx2.request",
-        module="usp_infer.ltx2.pipeline",
+        module="usp_infer.ltx2.stages",  # pipeline.py + two stages
         flags=frozenset({"modality_scale", "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale",
-                         "audio_guidance_rescale", "image_crf", "audio"}),
-        presets=("ltx-2", "ltx-2.3"),
+                         "audio_guidance_rescale", "image_crf", "audio"})
+        | frozenset({"sigmas", "two_stage", "upsampler", "stage2_sigmas", "lora", "stage2_lora"}),  # ltx2/recipes.py
+        presets=("ltx-2", "ltx-2.3", "ltx-2-distilled", "ltx-2.3-distilled"),
         audio=True,
     ),
 )

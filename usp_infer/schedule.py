@@ -43,3 +43,13 @@ def sigma_schedule(scheduler_config: dict, steps: int, tokens: int) -> tuple[tor
     )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
     return scheduler.timesteps, scheduler.sigmas
+
+
+def explicit_schedule(scheduler_config: dict, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas + [0]) for a sigma list run as given (LTX-2's distilled and stage-2 lists): diffusers'
+    FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=False and shift_terminal=None, in float32 as it
+    computes them; its `shift` (1 in the LTX folders) still maps s to shift s / (1 + (shift - 1) s)."""
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    shift = float(scheduler_config.get("shift", 1.0))
+    s = shift * s / (1 + (shift - 1) * s)
+    return s * scheduler_config.get("num_train_timesteps", 1000), torch.cat([s, torch.zeros(1)])

@@ -72,10 +72,12 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
             "write_s": round(write_s, 4),
             "step_s": [round(t, 4) for t in result.step_times],
             "model_load_s": round(load_s, 4),  # once per run, shared by its items
+            **{k: round(v, 4) for k, v in getattr(result, "phases", {}).items()},  # LTX-2: stage 1, upsample, ...
         },
         "peak_memory_gb": max(peaks),
         "peak_memory_gb_per_rank": peaks,
         "peak_memory_of": peak_memory_of(mesh.device),
+        **({"recipe": result.recipe} if getattr(result, "recipe", None) else {}),  # LTX-2: sigmas, LoRAs, stages
         "versions": versions(),
     }
 

@@ -30,7 +30,7 @@ from ..parallel.plan import Plan
 # LTX2Pipeline sets its schedule as LTXPipeline does: sigmas linspace(1, 1/N, N), mu linear in the (video) token
 # count, extrapolated past max_image_seq_len; one step skips the terminal stretch. diffusers steps the audio
 # with a deep copy of the same scheduler, so the stateless Euler update in `Denoiser.step` serves both.
-from ..schedule import sigma_schedule
+from ..schedule import explicit_schedule, sigma_schedule
 from .request import (  # noqa: F401 - the request side, re-exported with the pipeline
     PRESETS,
     LTX2Guidance,
@@ -63,6 +63,8 @@ class Components:
     dtype: torch.dtype
     # (prompt, max_sequence_length) -> (video text, audio text, mask) on the CPU, as the connectors made them
     text_cache: dict = field(default_factory=dict)
+    fuser: Any = None  # lora.Fuser once a LoRA is asked for: the transformer's weights with the LoRAs of the moment
+    upsamplers: dict = field(default_factory=dict)  # folder -> latent upsampler (the main rank, two stages)
 
     @property
     def sample_rate(self) -> int:
@@ -326,6 +328,8 @@ class Result:
     decode_time: float = 0.0
     encode_text_time: float = 0.0
     vae_tiling: bool = False
+    recipe: dict = field(default_factory=dict)  # for the sidecar: each stage's sigmas and LoRAs, the upsampler
+    phases: dict = field(default_factory=dict)  # seconds per phase (stage1_s, upsample_s, stage2_s, ...)
 
     def outputs(self) -> dict:
         """What media.write_video writes besides the frames."""
@@ -412,12 +416,50 @@ class Denoiser:
 @torch.no_grad()
 def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True,
              vae_tiling: bool = False, say: Callable[[str], None] | None = None) -> Result:
-    """One video with sound; `say` hears what is happening around the step bar (the main rank's only)."""
-    from tqdm import tqdm
-
+    """One video with sound, one stage (stages.generate runs two); `say` hears what is happening around the
+    step bar (the main rank's only)."""
     say = say or (lambda message: None)
-
     plan = plan or Plan.build(ParallelConfig(), str(c.device))  # one process: no process group
+    start = time.perf_counter()
+    stage = run_one_stage(c, req, plan, progress, say, torch.Generator("cpu").manual_seed(req.seed))
+    phases = {"stage1_s": time.perf_counter() - start - stage.encode_text_time}
+    return finish(c, req, plan, stage, {"name": req.recipe.name, "stage1": stage.record}, phases, vae_tiling, say)
+
+
+@dataclass
+class Stage:
+    """One denoising stage's outcome: the final latents, whole on every rank, and what made them."""
+
+    video: torch.Tensor  # (1, T_v, C) packed, normalised
+    audio: torch.Tensor  # (1, L, C_a*M)
+    layout: Layout
+    text: dict  # name -> (video text, audio text, mask) on the device
+    step_times: list[float]
+    encode_text_time: float
+    record: dict  # for the sidecar: steps, sigmas, LoRAs
+
+
+def use_loras(c: Components, specs) -> list[dict]:
+    """Fuse exactly the LoRAs `specs` into this rank's transformer (lora.Fuser); what the sidecar records."""
+    if c.fuser is None:
+        if not specs:
+            return []
+        from .lora import Fuser
+
+        c.fuser = Fuser(c.transformer)
+    return c.fuser.use(specs)
+
+
+def schedule(c: Components, req: LTX2Request, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas + [0]): the request's sigma list as given, else linspace with the folder's shift."""
+    if req.recipe.sigmas is not None:
+        return explicit_schedule(c.scheduler_config, req.recipe.sigmas)
+    return sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
+
+
+def run_one_stage(c: Components, req: LTX2Request, plan: Plan, progress: bool, say: Callable[[str], None],
+                  generator: torch.Generator) -> Stage:
+    """The text, the initial latents (rank 0 draws them from `generator`) and the loop of `req`."""
     blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
     if blocks is not None and any(not 0 <= b < blocks for b in req.guidance.stg_blocks):
         raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
@@ -425,6 +467,7 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
     if not c.transformer.cfg.perturbed_attn:  # LTX-2.0 weights: STG changes nothing, so skip its forward
         names = tuple(n for n in names if n != "perturbed")
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
+    loras = use_loras(c, req.recipe.loras)
 
     def prepare() -> tuple:
         """Rank 0's part (it holds the VAEs and the text): the sizes, the text, the initial latents, on the CPU."""
@@ -432,13 +475,24 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         start = time.perf_counter()
         text = {name: tuple(t.cpu() for t in v) for name, v in encode_text(c, prompts, req.max_sequence_length).items()}
         lay = layout(c, req)
-        latents = initial_latents(c, req, lay, torch.Generator("cpu").manual_seed(req.seed))
+        latents = initial_latents(c, req, lay, generator)
         return lay, text, latents, time.perf_counter() - start
 
-    lay, text, (video, cond_mask, audio), encode_text_time = plan.from_main(prepare)
+    lay, text, latents, encode_text_time = plan.from_main(prepare)
     text = {name: tuple(t.to(c.device) for t in v) for name, v in text.items()}
-    timesteps, sigmas = sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
+    timesteps, sigmas = schedule(c, req, lay)
+    video, audio, step_times = run_stage(c, req, plan, lay, text, latents, timesteps, sigmas, names, progress)
+    record = {"steps": len(timesteps), "sigmas": sigmas[:-1].tolist(), "loras": loras}
+    return Stage(video, audio, lay, text, step_times, encode_text_time, record)
 
+
+def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: dict, latents: tuple,
+              timesteps: torch.Tensor, sigmas: torch.Tensor, names: tuple[str, ...], progress: bool):
+    """The denoising loop from `latents` = (video, conditioning mask or None, audio), whole, on the CPU:
+    (video gathered on every rank, audio, step times)."""
+    from tqdm import tqdm
+
+    video, cond_mask, audio = latents
     # Video tokens are sharded for the whole loop; audio is whole on every rank.
     shard = plan.shard(lay.video_tokens)
     video = shard.split(video).to(c.device)
@@ -458,28 +512,37 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
                         audio.shape[1] * audio.shape[2], keep, level)
 
     step_times = []
-    bar = tqdm(total=req.steps, disable=not (progress and plan.is_main), unit="step", dynamic_ncols=True)
+    steps = len(timesteps)
+    bar = tqdm(total=steps, disable=not (progress and plan.is_main), unit="step", dynamic_ncols=True)
     for i, t in enumerate(timesteps):
         start = time.perf_counter()
         sigma, dsigma = sigmas[i].item(), (sigmas[i + 1] - sigmas[i]).item()
         video, audio = denoiser.step(video, audio, t.to(c.device), sigma, dsigma)
-        plan.check_finite(i, req.steps, video, audio)
+        plan.check_finite(i, steps, video, audio)
         step_times.append(time.perf_counter() - start)
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
         bar.update()
     bar.close()
+    return shard.gather(video), audio, step_times
 
-    video = shard.gather(video)
+
+def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: dict, phases: dict,
+           vae_tiling: bool, say: Callable[[str], None]) -> Result:
+    """Decode the last stage's latents on the main rank (the others return timings only)."""
+    lay, times = stage.layout, stage.step_times
     if not plan.is_main:
-        return Result(None, None, c.sample_rate, None, None, step_times, encode_text_time=encode_text_time)
+        return Result(None, None, c.sample_rate, None, None, times, encode_text_time=stage.encode_text_time,
+                      recipe=recipe, phases=phases)
     start = time.perf_counter()
     say("decoding" + (" in tiles" if vae_tiling else ""))
     if vae_tiling:
         c.vae.enable_tiling()
-    frames, latents = decode_video(c, video, lay)
-    waveform, audio_latents = decode_audio(c, audio, lay) if req.audio else (None, None)
-    return Result(frames, waveform, c.sample_rate, latents, audio_latents, step_times, time.perf_counter() - start,
-                  encode_text_time, vae_tiling)
+    frames, latents = decode_video(c, stage.video, lay)
+    phases["video_decode_s"] = time.perf_counter() - start
+    waveform, audio_latents = decode_audio(c, stage.audio, lay) if req.audio else (None, None)
+    phases["audio_decode_s"] = time.perf_counter() - start - phases["video_decode_s"]
+    return Result(frames, waveform, c.sample_rate, latents, audio_latents, times, time.perf_counter() - start,
+                  stage.encode_text_time, vae_tiling, recipe, phases)
 
 
 @torch.no_grad()

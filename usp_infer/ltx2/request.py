@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import check_video
+from .recipes import DISTILLED_SIGMAS, Recipe, build_recipe, check_two_stage_size, describe_loras  # noqa: F401
 
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
 
@@ -58,6 +59,11 @@ class LTX2Guidance:
 PRESETS: dict[str, dict] = {
     "ltx-2.3": dict(steps=30, fps=24.0, guidance=LTX2Guidance()),
     "ltx-2": dict(steps=40, fps=24.0, guidance=LTX2Guidance(stg_blocks=(29,))),
+    # The distilled weights' recipe (recipes.py): 8 fixed sigmas, every guidance term off.
+    "ltx-2.3-distilled": dict(steps=8, fps=24.0, sigmas=DISTILLED_SIGMAS, guidance=LTX2Guidance(
+        ModalityGuidance(), ModalityGuidance(), (28,))),
+    "ltx-2-distilled": dict(steps=8, fps=24.0, sigmas=DISTILLED_SIGMAS, guidance=LTX2Guidance(
+        ModalityGuidance(), ModalityGuidance(), (29,))),
 }
 
 
@@ -79,9 +85,12 @@ class LTX2Request:
     image_crf: int = 33  # H.264 re-compression of the image before encoding; 0 = off (diffusers default 33)
     branches: str = "batched"  # "batched": one transformer call per step; "sequential": one per branch
     audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
+    recipe: Recipe = Recipe()  # sigma lists, two stages, LoRAs (recipes.py)
 
     def __post_init__(self) -> None:
         check_video(self)
+        if self.recipe.two_stage:
+            check_two_stage_size(self.height, self.width)
         if not 0 <= self.image_crf <= 51:
             raise ValueError(f"--image-crf {self.image_crf} must be in 0..51 (0 = no re-compression)")
 
@@ -120,6 +129,10 @@ def read_model_configs(model_dir: Path) -> dict[str, dict]:
     tokenizer_config = model_dir / "tokenizer" / "tokenizer_config.json"
     if tokenizer_config.is_file():
         configs["tokenizer"] = json.loads(tokenizer_config.read_text())
+    configs["folder"] = str(model_dir)  # where recipes.build_recipe finds the weights a LoRA must fit, the upsampler
+    upsampler = model_dir / "latent_upsampler" / "config.json"
+    if upsampler.is_file():  # optional: what --two-stage uses by default
+        configs["latent_upsampler"] = json.loads(upsampler.read_text())
     if not any((model_dir / "transformer").glob("*.safetensors")):
         raise ValueError(f"{model_dir / 'transformer'} holds no *.safetensors weights")
     t, v, a = configs["transformer"], configs["vae"], configs["audio_vae"]
@@ -170,6 +183,10 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is not an LTX-2 preset; use one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
+    try:
+        recipe = build_recipe(o, preset.get("sigmas"), configs, Path(configs.get("folder", ".")))  # sets steps from sigmas
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     o.setdefault("steps", preset["steps"])
     o.setdefault("fps", preset["fps"])
 
@@ -197,7 +214,7 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
         if any(b >= layers for b in blocks):
             raise UsageError(f"--stg-blocks {max(blocks)} is out of range: the model has {layers} blocks "
                              f"(0..{layers - 1})")
-        req = LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), **o)
+        req = LTX2Request(guidance=LTX2Guidance(video, audio, tuple(blocks)), recipe=recipe, **o)
         _check_audio_tokens(req, configs["audio_vae"])
         return req
     except ValueError as e:

@@ -365,4 +365,72 @@ def make_tiny_ltx2(directory: Path | str, seed: int = 0, version: str = "2.3") -
         raise FileExistsError(f"{directory} exists and is not an empty directory; remove it or pick another path")
     pipe = LTX2Pipeline(**build_components(seed, version), processor=None, prompt_enhancer=None, duration_head=None)
     pipe.save_pretrained(directory, safe_serialization=True)
+    # Where diffusers' LTX-2 folders keep it (LTX2Pipeline itself does not load it): what --two-stage uses.
+    build_upsampler(seed).save_pretrained(directory / "latent_upsampler", safe_serialization=True)
     return directory
+
+
+# --- the latent upsampler and LoRA files of the tests -----------------------------------------------
+
+# diffusers' LTX2LatentUpsamplerModel at tiny width: GroupNorm(32, ·) needs mid_channels a multiple of 32.
+UPSAMPLER_CONFIG = {"in_channels": LATENT_CHANNELS, "mid_channels": 32, "num_blocks_per_stage": 1, "dims": 3,
+                    "spatial_upsample": True, "temporal_upsample": False, "rational_spatial_scale": 2.0}
+
+
+def build_upsampler(seed: int = 0):
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    return _seeded(seed + 6, lambda: LTX2LatentUpsamplerModel(**UPSAMPLER_CONFIG))
+
+
+# Lightricks' names of the modules whose diffusers names differ (the inverse of diffusers' conversion).
+_LIGHTRICKS_NAMES = (
+    ("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_proj"),
+    ("audio_time_embed.", "audio_adaln_single."), ("time_embed.", "adaln_single."),
+    ("audio_prompt_adaln.", "audio_prompt_adaln_single."), ("prompt_adaln.", "prompt_adaln_single."),
+    ("av_cross_attn_video_scale_shift.", "av_ca_video_scale_shift_adaln_single."),
+    ("av_cross_attn_video_a2v_gate.", "av_ca_a2v_gate_adaln_single."),
+    ("av_cross_attn_audio_scale_shift.", "av_ca_audio_scale_shift_adaln_single."),
+    ("av_cross_attn_audio_v2a_gate.", "av_ca_v2a_gate_adaln_single."),
+)
+
+
+def lora_targets(weights: dict) -> list[str]:
+    """The transformer's 2-D Linear weights a LoRA may touch: every projection (attention, FFN, in/out, adaLN)."""
+    return sorted(name for name, entry in weights.items() if name.endswith(".weight") and len(entry["shape"]) == 2)
+
+
+@torch.no_grad()
+def write_lora(path: Path | str, transformer_dir: Path | str, fmt: str = "lightricks", rank: int = 2,
+               seed: int = 0, targets: list[str] | None = None, alpha: float | None = None) -> Path:
+    """A random LoRA for a transformer folder, in `fmt`: "lightricks" (diffusion_model. + Lightricks' module
+    names, lora_A/lora_B), "diffusers" (transformer. + diffusers' names), "kohya" (diffusion_model. names,
+    lora_down/lora_up + alpha). Large enough factors that a LoRA left out or mis-scaled changes the video."""
+    from safetensors.torch import save_file
+
+    from .lora import weight_table
+
+    weights = weight_table(Path(transformer_dir))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in targets or lora_targets(weights):
+        out_dim, in_dim = weights[name]["shape"]
+        module = name[: -len(".weight")]
+        if fmt == "diffusers":
+            key = "transformer." + module
+        else:
+            for ours, theirs in _LIGHTRICKS_NAMES:
+                if module.startswith(ours):
+                    module = theirs + module[len(ours):]
+                    break
+            key = "diffusion_model." + module
+        a = torch.randn(rank, in_dim, generator=gen) * 0.3
+        b = torch.randn(out_dim, rank, generator=gen) * 0.3
+        if fmt == "kohya":
+            tensors[key + ".lora_down.weight"], tensors[key + ".lora_up.weight"] = a, b
+            tensors[key + ".alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        else:
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+    path = Path(path)
+    save_file(tensors, str(path))
+    return path

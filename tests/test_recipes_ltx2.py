@@ -1,0 +1,307 @@
+"""LTX-2 recipes against diffusers (fp32, CPU, tiny folders from the writer): the distilled preset, LoRAs in both
+key formats, two stages with the latent upsampler and a stage-2 LoRA, each with an image; bad input.
+
+The references are diffusers' own calls: `LTX2Pipeline(sigmas=...)` with the scheduler that runs a list as given
+(`use_dynamic_shifting=False, shift_terminal=None`), `load_lora_weights` + `set_adapters`, and the two-stage chain
+`LTX2Pipeline(output_type="latent") -> LTX2LatentUpsamplePipeline -> LTX2Pipeline(latents=, audio_latents=,
+noise_scale=, sigmas=)` with one generator. Same fp32 math and draws: differences are op-order rounding (~1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers.pipelines.ltx2 import LTX2LatentUpsamplePipeline
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
+from PIL import Image
+from test_cli import cli, error_line, snapshot
+
+from usp_infer.ltx2 import lora, recipes
+from usp_infer.ltx2.tiny import build_upsampler, make_tiny_ltx2, write_lora
+
+ATOL = 1e-4  # fp32, the same draws: what is left is the order of float operations
+PROMPT, NEGATIVE = "a dog barking at the sea", "blurry, silent"
+COMMON = ["--num-frames", "9", "--max-sequence-length", "16", "--seed", "3", "--quiet"]
+# Every stage-1 term on, video and audio apart (the tiny model has 2 blocks: STG on its last).
+GUIDED = ["--guidance-scale", "3", "--stg-scale", "1", "--modality-scale", "2.5", "--guidance-rescale", "0.7",
+          "--audio-guidance-scale", "5", "--audio-stg-scale", "0.5", "--audio-modality-scale", "2",
+          "--audio-guidance-rescale", "0.5", "--stg-blocks", "1"]
+GUIDED_KW = dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=2.5, guidance_rescale=0.7, audio_guidance_scale=5.0,
+                 audio_stg_scale=0.5, audio_modality_scale=2.0, audio_guidance_rescale=0.5,
+                 spatio_temporal_guidance_blocks=[1])
+OFF_KW = dict(guidance_scale=1.0, stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=1.0,
+              audio_stg_scale=0.0, audio_modality_scale=1.0, audio_guidance_rescale=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    model = make_tiny_ltx2(root / "model")
+    files = {fmt: write_lora(root / f"{fmt}.safetensors", model / "transformer", fmt, seed=1)
+             for fmt in ("lightricks", "diffusers", "kohya")}
+    files["stage2"] = write_lora(root / "stage2.safetensors", model / "transformer", "lightricks", seed=2)
+    other = root / "other_upsampler"
+    build_upsampler(seed=9).save_pretrained(other)
+    for size in (64, 128):
+        Image.fromarray(np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / f"image{size}.png")
+    return root, model, files
+
+
+def _ours(tmp: Path, model: Path, *args) -> np.lib.npyio.NpzFile:
+    out = tmp / f"o{len(list(tmp.glob('o*.npz')))}.npz"
+    result = cli("generate", "--model", model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, *COMMON, *args,
+                 "-o", out)
+    assert result.exit_code == 0, result.output
+    return np.load(out)
+
+
+def _pipe(model: Path, image: bool = False, scheduler_as_given: bool = False):
+    pipe = (LTX2ImageToVideoPipeline if image else LTX2Pipeline).from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler_as_given:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                                     shift_terminal=None)
+    return pipe
+
+
+def _call(pipe, size: int, generator, image=None, **kw):
+    extra = {} if image is None else {"image": Image.open(image)}
+    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_frames=9, frame_rate=24.0,
+                max_sequence_length=16, use_cross_timestep=True, generator=generator, return_dict=False,
+                **extra, **kw)
+
+
+def _close(ours, video, audio) -> None:
+    np.testing.assert_allclose(ours["frames"], video[0], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(ours["audio"], np.asarray(audio[0], dtype=np.float32), rtol=0, atol=ATOL)
+
+
+def _moved(a, b) -> bool:
+    return float(np.abs(a["frames"] - b["frames"]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_distilled_preset_equals_ltx2_pipeline_with_distilled_sigmas(tiny, tmp_path, image):
+    root, model, _ = tiny
+    img = root / "image64.png" if image else None
+    ours = _ours(tmp_path, model, "--height", "64", "--width", "64", "--preset", "ltx-2.3-distilled",
+                 *(["--image", img] if image else []))
+    video, audio = _call(_pipe(model, image, scheduler_as_given=True), 64, torch.Generator().manual_seed(3), img,
+                         sigmas=DISTILLED_SIGMA_VALUES, num_inference_steps=8, output_type="np", **OFF_KW)
+    _close(ours, video, audio)
+    side = json.loads((tmp_path / "o0.npz.json").read_text())
+    assert side["request"]["steps"] == 8 and side["request"]["recipe"]["sigmas"] == list(DISTILLED_SIGMA_VALUES)
+    assert np.allclose(side["recipe"]["stage1"]["sigmas"], DISTILLED_SIGMA_VALUES)
+
+
+@pytest.mark.parametrize("fmt", ["lightricks", "diffusers"])
+def test_lora_at_0_8_equals_load_lora_weights_and_set_adapters(tiny, tmp_path, fmt):
+    root, model, files = tiny
+    ours = _ours(tmp_path, model, "--height", "64", "--width", "64", "--steps", "2", *GUIDED,
+                 "--lora", f"{files[fmt]}:0.8")
+    pipe = _pipe(model)
+    pipe.load_lora_weights(str(files[fmt]), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    video, audio = _call(pipe, 64, torch.Generator().manual_seed(3), num_inference_steps=2, output_type="np",
+                         **GUIDED_KW)
+    _close(ours, video, audio)
+    side = json.loads((tmp_path / "o0.npz.json").read_text())
+    (record,) = side["recipe"]["stage1"]["loras"]
+    assert record["strength"] == 0.8 and len(record["sha256"]) == 64
+    weaker = _ours(tmp_path, model, "--height", "64", "--width", "64", "--steps", "2", *GUIDED,
+                   "--lora", f"{files[fmt]}:0.4")
+    assert _moved(weaker, ours)
+
+
+def test_kohya_alpha_scales_like_lora_a_b(tiny, tmp_path):
+    """lora_down/lora_up + alpha (diffusers refuses alpha keys for LTX-2): delta = alpha / rank * up @ down, so
+    alpha = rank/2 at strength 1 equals the same factors as lora_A/lora_B at strength 0.5."""
+    root, model, files = tiny
+    half = write_lora(tmp_path / "half.safetensors", model / "transformer", "kohya", seed=1, alpha=1.0)  # rank 2
+    a = _ours(tmp_path, model, "--height", "64", "--width", "64", "--preset", "ltx-2.3-distilled", "--lora", half)
+    b = _ours(tmp_path, model, "--height", "64", "--width", "64", "--preset", "ltx-2.3-distilled",
+              "--lora", f"{files['lightricks']}:0.5")
+    np.testing.assert_allclose(a["frames"], b["frames"], rtol=0, atol=1e-5)
+
+
+def test_lora_names_follow_diffusers_conversion(tiny):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers
+
+    _, _, files = tiny
+    keys = lora.read_header(files["lightricks"])
+    theirs = _convert_non_diffusers_ltx2_lora_to_diffusers(dict.fromkeys(keys, 0))
+    ours = {name: f for name, f in lora.modules(keys, "x").items()}
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] + ".weight" for k in theirs} == set(ours)
+    assert any(k.startswith("diffusion_model.patchify_proj") for k in keys)  # the renames are exercised
+    assert any(k.startswith("diffusion_model.adaln_single") for k in keys)
+
+
+def _chain(model: Path, upsampler: Path, image=None, stage2_lora=None, stage1_lora=None):
+    """diffusers' two-stage chain with one generator (its docs' recipe, stage 2 with every term off)."""
+    generator = torch.Generator().manual_seed(3)
+    pipe = _pipe(model, image is not None)
+    adapters = []
+    if stage1_lora is not None:
+        pipe.load_lora_weights(str(stage1_lora[0]), adapter_name="both")
+        adapters.append(("both", stage1_lora[1]))
+        pipe.set_adapters(*map(list, zip(*adapters)))
+    video, audio = _call(pipe, 64, generator, image, num_inference_steps=2, output_type="latent", **GUIDED_KW)
+    up = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=LTX2LatentUpsamplerModel.from_pretrained(upsampler))
+    up.set_progress_bar_config(disable=True)
+    video = up(latents=video, output_type="latent", return_dict=False)[0]
+    if stage2_lora is not None:
+        pipe.load_lora_weights(str(stage2_lora[0]), adapter_name="stage2")
+        adapters.append(("stage2", stage2_lora[1]))
+        pipe.set_adapters(*map(list, zip(*adapters)))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                                 shift_terminal=None)
+    return _call(pipe, 128, generator, image, latents=video, audio_latents=audio,
+                 noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0], sigmas=STAGE_2_DISTILLED_SIGMA_VALUES,
+                 num_inference_steps=3, output_type="np", **OFF_KW)
+
+
+@pytest.mark.parametrize("stage2_lora", [False, True], ids=["plain", "stage2-lora"])
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_two_stage_equals_the_diffusers_chain(tiny, tmp_path, image, stage2_lora):
+    root, model, files = tiny
+    img = root / "image64.png" if image else None
+    args = ["--height", "128", "--width", "128", "--steps", "2", *GUIDED, "--two-stage"]
+    args += ["--image", img] if image else []
+    args += ["--stage2-lora", f"{files['stage2']}:0.7"] if stage2_lora else []
+    ours = _ours(tmp_path, model, *args)
+    video, audio = _chain(model, model / "latent_upsampler", img, (files["stage2"], 0.7) if stage2_lora else None)
+    _close(ours, video, audio)
+    side = json.loads((tmp_path / "o0.npz.json").read_text())
+    assert side["recipe"]["stage2"]["sigmas"] == pytest.approx(STAGE_2_DISTILLED_SIGMA_VALUES)
+    assert len(side["recipe"]["stage2"]["loras"]) == int(stage2_lora)
+    assert {"stage1_s", "upsample_s", "stage2_s", "video_decode_s", "audio_decode_s"} <= set(side["timings"])
+
+
+def test_two_stage_with_both_loras_equals_the_chain(tiny, tmp_path):
+    root, model, files = tiny
+    ours = _ours(tmp_path, model, "--height", "128", "--width", "128", "--steps", "2", *GUIDED, "--two-stage",
+                 "--lora", f"{files['diffusers']}:0.6", "--stage2-lora", f"{files['stage2']}:0.7")
+    video, audio = _chain(model, model / "latent_upsampler", None, (files["stage2"], 0.7), (files["diffusers"], 0.6))
+    _close(ours, video, audio)
+
+
+def test_two_stage_moves_with_the_stage2_lora_and_the_upsampler(tiny, tmp_path):
+    root, model, files = tiny
+    base = ["--height", "128", "--width", "128", "--preset", "ltx-2.3-distilled", "--two-stage"]
+    plain = _ours(tmp_path, model, *base)
+    assert _moved(_ours(tmp_path, model, *base, "--stage2-lora", files["stage2"]), plain)
+    assert _moved(_ours(tmp_path, model, *base, "--upsampler", root / "other_upsampler"), plain)
+
+
+def test_a_stage2_lora_does_not_leak_into_the_next_item(tiny, tmp_path):
+    """In one batch (the model loaded once) a stage-2 LoRA is fused after stage 1 and taken out before the next
+    item: the next item equals a fresh run."""
+    root, model, files = tiny
+    lines = tmp_path / "b.jsonl"
+    lines.write_text(json.dumps({"prompt": PROMPT, "two_stage": True, "stage2_lora": str(files["stage2"]),
+                                 "lora": f"{files['lightricks']}:0.5", "output": str(tmp_path / "a.npz")}) + "\n"
+                     + json.dumps({"prompt": PROMPT, "output": str(tmp_path / "b.npz")}) + "\n")
+    result = cli("batch", lines, "--model", model, "--height", "128", "--width", "128", "--preset",
+                 "ltx-2.3-distilled", *COMMON)
+    assert result.exit_code == 0, result.output
+    fresh = _ours(tmp_path, model, "--height", "128", "--width", "128", "--preset", "ltx-2.3-distilled")
+    np.testing.assert_allclose(np.load(tmp_path / "b.npz")["frames"], fresh["frames"], rtol=0, atol=1e-6)
+
+
+def test_explicit_schedule_equals_the_scheduler_as_given(tiny):
+    from usp_infer.schedule import explicit_schedule
+
+    _, model, _ = tiny
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    for sigmas in (DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES, [0.8, 0.3]):
+        for shift in (1.0, 2.5):
+            ref = FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": shift}, use_dynamic_shifting=False,
+                                                              shift_terminal=None)
+            ref.set_timesteps(sigmas=sigmas, device="cpu")
+            timesteps, ours = explicit_schedule({**config, "shift": shift}, sigmas)
+            assert torch.equal(ours, ref.sigmas) and torch.equal(timesteps, ref.timesteps)
+
+
+def _other_model_lora(tmp: Path) -> Path:
+    ltxv = Path(__file__).resolve().parents[1] / "models" / "ltx-tiny" / "transformer"
+    return write_lora(tmp / "ltxv.safetensors", ltxv, "diffusers")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--two-stage", "--model", "{nofolder}"], "has no latent_upsampler/ folder; pass --upsampler"),
+    (["--two-stage", "--height", "96"], "--height 96 is not a multiple of 64, which --two-stage needs"),
+    (["--two-stage", "--upsampler", "{tmp}"], "has no config.json"),
+    (["--lora", "{ltxv}"], "is it a LoRA for another model?"),
+    (["--lora", "{tmp}/missing.safetensors"], "does not exist"),
+    (["--lora", "{model}/model_index.json"], "is not a safetensors file"),
+    (["--sigmas", "1,0.5,0.7"], "--sigmas must be strictly decreasing, but 0.7 follows 0.5"),
+    (["--sigmas", "1.5,0.5"], "--sigmas has 1.5, outside (0, 1]"),
+    (["--sigmas", "1,0"], "--sigmas has 0, outside (0, 1]"),
+    (["--sigmas", "1,abc"], "is not a comma-separated list of numbers"),
+    (["--sigmas", "1,0.5", "--steps", "3"], "--steps 3 disagrees with the sigma schedule's 2 steps"),
+    (["--preset", "ltx-2.3-distilled", "--steps", "4"], "--steps 4 disagrees with the sigma schedule's 8 steps"),
+    (["--stage2-lora", "{stage2}"], "--stage2-lora only apply with --two-stage"),
+    (["--two-stage", "--stage2-sigmas", "0.9,0.95"], "--stage2-sigmas must be strictly decreasing"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
+    root, model, files = tiny
+    nofolder = tmp_path / "nofolder"
+    if "{nofolder}" in args:
+        shutil.copytree(model, nofolder)
+        shutil.rmtree(nofolder / "latent_upsampler")
+    ltxv = _other_model_lora(root) if "{ltxv}" in args else None
+    values = dict(tmp=tmp_path, nofolder=nofolder, ltxv=ltxv, model=model, stage2=files["stage2"])
+    rest = [str(a).format(**values) for a in args]
+    if "--model" not in rest:
+        rest += ["--model", str(model)]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = snapshot(out_dir)
+    result = cli("generate", "--prompt", PROMPT, "--height", "64", "--width", "64", *rest, "-o", out_dir / "x.mp4")
+    assert result.exit_code == 2 and message in error_line(result.stderr), result.stderr
+    assert snapshot(out_dir) == before
+
+
+def test_recipe_presets_are_plain_data():
+    assert recipes.DISTILLED_SIGMAS == tuple(DISTILLED_SIGMA_VALUES)
+    assert recipes.STAGE2_SIGMAS == tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
+
+
+def test_info_lists_the_loras_a_run_would_apply(tiny):
+    root, model, files = tiny
+    out = json.loads(cli("info", model, "--lora", f"{files['lightricks']}:0.8", "--stage2-lora", files["stage2"],
+                         "--json").stdout)
+    assert [(e["strength"], e["stage"], e["rank"]) for e in out["loras"]] == [(0.8, "both stages", [2]),
+                                                                               (1.0, "stage 2", [2])]
+    assert out["loras"][0]["modules"] == len(lora.check(files["lightricks"], lora.weight_table(model / "transformer")))
+    assert "latent_upsampler" in out["parameters"]
+    text = cli("info", model, "--lora", f"{files['lightricks']}:0.8").stdout
+    assert f"lora         {files['lightricks']} x0.8 (both stages): " in text
+    bad = cli("info", model, "--lora", root / "nothing.safetensors")
+    assert bad.exit_code == 2 and "does not exist" in error_line(bad.stderr)
+
+
+def test_bench_times_whole_recipes_by_phase(tmp_path):
+    """`usp-infer bench --recipe` on the CPU at the tiny shape: every phase of a two-stage run is there."""
+    out = tmp_path / "r.json"
+    result = cli("bench", "--shape", "ltx2-tiny", "--recipe", "distilled,two-stage", "--height", "64", "--width",
+                 "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32", "--json-out", out)
+    assert result.exit_code == 0, result.output
+    one, two = json.loads(out.read_text())
+    assert (one["recipe"], two["recipe"]) == ("distilled", "two-stage")
+    assert one["request"]["branches"] == ["cond"] and one["request"]["steps"] == 8
+    assert two["request"]["branches"] == ["cond", "uncond", "perturbed", "isolated"] and two["request"]["stage2_loras"] == 1
+    assert {"stage1_s", "stage2_lora_fuse_s", "upsample_s", "stage2_s", "video_decode_s", "audio_decode_s",
+            "write_s", "total_s"} <= set(two["phases_s"])
+    assert "upsample_s" not in one["phases_s"]
+    assert "stage 2" in result.stdout and "mp4 write" in result.stdout
+    bad = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage", "--height", "96", "--device", "cpu")
+    assert bad.exit_code == 2 and "not a multiple of 64" in bad.stderr

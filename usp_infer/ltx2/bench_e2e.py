@@ -1,0 +1,154 @@
+"""`usp-infer bench --recipe ...`: one whole LTX-2 generation, timed by phase, on random components.
+
+What `generate` runs, end to end, on one process: stage 1, the stage-2 LoRA fuse, the upsample, stage 2, the
+video decode, the audio decode (audio VAE + vocoder) and the mp4 write. The components are random where they
+cost time, at the shape's size: the transformer of `--shape`, diffusers' video VAE, audio VAE, vocoder
+(`LTX2VocoderWithBWE` for LTX-2.3 shapes) and latent upsampler at their default (= released) configs, or the
+tiny model's configs for `ltx2-tiny` (how a CPU test runs it); the "two-stage" recipe's stage-2 LoRA is a random
+rank-384 one on every block projection, like the distilled LoRA. The text is a random connector output
+(1,024 tokens): Gemma-3 12B is not timed here. Needs diffusers (and PyAV for the mp4), imported on use.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import bench as step_bench
+from . import model as arch
+from .lora import Fuser, Loaded
+from .pipeline import PRESETS, Components, LTX2Guidance, LTX2Request, ModalityGuidance
+from .stages import generate
+from .recipes import DISTILLED_SIGMAS, STAGE2_SIGMAS, LoraSpec, Recipe
+
+RECIPES = ("one-stage", "distilled", "two-stage", "two-stage-distilled")
+LORA_RANK = 384  # Lightricks' distilled LoRA for the dev model (ltx-2-19b-distilled-lora-384)
+PHASES = (("text (Gemma, not timed here)", None), ("stage 1", "stage1_s"), ("stage-2 LoRA fuse", "stage2_lora_fuse_s"),
+          ("upsample", "upsample_s"), ("stage 2", "stage2_s"), ("video decode", "video_decode_s"),
+          ("audio decode", "audio_decode_s"), ("mp4 write", "write_s"), ("total", "total_s"))
+
+
+def request(recipe: str, cfg, height: int, width: int, num_frames: int) -> LTX2Request:
+    """The recipe as people run it: the dev one (the weights' four-branch guidance and steps: 30 for LTX-2.3,
+    40 for LTX-2.0) or the
+    distilled one (8 sigmas, one branch); two stages add the upsampler and, for the dev model, its LoRA."""
+    distilled = recipe in ("distilled", "two-stage-distilled")
+    two = recipe.startswith("two-stage")
+    guidance = (LTX2Guidance(ModalityGuidance(), ModalityGuidance(), ()) if distilled
+                else step_bench.guidance(cfg, 4))
+    return LTX2Request(
+        prompt="bench", height=height, width=width, num_frames=num_frames, fps=step_bench.FPS,
+        steps=len(DISTILLED_SIGMAS) if distilled else PRESETS["ltx-2.3" if cfg.cross_attn_mod else "ltx-2"]["steps"], max_sequence_length=step_bench.TEXT_TOKENS,
+        guidance=guidance,
+        recipe=Recipe(sigmas=DISTILLED_SIGMAS if distilled else None, two_stage=two,
+                      upsampler="random" if two else None, stage2_sigmas=STAGE2_SIGMAS if two else None,
+                      stage2_loras=(LoraSpec("random-distilled-lora", 1.0),) if two and not distilled else ()),
+    )
+
+
+def _modules(shape: str, cfg):
+    """(video VAE, audio VAE, vocoder, upsampler), random, at the shape's sizes."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
+
+    if shape == "ltx2-tiny":
+        from . import tiny
+
+        return (AutoencoderKLLTX2Video(**tiny.VAE_CONFIG), AutoencoderKLLTX2Audio(**tiny.AUDIO_VAE_CONFIG),
+                LTX2VocoderWithBWE(**tiny.VOCODER_BWE_CONFIG), LTX2LatentUpsamplerModel(**tiny.UPSAMPLER_CONFIG))
+    vocoder = LTX2VocoderWithBWE() if cfg.cross_attn_mod else LTX2Vocoder()
+    return AutoencoderKLLTX2Video(), AutoencoderKLLTX2Audio(), vocoder, LTX2LatentUpsamplerModel()
+
+
+def components(shape: str, device: torch.device, dtype: torch.dtype, seed: int, randomize) -> Components:
+    import diffusers
+
+    from ..schedule import SCHEDULER_CONFIG
+
+    diffusers.utils.logging.set_verbosity_error()  # random modules cast whole: its float32-modules notice is noise
+    cfg = arch.SHAPES[shape]
+    transformer = step_bench.random_model(cfg, device, dtype, seed, randomize)
+    with torch.device(device):
+        vae, audio_vae, vocoder, upsampler = (m.to(dtype).eval().requires_grad_(False)
+                                              for m in _modules(shape, cfg))
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    width, audio_width = step_bench._text_widths(cfg)
+    text = (torch.randn(1, step_bench.TEXT_TOKENS, width, generator=gen, device=device).to(dtype).cpu(),
+            torch.randn(1, step_bench.TEXT_TOKENS, audio_width, generator=gen, device=device).to(dtype).cpu(),
+            torch.ones(1, step_bench.TEXT_TOKENS, dtype=torch.long))
+    c = Components(Path("random"), transformer, arch, vae, audio_vae, vocoder, None, None, None,
+                   dict(SCHEDULER_CONFIG), device, dtype,
+                   text_cache={(p, step_bench.TEXT_TOKENS): text for p in ("bench", "")})
+    c.upsamplers["random"] = upsampler
+    c.fuser = Fuser(transformer)
+    c.fuser.files["random-distilled-lora"] = _random_lora(transformer, min(LORA_RANK, cfg.inner_dim // 2), gen)
+    return c
+
+
+def _random_lora(transformer, rank: int, gen: torch.Generator) -> Loaded:
+    """A LoRA on every 2-D weight of the blocks, its factors on the CPU (as a loaded file's are)."""
+    lora = Loaded("random-distilled-lora", "random")
+    for name, w in transformer.named_parameters():
+        if name.startswith("transformer_blocks.") and w.ndim == 2 and min(w.shape) > rank:
+            a = torch.randn(rank, w.shape[1], generator=gen, device=w.device, dtype=w.dtype) * w.shape[1] ** -0.5
+            b = torch.randn(w.shape[0], rank, generator=gen, device=w.device, dtype=w.dtype) * 1e-3
+            lora.deltas[name] = (b.cpu(), a.cpu(), 1.0)
+    return lora
+
+
+def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
+    """One generation and its mp4: seconds per phase."""
+    from ..media import write_video
+
+    sync = torch.cuda.synchronize if c.device.type == "cuda" else (lambda: None)
+    c.fuser.use(())  # every item starts from the base weights, as generate's first stage makes sure
+    sync()
+    start = time.perf_counter()
+    result = generate(c, req, progress=False)
+    sync()
+    write = time.perf_counter()
+    write_video(out_dir / "bench.mp4", result.frames, fps=req.fps, overwrite=True, audio=result.audio,
+                audio_sample_rate=result.sample_rate)
+    end = time.perf_counter()
+    return {**result.phases, "write_s": end - write, "total_s": end - start,
+            "stage1_steps": result.recipe["stage1"]["steps"], "step_s": result.step_times}
+
+
+def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
+                  device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize) -> list[dict]:
+    """Each recipe once untimed (kernels, cuDNN's choices, allocations), then `repeat` timed runs; one record each."""
+    cfg = arch.SHAPES[shape]
+    c = components(shape, device, dtype, seed, randomize)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in recipes:
+            req = request(name, cfg, height, width, num_frames)
+            run(c, req, Path(tmp))
+            for _ in range(repeat):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                phases = run(c, req, Path(tmp))
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                records.append({"recipe": name, "shape": shape, "height": height, "width": width,
+                                "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
+                                "device": str(device), "phases_s": phases, "peak_memory_gib": peak,
+                                "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
+                                            "branches": list(req.guidance.branches()),
+                                            "stage2_loras": len(req.recipe.stage2_loras)}})
+    return records
+
+
+def print_table(records: list[dict], echo) -> None:
+    """Seconds per phase, one column per record."""
+    head = [f"{r['recipe']} {r['width']}x{r['height']}x{r['num_frames']}" for r in records]
+    echo("phase".ljust(30) + "".join(h.rjust(max(14, len(h) + 2)) for h in head))
+    for label, key in PHASES:
+        cells = []
+        for r, h in zip(records, head):
+            value = r["phases_s"].get(key) if key else None
+            cells.append(("-" if value is None else f"{value:.3f}").rjust(max(14, len(h) + 2)))
+        echo(label.ljust(30) + "".join(cells))
