@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import check_video
+from .conditions import check_files, check_request, conditioning_options, input_files  # noqa: F401 - check_files: the family surface
 
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
 
@@ -79,11 +80,20 @@ class LTX2Request:
     image_crf: int = 33  # H.264 re-compression of the image before encoding; 0 = off (diffusers default 33)
     branches: str = "batched"  # "batched": one transformer call per step; "sequential": one per branch
     audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
+    conditions: tuple = ()  # conditions.Condition: images / clips at frames, LTX2ConditionPipeline's way
+    audio_input: str | None = None  # audio-to-video: the sound the video follows
+    extend: str | None = None  # a clip this video continues: its last extend_frames frames open the video
+    extend_frames: int = 17  # conditions.EXTEND_FRAMES
 
     def __post_init__(self) -> None:
         check_video(self)
         if not 0 <= self.image_crf <= 51:
             raise ValueError(f"--image-crf {self.image_crf} must be in 0..51 (0 = no re-compression)")
+        check_request(self)
+
+    def inputs(self) -> list[dict]:
+        """Every file this generation reads, with its role (the sidecar adds each one's sha256)."""
+        return input_files(self)
 
 
 def _read_index(model_dir: Path) -> dict:
@@ -164,6 +174,10 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
     from ..request import parse_blocks, parse_floats
 
     o = {k: v for k, v in options.items() if v is not None}
+    try:
+        o = conditioning_options(o)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if "num_inference_steps" in o:
         o.setdefault("steps", o.pop("num_inference_steps"))
     name = o.pop("preset", None) or version_preset(configs)
