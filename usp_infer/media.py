@@ -450,7 +450,7 @@ def read_video(path: Path | str) -> tuple[np.ndarray, float]:
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist; pass an existing image or video file") from None
     except av.FFmpegError as err:
-        raise ValueError(f"cannot read {path} as a video ({err}); pass a PNG/JPEG image or an mp4") from None
+        raise ValueError(f"{path} cannot be read as an image or a video ({err}); pass a PNG/JPEG or an mp4") from None
     if not frames:
         raise ValueError(f"{path} holds no video frames; pass a video with at least one frame")
     return np.stack(frames), fps
@@ -496,7 +496,7 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int]:
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist; pass an existing sound or video file") from None
     except av.FFmpegError as err:
-        raise ValueError(f"cannot read {path} as audio ({err}); pass a wav/mp3/flac file or an mp4 with sound") from None
+        raise ValueError(f"{path} cannot be read as audio ({err}); pass a wav/mp3/flac file or an mp4 with sound") from None
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise ValueError(f"{path} holds no audio samples; pass a sound file that is not empty")
     return np.concatenate(chunks, axis=1), rate

@@ -88,7 +88,10 @@ def load_input(path: str, seconds: float) -> tuple[np.ndarray, int]:
     ValueError (one line) when it is unreadable, silent or shorter than `seconds`."""
     from ..media import read_audio
 
-    audio, rate = read_audio(path)
+    try:
+        audio, rate = read_audio(path)
+    except ValueError as e:
+        raise ValueError(f"--audio {e}") from None
     want = round(seconds * rate)
     if audio.shape[1] < want:
         raise ValueError(f"--audio {path} lasts {audio.shape[1] / rate:.3f} s but the video lasts {seconds:.3f} s; "

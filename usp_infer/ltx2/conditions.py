@@ -87,7 +87,7 @@ def check_request(req) -> None:
         k = req.extend_frames
         if k < 1 or (k - 1) % 8 or k >= n:
             raise ValueError(f"--extend-frames {k} must be of the form 8k+1 and below --num-frames {n} "
-                             "(the new frames are the rest); e.g. 9 or 17")
+                             f"(the new frames are the rest); e.g. {max(1, (n - 2) // 8 * 8 + 1)}")
         if req.audio_input is not None:
             raise ValueError("--extend with --audio: an extension continues the clip's own sound; drop --audio")
 
@@ -146,7 +146,10 @@ def check_files(req) -> list[str]:
 
     warnings = []
     for c in req.conditions:
-        frames = read_frames(c.path)
+        try:
+            frames = read_frames(c.path)
+        except ValueError as e:
+            raise ValueError(f"--condition {e}") from None
         h, w = frames.shape[1:3]
         if abs(h / w - req.height / req.width) > 0.01:
             warnings.append(f"--condition {c.path} is {w}x{h}; it is resized to cover {req.width}x{req.height} and "
