@@ -481,7 +481,8 @@ def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress
         strength, clean = shard.split(conditioned.strength).to(c.device), shard.split(conditioned.clean).to(c.device)
         level, coords = 1.0 - strength[..., 0], conditioned.coords.to(c.device)
     rope = c.arch.rope_tables(
-        c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device, video=coords,
+        c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device,
+        **({} if coords is None else {"video": coords}),  # a grid plus appended keyframes: their own positions
     ).map_video(lambda x: shard.split(x, dim=1))
     attn = replace(
         c.arch.LOCAL_ATTENTION,
