@@ -120,3 +120,14 @@ def test_bad_inputs_fail_in_one_line_before_anything_is_written(files, tmp_path,
     assert result.exit_code == 2, result.output
     assert message.replace("{f}", str(files)) in error_line(result.stderr)
     assert snapshot(tmp_path) == before
+
+
+def test_extend_conditions_the_segment_on_the_clip_s_last_frames(files):
+    from usp_infer.ltx2.conditions import Condition, sources
+    from usp_infer.ltx2.request import LTX2Request
+
+    req = LTX2Request(prompt="x", height=64, width=64, num_frames=17, extend=str(files / "clip.mp4"), extend_frames=9,
+                      conditions=(Condition(str(files / "a.png"), -1, 0.5),))
+    (clip, frame, strength), (image, *rest) = sources(req)
+    assert np.array_equal(clip, read_video(files / "clip.mp4")[0][-9:]) and (frame, strength) == (0, 1.0)
+    assert image.shape == (1, 64, 64, 3) and rest == [-1, 0.5]
