@@ -18,6 +18,7 @@ from diffusers import LTX2ConditionPipeline
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 from PIL import Image
 
+from usp_infer.ltx2 import pipeline
 from usp_infer.ltx2.conditions import Condition, latent_index, parse_condition
 from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, generate, load_components
 from usp_infer.ltx2.tiny import make_tiny_ltx2
@@ -76,8 +77,14 @@ def test_first_and_last_frame(setup, strength, crf):
     _close(_run(setup, [(setup["first"], 0, strength), (setup["last"], -1, strength)], crf))
 
 
-def test_keyframe_in_the_middle(setup):
+def test_keyframe_in_the_middle(setup, monkeypatch):
+    tokens = []
+    schedule = pipeline.sigma_schedule
+    monkeypatch.setattr(pipeline, "sigma_schedule", lambda cfg, steps, n: tokens.append(n) or schedule(cfg, steps, n))
     _close(_run(setup, [(setup["last"], 12, 1.0)], 33))  # frame 12 -> latent 2, appended at pixel 9
+    # the shift counts the appended tokens, as diffusers' mu from latents.shape[1]: 4 x 2 x 3 grid + 2 x 3
+    # (too small a change of mu to show in a 2-step tiny video)
+    assert tokens == [4 * 2 * 3 + 2 * 3]
 
 
 def test_nine_frame_clip_at_frame_zero(setup):
