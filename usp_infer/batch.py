@@ -188,9 +188,25 @@ def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item
                                       f"tokenizer of {s.model} takes ({longest}); use at most {longest}"))
         if item.request.image is not None:
             _check_image(item)
+        check_files = getattr(front, "check_files", None)  # the family's input files, opened before weights load
+        if check_files is not None:
+            try:
+                _warn(item, s, check_files(item.request))
+            except ValueError as e:
+                raise UsageError(at(item, str(e))) from None
         if _check_output(item, s):
             todo.append(item)
     return parallel, todo, family
+
+
+def _warn(item: Item, s: Session, warnings: list[str]) -> None:
+    """Things done to an input that the user may not expect (one line each, main rank, not under --quiet)."""
+    import sys
+
+    from .parallel.dist import env_rank
+
+    for warning in warnings if not s.quiet and env_rank() == 0 else ():
+        print(f"warning: {item.where + ': ' if item.where else ''}{warning}", file=sys.stderr)
 
 
 def _check_audio_output(item: Item, family: Family) -> None:

@@ -116,7 +116,16 @@ AudioStgScale = Annotated[Optional[str], _opt(help="LTX-2: STG scale for the aud
 AudioModalityScale = Annotated[Optional[str], _opt(help="LTX-2: modality-isolation scale for the audio.")]
 AudioGuidanceRescale = Annotated[Optional[str], _opt(help="LTX-2: rescale r for the audio.")]
 ImageCrf = Annotated[Optional[int], _opt(help="LTX-2: H.264 CRF the image is re-compressed with before encoding, 0..51; 0 = off [default: 33].")]
-Audio = Annotated[Optional[bool], _opt("--audio/--no-audio", help="LTX-2: decode the audio track; --no-audio writes a silent mp4 [default: audio].")]
+NoAudio = Annotated[Optional[bool], _opt("--no-audio", help="LTX-2: do not decode the audio track; the mp4 is silent.")]
+# LTX-2 conditioning: frames anywhere, continuing a clip, a given sound.
+ConditionOpt = Annotated[Optional[list[str]], _opt("--condition", help="LTX-2: PATH@FRAME[:STRENGTH], repeatable: an "
+                         "image or a clip held at pixel frame FRAME (-1 = the last), STRENGTH in [0,1] [default: 1].")]
+AudioInput = Annotated[Optional[str], _opt("--audio", help="LTX-2: audio-to-video: a sound file (or a video's track) "
+                       "the video follows; the output carries it.")]
+Extend = Annotated[Optional[str], _opt("--extend", help="LTX-2: continue this clip: the output is the clip, then "
+                   "the new frames.")]
+ExtendFrames = Annotated[Optional[int], _opt(help="LTX-2: frames of the --extend clip that open the new segment, "
+                         "8k+1 [default: 17].")]
 # LTX-2 recipes (ltx2/recipes.py): sigma lists, two stages with the latent upsampler, LoRAs.
 Sigmas = Annotated[Optional[str], _opt(help="LTX-2: run this sigma list as given, e.g. 1,0.99375,...,0.421875 (the final 0 implied); sets the steps.")]
 TwoStage = Annotated[Optional[bool], _opt("--two-stage", help="LTX-2: stage 1 at half --height/--width, the x2 latent upsampler, a short stage 2 at full size.")]
@@ -234,7 +243,11 @@ def generate(
     audio_modality_scale: AudioModalityScale = None,
     audio_guidance_rescale: AudioGuidanceRescale = None,
     image_crf: ImageCrf = None,
-    audio: Audio = None,
+    no_audio: NoAudio = None,
+    audio_input: AudioInput = None,
+    condition: ConditionOpt = None,
+    extend: Extend = None,
+    extend_frames: ExtendFrames = None,
     sigmas: Sigmas = None,
     two_stage: TwoStage = None,
     upsampler: Upsampler = None,
@@ -317,7 +330,11 @@ def batch(
     audio_modality_scale: AudioModalityScale = None,
     audio_guidance_rescale: AudioGuidanceRescale = None,
     image_crf: ImageCrf = None,
-    audio: Audio = None,
+    no_audio: NoAudio = None,
+    audio_input: AudioInput = None,
+    condition: ConditionOpt = None,
+    extend: Extend = None,
+    extend_frames: ExtendFrames = None,
     sigmas: Sigmas = None,
     two_stage: TwoStage = None,
     upsampler: Upsampler = None,

@@ -85,7 +85,8 @@ FAMILIES = (
         front="usp_infer.ltx2.request",
         module="usp_infer.ltx2.stages",  # pipeline.py + two stages
         flags=frozenset({"modality_scale", "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale",
-                         "audio_guidance_rescale", "image_crf", "audio"})
+                         "audio_guidance_rescale", "image_crf", "audio", "no_audio", "audio_input",
+                         "condition", "conditions", "extend", "extend_frames"})
         | frozenset({"sigmas", "two_stage", "upsampler", "stage2_sigmas", "lora", "stage2_lora"}),  # ltx2/recipes.py
         presets=("ltx-2", "ltx-2.3", "ltx-2-distilled", "ltx-2.3-distilled"),
         audio=True,

@@ -433,3 +433,73 @@ def _replace_frames(
     for stale in set(existing) - set(targets):
         stale.unlink()
     return targets
+
+
+# --- inputs: condition frames, clips, audio -------------------------------------------------------
+
+
+def read_video(path: Path | str) -> tuple[np.ndarray, float]:
+    """Every frame of the first video stream as uint8 (F, H, W, 3) RGB, and the stream's frame rate."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams if s.type == "video"), None)
+            if stream is None:
+                raise ValueError(f"{path} has no video stream; pass an image or a video file")
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; pass an existing image or video file") from None
+    except av.FFmpegError as err:
+        raise ValueError(f"{path} cannot be read as an image or a video ({err}); pass a PNG/JPEG or an mp4") from None
+    if not frames:
+        raise ValueError(f"{path} holds no video frames; pass a video with at least one frame")
+    return np.stack(frames), fps
+
+
+def read_frames(path: Path | str) -> np.ndarray:
+    """An image as one frame, or a video's frames: uint8 (F, H, W, 3) RGB, unresized."""
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            return np.array(opened.convert("RGB"))[None]
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; pass an existing image or video file") from None
+    except (UnidentifiedImageError, OSError):
+        pass  # not an image: try it as a video
+    return read_video(path)[0]
+
+
+_INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0}
+
+
+def read_audio(path: Path | str) -> tuple[np.ndarray, int]:
+    """The first audio stream of a file (wav, mp3, flac, an mp4's track, ...) as float32 (channels, samples)
+    in [-1, 1] at its own sample rate; ValueError for a file without one."""
+    import av
+
+    path = Path(path)
+    chunks = []
+    try:
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise ValueError(f"{path} has no audio stream; pass a sound file or a video with sound")
+            rate = int(stream.rate)
+            for frame in container.decode(stream):
+                data = frame.to_ndarray().astype(np.float32)
+                fmt = frame.format.name.rstrip("p")
+                if fmt in _INT_SCALE:
+                    data = data / _INT_SCALE[fmt] - (1.0 if fmt == "u8" else 0.0)
+                if not frame.format.is_planar:  # interleaved (1, samples * channels) -> (channels, samples)
+                    data = data.reshape(-1, len(frame.layout.channels)).T
+                chunks.append(data)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; pass an existing sound or video file") from None
+    except av.FFmpegError as err:
+        raise ValueError(f"{path} cannot be read as audio ({err}); pass a wav/mp3/flac file or an mp4 with sound") from None
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise ValueError(f"{path} holds no audio samples; pass a sound file that is not empty")
+    return np.concatenate(chunks, axis=1), rate

@@ -41,7 +41,8 @@ def build_for(options: dict, family: Family, configs: dict, model: object) -> ob
     given = {k for k, v in options.items() if v is not None}
     foreign = family.foreign_flag(given)
     if foreign is not None:
-        flag = "--no-audio" if foreign == "audio" else "--" + foreign.replace("_", "-")
+        named = {"audio": "--no-audio", "no_audio": "--no-audio", "audio_input": "--audio", "conditions": "--condition"}
+        flag = named.get(foreign, "--" + foreign.replace("_", "-"))
         owner = next(f.name for f in FAMILIES if foreign in f.flags)
         raise UsageError(f"{flag} is a flag of {owner} models, but {model} is an {family.name} model; "
                          f"drop the flag or pass an {owner} folder")

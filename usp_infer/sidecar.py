@@ -47,6 +47,17 @@ def peak_memory_of(device) -> str:
     return "cuda max_memory_allocated, this item" if device.type == "cuda" else "process max RSS, whole run so far"
 
 
+def input_records(request) -> list[dict]:
+    """The request's input files (conditions, clips, sounds), each with the sha256 of its bytes as read now."""
+    import hashlib
+
+    def sha256(path: str) -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return [{**record, "sha256": sha256(record["path"])} for record in request.inputs()]
+
+
 def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float,
                   peaks: list[float], written: dict, write_s: float = 0.0) -> dict:
     """`peaks`: each rank's peak_memory_gb, in rank order; `written`: media.fingerprint of the output."""
@@ -54,6 +65,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "output": str(item.output),
         **written,
         "request": asdict(item.request),
+        **({"inputs": input_records(item.request)} if hasattr(item.request, "inputs") else {}),
         "seed": item.request.seed,
         "model": {"path": str(s.model.resolve()), "family": family_of(s.model).name, "config_sha256": config_hash(s.model)},
         "parallel": {

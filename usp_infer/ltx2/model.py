@@ -189,7 +189,7 @@ class LTX2Rope:
         return dataclasses.replace(self, video=fn(self.video), video_cross=fn(self.video_cross))
 
 
-def _video_coords(cfg: LTX2Config, frames: int, height: int, width: int, fps: float, device) -> Tensor:
+def video_coords(cfg: LTX2Config, frames: int, height: int, width: int, fps: float, device) -> Tensor:
     """diffusers' prepare_video_coords for one sample: (1, 3, S, 2) [start, end) of each patch, time in seconds."""
     axes = [torch.arange(0, n, step, dtype=torch.float32, device=device)
             for n, step in ((frames, cfg.patch_size_t), (height, cfg.patch_size), (width, cfg.patch_size))]
@@ -241,9 +241,11 @@ def rope_tables(
     fps: float,
     audio_tokens: int,
     device: torch.device | str | None = None,
+    video: Tensor | None = None,
 ) -> LTX2Rope:
-    """The four RoPE tables of one forward, for a video latent grid (tokens f, h, w raster) and audio_tokens."""
-    video = _video_coords(cfg, latent_frames, latent_height, latent_width, fps, device)
+    """The four RoPE tables of one forward, for a video latent grid (tokens f, h, w raster) and audio_tokens;
+    `video`: the video tokens' own coords (1, 3, S, 2) instead of the grid's (a grid plus appended keyframes)."""
+    video = video_coords(cfg, latent_frames, latent_height, latent_width, fps, device) if video is None else video
     audio = _audio_coords(cfg, audio_tokens, device)
     cross_max = (max(cfg.pos_embed_max_pos, cfg.audio_pos_embed_max_pos),)
     return LTX2Rope(
@@ -428,9 +430,11 @@ class TransformerBlock(nn.Module):
         self.audio_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.randn(5, da))
 
     def forward(
-        self, x: Tensor, a: Tensor, c: _Conditioning, rope: LTX2Rope, attn: LTX2Attention, stg: Tensor | None
+        self, x: Tensor, a: Tensor, c: _Conditioning, rope: LTX2Rope, attn: LTX2Attention, stg: Tensor | None,
+        stg_audio: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V.
+        """x (B, S_v, D) video, a (B, S_a, D_a) audio; stg (B, 1, 1, 1) bool: rows whose self-attention is V
+        (the audio's too unless not stg_audio).
 
         Every injected attention is called right here, not in a helper, so a compiled block has one graph
         between each two of them.
@@ -445,7 +449,7 @@ class TransformerBlock(nn.Module):
         x = addcmul(x, self.attn1.output(h, attn.video_self(q, k, v), v, stg), vmod[2])
         h = norm_modulate(a, self.audio_norm1, amod[0], amod[1])
         q, k, v = self.audio_attn1.project(h, h, rope.audio, rope.audio)
-        a = addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg), amod[2])
+        a = addcmul(a, self.audio_attn1.output(h, attn.audio_self(q, k, v), v, stg if stg_audio else None), amod[2])
 
         # 2. Text cross-attention. LTX-2.3 modulates the text per block, and each stream's queries (shift, scale,
         # gate = mod[6:9]); LTX-2.0 attends from the plain norm and adds the result ungated.
@@ -606,6 +610,7 @@ class LTX2Transformer(nn.Module):
         stg_rows: Tensor | None = None,
         isolate_rows: Tensor | None = None,
         text_rows: tuple[int, ...] | None = None,
+        stg_audio: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
@@ -616,6 +621,7 @@ class LTX2Transformer(nn.Module):
         text_rows: for branches that share a prompt, text/audio_text and their masks hold one row per distinct
         prompt and text_rows[b] names batch row b's; the text's keys and values are then projected once per
         prompt. Rows sharing a prompt must share sigma and audio_sigma (they modulate the text).
+        stg_audio False: STG perturbs the video's self-attention alone (Lightricks' audio-to-video).
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
                            (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows, text_rows)
@@ -660,7 +666,7 @@ class LTX2Transformer(nn.Module):
         # blocks of an LTX-2.0 model, and so does this.
         perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
         for i, block in enumerate(self.transformer_blocks):
-            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None)
+            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
 
         shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], runs, _SHIFT_SCALE)
         x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale

@@ -261,16 +261,23 @@ def _video_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: torch.Generator):
-    """(video tokens (1, T_v, C), conditioning mask (1, T_v) or None, audio tokens (1, L, C_a*M)), float32 CPU.
+    """(video tokens (1, T_v, C), conditioning mask (1, T_v) or None, audio tokens (1, L, C_a*M), the
+    conditioned sequence or None), float32 CPU.
 
-    Draw order as diffusers: image latent (argmax: no draw), video noise, audio noise.
+    Draw order as diffusers: image latent (argmax: no draw), video noise, audio noise. With --condition, as
+    LTX2ConditionPipeline: both noises drawn in the packed token shape, over the appended tokens too.
     """
     from ..media import load_image
 
     shape = (1, lay.channels, lay.frames, lay.height, lay.width)
-    mask = None
-    if req.image is None:
-        video = torch.randn(shape, generator=generator, dtype=torch.float32)
+    mask = conditioned = None
+    if req.conditions or req.extend:
+        from .conditions import prepare
+
+        conditioned = prepare(c, req, lay, generator, req.height, req.width)
+        video = conditioned.latents
+    elif req.image is None:
+        video = pack_video(torch.randn(shape, generator=generator, dtype=torch.float32))
     else:
         pixels = load_image(Path(req.image), req.height, req.width, crf=req.image_crf)
         pixels = pixels.to(c.device, c.dtype)[None, :, None]  # (3, H, W) -> (1, 3, 1, H, W)
@@ -282,10 +289,18 @@ def initial_latents(c: Components, req: LTX2Request, lay: Layout, generator: tor
         cond = torch.zeros((1, 1, lay.frames, lay.height, lay.width))
         cond[:, :, 0] = 1.0
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        video = encoded.repeat(1, 1, lay.frames, 1, 1) * cond + noise * (1 - cond)
+        video = pack_video(encoded.repeat(1, 1, lay.frames, 1, 1) * cond + noise * (1 - cond))
         mask = pack_video(cond)[..., 0]  # (1, T_v): 1 on the image's tokens
-    audio = torch.randn((1, lay.audio_channels, lay.audio_frames, lay.audio_mel), generator=generator)
-    return pack_video(video), mask, pack_audio(audio)
+    if req.audio_input is not None:  # audio-to-video: the given sound, encoded, held clean (no noise drawn)
+        from .audio_input import encode_waveform, load_input
+
+        waveform, rate = load_input(req.audio_input, req.num_frames / req.fps)
+        audio = encode_waveform(c.audio_vae, torch.from_numpy(waveform), rate, lay.audio_frames)
+    elif conditioned is not None:
+        audio = torch.randn((1, lay.audio_frames, lay.audio_channels * lay.audio_mel), generator=generator)
+    else:
+        audio = pack_audio(torch.randn((1, lay.audio_channels, lay.audio_frames, lay.audio_mel), generator=generator))
+    return video, mask, audio, conditioned
 
 
 # --- guidance -------------------------------------------------------------------------------------
@@ -347,6 +362,9 @@ class BranchForward:
     attn: Any  # LTX2Attention
     stg_blocks: tuple[int, ...]
     branches: str = "batched"
+    # Audio-to-video, as Lightricks' A2V pipeline: the audio tokens sit at timestep 0 (their sigma stays the
+    # step's), the uncond branch keeps the positive prompt for the audio, STG perturbs the video alone.
+    audio_frozen: bool = False
 
     def __call__(self, names, video, audio, timestep, t) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.branches == "sequential":
@@ -355,21 +373,24 @@ class BranchForward:
 
     def _forward(self, names, video, audio, timestep, t):
         b, dev, dt = len(names), video.device, self.text["cond"][0].dtype
-        # One text row per prompt: the cond, STG and isolated branches share the positive one (and its K/V).
-        prompts = ["uncond" if n == "uncond" else "cond" for n in names]
+        # One text row per (video prompt, audio prompt): the cond, STG and isolated branches share the positive
+        # one (and its K/V).
+        audio_uncond = "cond" if self.audio_frozen else "uncond"
+        prompts = [("uncond", audio_uncond) if n == "uncond" else ("cond", "cond") for n in names]
         distinct = list(dict.fromkeys(prompts))
-        texts = [self.text[p] for p in distinct]
+        video_texts, audio_texts = [self.text[p] for p, _ in distinct], [self.text[p] for _, p in distinct]
         rows = lambda flag: torch.tensor([n == flag for n in names])  # noqa: E731  on the host: read there
         tt = t.expand(b).to(dev)
+        extra = {"stg_audio": False} if self.audio_frozen else {}
         video_out, audio_out = self.transformer(
             video.to(dt).expand(b, -1, -1),
             audio.to(dt).expand(b, -1, -1),
-            torch.cat([x[0] for x in texts]),
-            torch.cat([x[1] for x in texts]),
-            torch.cat([x[2] for x in texts]).bool(),
-            torch.cat([x[2] for x in texts]).bool(),
+            torch.cat([x[0] for x in video_texts]),
+            torch.cat([x[1] for x in audio_texts]),
+            torch.cat([x[2] for x in video_texts]).bool(),
+            torch.cat([x[2] for x in audio_texts]).bool(),
             timestep.expand(b, *timestep.shape[1:]),
-            tt,  # audio_timestep
+            tt * 0 if self.audio_frozen else tt,  # audio_timestep
             tt,  # sigma: LTX2Pipeline passes the timestep (x1000) here
             tt,  # audio_sigma
             self.rope,
@@ -378,6 +399,7 @@ class BranchForward:
             stg_rows=rows("perturbed") if "perturbed" in names else None,
             isolate_rows=rows("isolated") if "isolated" in names else None,
             text_rows=tuple(distinct.index(p) for p in prompts) if len(distinct) < b else None,
+            **extra,
         )
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
 
@@ -398,6 +420,9 @@ class Denoiser:
     audio_count: int
     keep: torch.Tensor | None = None  # (1, T, 1) True on the image's tokens, which are never stepped
     level: torch.Tensor | None = None  # (1, T) per-token timestep factor (0 on the image's tokens)
+    strength: torch.Tensor | None = None  # (1, T, 1) conditions' strength m: x0 <- x0 (1 - m) + clean m
+    clean: torch.Tensor | None = None  # (1, T, C) the conditions' latents where m > 0
+    audio_frozen: bool = False  # audio-to-video: the audio tokens are the given sound and never move
 
     def step(self, video, audio, t, sigma: float, dsigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         timestep = t.expand(1) if self.level is None else t * self.level  # (1,) or per video token (1, T)
@@ -406,10 +431,14 @@ class Denoiser:
         # velocity -> x0 per branch, guidance per modality, x0 -> velocity
         video_x0 = {n: video - sigma * p[0] for n, p in preds.items()}
         audio_x0 = {n: audio - sigma * p[1] for n, p in preds.items()}
-        video_v = (video - guide(video_x0, self.guidance.video, self.video_stats, self.video_count)) / sigma
-        audio_v = (audio - guide(audio_x0, self.guidance.audio, LocalStats(), self.audio_count)) / sigma
-        stepped = video + dsigma * video_v
+        video_x0 = guide(video_x0, self.guidance.video, self.video_stats, self.video_count)
+        if self.strength is not None:  # as LTX2ConditionPipeline, in x0 space
+            video_x0 = video_x0 * (1 - self.strength) + self.clean * self.strength
+        stepped = video + dsigma * ((video - video_x0) / sigma)
         video = stepped if self.keep is None else torch.where(self.keep, video, stepped)
+        if self.audio_frozen:
+            return video, audio
+        audio_v = (audio - guide(audio_x0, self.guidance.audio, LocalStats(), self.audio_count)) / sigma
         return video, audio + dsigma * audio_v
 
 
@@ -450,11 +479,12 @@ def use_loras(c: Components, specs) -> list[dict]:
     return c.fuser.use(specs)
 
 
-def schedule(c: Components, req: LTX2Request, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps, sigmas + [0]): the request's sigma list as given, else linspace with the folder's shift."""
+def schedule(c: Components, req: LTX2Request, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas + [0]): the request's sigma list as given, else linspace with the folder's shift
+    from the video token count."""
     if req.recipe.sigmas is not None:
         return explicit_schedule(c.scheduler_config, req.recipe.sigmas)
-    return sigma_schedule(c.scheduler_config, req.steps, lay.video_tokens)
+    return sigma_schedule(c.scheduler_config, req.steps, tokens)
 
 
 def run_one_stage(c: Components, req: LTX2Request, plan: Plan, progress: bool, say: Callable[[str], None],
@@ -463,7 +493,10 @@ def run_one_stage(c: Components, req: LTX2Request, plan: Plan, progress: bool, s
     blocks = getattr(getattr(c.transformer, "cfg", None), "num_layers", None)
     if blocks is not None and any(not 0 <= b < blocks for b in req.guidance.stg_blocks):
         raise ValueError(f"--stg-blocks {list(req.guidance.stg_blocks)} out of range: the model has blocks 0..{blocks - 1}")
-    names = req.guidance.branches()
+    guidance = req.guidance
+    if req.audio_input is not None:  # audio-to-video: the audio is given, so only the video's terms count
+        guidance = replace(guidance, audio=ModalityGuidance())
+    names = guidance.branches()
     if not c.transformer.cfg.perturbed_attn:  # LTX-2.0 weights: STG changes nothing, so skip its forward
         names = tuple(n for n in names if n != "perturbed")
     prompts = {"cond": req.prompt} | ({"uncond": req.negative_prompt} if "uncond" in names else {})
@@ -480,36 +513,47 @@ def run_one_stage(c: Components, req: LTX2Request, plan: Plan, progress: bool, s
 
     lay, text, latents, encode_text_time = plan.from_main(prepare)
     text = {name: tuple(t.to(c.device) for t in v) for name, v in text.items()}
-    timesteps, sigmas = schedule(c, req, lay)
-    video, audio, step_times = run_stage(c, req, plan, lay, text, latents, timesteps, sigmas, names, progress)
+    # The grid's tokens, plus appended keyframes' (which count for the shift, as in diffusers).
+    timesteps, sigmas = schedule(c, req, latents[0].shape[1])
+    video, audio, step_times = run_stage(c, req, plan, lay, text, latents, timesteps, sigmas, names, progress,
+                                         guidance)
     record = {"steps": len(timesteps), "sigmas": sigmas[:-1].tolist(), "loras": loras}
     return Stage(video, audio, lay, text, step_times, encode_text_time, record)
 
 
 def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: dict, latents: tuple,
-              timesteps: torch.Tensor, sigmas: torch.Tensor, names: tuple[str, ...], progress: bool):
-    """The denoising loop from `latents` = (video, conditioning mask or None, audio), whole, on the CPU:
-    (video gathered on every rank, audio, step times)."""
+              timesteps: torch.Tensor, sigmas: torch.Tensor, names: tuple[str, ...], progress: bool,
+              guidance: LTX2Guidance | None = None):
+    """The denoising loop from `latents` = (video, conditioning mask or None, audio[, conditioned sequence or
+    None]), whole, on the CPU: (video gathered on every rank, audio, step times)."""
     from tqdm import tqdm
 
-    video, cond_mask, audio = latents
-    # Video tokens are sharded for the whole loop; audio is whole on every rank.
-    shard = plan.shard(lay.video_tokens)
+    video, cond_mask, audio, conditioned = (*latents, None)[:4]
+    guidance = guidance or req.guidance
+    tokens = video.shape[1]
+    # Video tokens are sharded for the whole loop (appended keyframes with them); audio is whole on every rank.
+    shard = plan.shard(tokens)
     video = shard.split(video).to(c.device)
     audio = audio.to(c.device)
     keep = None if cond_mask is None else shard.split(cond_mask).to(c.device)[..., None] > 0  # (1, T, 1)
     level = None if cond_mask is None else 1.0 - shard.split(cond_mask).to(c.device)  # per-token timestep factor
+    strength = clean = coords = None
+    if conditioned is not None:
+        strength, clean = shard.split(conditioned.strength).to(c.device), shard.split(conditioned.clean).to(c.device)
+        level, coords = 1.0 - strength[..., 0], conditioned.coords.to(c.device)
     rope = c.arch.rope_tables(
-        c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device
+        c.transformer.cfg, lay.frames, lay.height, lay.width, req.fps, lay.audio_frames, c.device,
+        **({} if coords is None else {"video": coords}),  # a grid plus appended keyframes: their own positions
     ).map_video(lambda x: shard.split(x, dim=1))
     attn = replace(
         c.arch.LOCAL_ATTENTION,
         video_self=plan.self_attention(shard),
         video_to_audio=plan.kv_sharded_attention(shard),
     )
-    forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches)
-    denoiser = Denoiser(forward, plan, names, req.guidance, shard, lay.video_tokens * lay.channels,
-                        audio.shape[1] * audio.shape[2], keep, level)
+    frozen = req.audio_input is not None
+    forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches, frozen)
+    denoiser = Denoiser(forward, plan, names, guidance, shard, tokens * lay.channels,
+                        audio.shape[1] * audio.shape[2], keep, level, strength, clean, frozen)
 
     step_times = []
     steps = len(timesteps)
@@ -523,7 +567,7 @@ def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: di
         bar.set_postfix_str(f"{step_times[-1] * 1000:.0f} ms/step")
         bar.update()
     bar.close()
-    return shard.gather(video), audio, step_times
+    return shard.gather(video)[:, :lay.video_tokens], audio, step_times  # appended keyframe tokens go
 
 
 def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: dict, phases: dict,
@@ -539,9 +583,20 @@ def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: di
         c.vae.enable_tiling()
     frames, latents = decode_video(c, stage.video, lay)
     phases["video_decode_s"] = time.perf_counter() - start
-    waveform, audio_latents = decode_audio(c, stage.audio, lay) if req.audio else (None, None)
+    rate = c.sample_rate
+    if req.audio_input is not None:  # the output carries the given sound itself, as Lightricks' A2V returns it
+        from .audio_input import load_input
+
+        waveform, rate = load_input(req.audio_input, req.num_frames / req.fps)
+        audio_latents = _audio_latents(c, stage.audio, lay)[0].numpy()
+    else:
+        waveform, audio_latents = decode_audio(c, stage.audio, lay) if req.audio else (None, None)
     phases["audio_decode_s"] = time.perf_counter() - start - phases["video_decode_s"]
-    return Result(frames, waveform, c.sample_rate, latents, audio_latents, times, time.perf_counter() - start,
+    if req.extend is not None:  # the clip, then the new frames after the overlap (and the sounds likewise)
+        from .extend import join
+
+        frames, waveform = join(req, frames, waveform, rate)
+    return Result(frames, waveform, rate, latents, audio_latents, times, time.perf_counter() - start,
                   stage.encode_text_time, vae_tiling, recipe, phases)
 
 
@@ -566,8 +621,15 @@ def decode_audio(c: Components, tokens: torch.Tensor, lay: Layout) -> tuple[np.n
     The audio VAE's statistics are per packed feature (C_a * M), so denormalise before unpacking.
     """
     a = c.audio_vae
-    tokens = tokens.float() * a.latents_std.float().to(tokens.device) + a.latents_mean.float().to(tokens.device)
-    latents = unpack_audio(tokens, lay.audio_mel)  # (1, C_a, L, M)
+    latents = _audio_latents(c, tokens, lay)  # (1, C_a, L, M)
     mel = a.decode(latents.to(c.device, a.dtype), return_dict=False)[0]  # (1, 2, T, mel_bins)
     waveform = c.vocoder(mel.to(c.vocoder.dtype))  # (1, channels, samples)
     return waveform[0].float().cpu().numpy(), latents[0].float().cpu().numpy()
+
+
+def _audio_latents(c: Components, tokens: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Packed normalised audio tokens -> the audio VAE's latents (1, C_a, L, M); its statistics are per packed
+    feature (C_a * M), so denormalise before unpacking."""
+    a = c.audio_vae
+    tokens = tokens.float() * a.latents_std.float().to(tokens.device) + a.latents_mean.float().to(tokens.device)
+    return unpack_audio(tokens, lay.audio_mel)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import check_video
+from .conditions import check_files, check_request, conditioning_options, input_files  # noqa: F401 - check_files: the family surface
 from .recipes import DISTILLED_SIGMAS, Recipe, build_recipe, check_two_stage_size, describe_loras  # noqa: F401
 
 BRANCHES = ("cond", "uncond", "perturbed", "isolated")  # batch row order of a batched call
@@ -86,6 +87,10 @@ class LTX2Request:
     branches: str = "batched"  # "batched": one transformer call per step; "sequential": one per branch
     audio: bool = True  # False: the audio is denoised (it is one model) but not decoded; the mp4 is silent
     recipe: Recipe = Recipe()  # sigma lists, two stages, LoRAs (recipes.py)
+    conditions: tuple = ()  # conditions.Condition: images / clips at frames, LTX2ConditionPipeline's way
+    audio_input: str | None = None  # audio-to-video: the sound the video follows
+    extend: str | None = None  # a clip this video continues: its last extend_frames frames open the video
+    extend_frames: int = 17  # conditions.EXTEND_FRAMES
 
     def __post_init__(self) -> None:
         check_video(self)
@@ -93,6 +98,11 @@ class LTX2Request:
             check_two_stage_size(self.height, self.width)
         if not 0 <= self.image_crf <= 51:
             raise ValueError(f"--image-crf {self.image_crf} must be in 0..51 (0 = no re-compression)")
+        check_request(self)
+
+    def inputs(self) -> list[dict]:
+        """Every file this generation reads, with its role (the sidecar adds each one's sha256)."""
+        return input_files(self)
 
 
 def _read_index(model_dir: Path) -> dict:
@@ -177,6 +187,10 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
     from ..request import parse_blocks, parse_floats
 
     o = {k: v for k, v in options.items() if v is not None}
+    try:
+        o = conditioning_options(o)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if "num_inference_steps" in o:
         o.setdefault("steps", o.pop("num_inference_steps"))
     name = o.pop("preset", None) or version_preset(configs)
