@@ -14,7 +14,8 @@ FAMILIES = ("ltx_video", "ltx2")
 # A module may import from its own layer and those before it, never from a later one; a family never
 # imports another family (what they share lives in the first layer).
 LAYERS = (
-    {"errors", "families", "guidance", "kernels", "config", "schedule", "request", "media", "layers", "modulation"},
+    {"errors", "families", "guidance", "kernels", "config", "schedule", "request", "media", "layers", "modulation",
+     "quant"},
     {"parallel"},
     set(FAMILIES),
     {"latents", "sidecar", "batch"},
