@@ -40,7 +40,6 @@ from . import kernels
 E4M3_MAX = 448.0
 AMAX_FLOOR = 2.0**-100  # the amax an all-zero row takes: a normal fp32 scale, and its values stay 0
 KEEP = ("to_gate_logits",)  # block linears that stay in the model dtype: `heads` outputs, driving the gates
-METHODS = ("none", "fp8")
 # Under torch.compile: False quantizes with torch ops, which Inductor fuses into the op that produces the
 # input (the AdaLN norm, the GELU); True calls the Triton kernel there too. For measurement (bench).
 COMPILED_KERNEL = False
@@ -164,6 +163,19 @@ def calibrate(model: nn.Module) -> Iterator[None]:
         for m in layers:
             m.input_scale = nn.Parameter(pow2_scale(m.observed)[0], requires_grad=False)
             m.observed = None
+
+
+def describe(model: nn.Module, source: str | None) -> dict:
+    """What a sidecar records: the method, where the e4m3 weights came from, the layers, their input scales and
+    the transformer's weight memory on one rank."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    if not layers:
+        return {"method": "none", "weight_gib_per_rank": round(weight_bytes(model) / 2**30, 4)}
+    static = sum(m.input_scale is not None for m in layers)
+    return {"method": "fp8", "format": "e4m3, one scale per output channel", "source": source,
+            "layers": len(layers), "activations": "static" if static == len(layers) else "per row" if not static
+            else f"static in {static}, per row in {len(layers) - static}",
+            "weight_gib_per_rank": round(weight_bytes(model) / 2**30, 4)}
 
 
 def weight_bytes(model: nn.Module) -> int:
