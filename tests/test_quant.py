@@ -242,3 +242,39 @@ def test_bench_rows_beside_each_other(tmp_path, shape):
     assert all(r["finite"] for r in records)
     plain, fp8, static = (r["weight_gib_per_rank"] for r in records)
     assert fp8 < static < plain  # static adds one fp32 input scale a layer
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+def test_cli_generate_quantize_and_info(tmp_path):
+    from test_cli import FAST, MODEL, cli, error_line, snapshot
+
+    out = tmp_path / "fp8.mp4"
+    assert cli("generate", "--prompt", "a fox", *FAST, "--quantize", "fp8", "-o", out).exit_code == 0
+    recorded = json.loads(out.with_name(out.name + ".json").read_text())["quantization"]
+    assert (recorded["method"], recorded["source"], recorded["activations"]) == ("fp8", "on-the-fly", "per row")
+    plain = tmp_path / "plain.mp4"
+    assert cli("generate", "--prompt", "a fox", *FAST, "-o", plain).exit_code == 0
+    assert json.loads(plain.with_name(plain.name + ".json").read_text())["quantization"]["method"] == "none"
+
+    folder = tmp_path / "ltx-tiny-fp8"
+    assert cli("quantize", MODEL, folder, "--dtype", "float32").exit_code == 0
+    again = tmp_path / "again.mp4"
+    assert cli("generate", "--prompt", "a fox", *FAST, "--model", folder, "-o", again).exit_code == 0
+    sidecar = json.loads(again.with_name(again.name + ".json").read_text())
+    assert sidecar["quantization"]["source"] == "checkpoint"
+    first = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["output_sha256"] == first["output_sha256"]  # the folder's weights are --quantize fp8's
+
+    shown = cli("info", folder).stdout
+    assert "with --quantize fp8" in shown and "holds the fp8 weights" in shown
+    summary = json.loads(cli("info", MODEL, "--json").stdout)["transformer_weights_per_rank_gib"]
+    assert summary["fp8"] < summary["bfloat16"] and not summary["quantized"]
+
+    before = snapshot(tmp_path)
+    for args, words in ((["generate", "--prompt", "a", "--quantize", "int4", "-o", tmp_path / "x.mp4"], "int4"),
+                        (["quantize", MODEL, folder], "not an empty directory"),
+                        (["quantize", folder, tmp_path / "twice"], "already quantized")):
+        result = cli(*args)
+        assert result.exit_code == 2 and words in error_line(result.stderr), result.stderr
+    assert snapshot(tmp_path) == before
