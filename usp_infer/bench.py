@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig
 from .guidance import GuidanceConfig
+from . import quant
 from .layers import sdpa_attention
 from .ltx2.model import SHAPES as LTX2_SHAPES
 from .ltx_video import bench as ltx_video_bench
@@ -359,12 +360,12 @@ def _parse_layouts(text: str, world: int, s: Setup) -> list[tuple[int, int, int]
 
 
 def _print_table(records: list[dict]) -> None:
-    typer.echo(f"{'impl':<18} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'comp':>4} "
+    typer.echo(f"{'impl':<20} {'tokens':>6} {'cfg/ring/uly':>12} {'mode':>10} {'comp':>4} "
                f"{'ms/step':>9} {'TFLOP/s/GPU':>11} {'%matmul':>7} {'peak GB':>7} {'a2a share':>9} {'attn err':>8}")
     for r in records:
         share, err = r.get("a2a_share"), r.get("attention_check_rel_err")
         typer.echo(
-            f"{r['implementation'][:18]:<18} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
+            f"{r['implementation'][:20]:<20} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
             f"{str(r['a2a_mode']):>10} {'yes' if r['compiled'] else 'no':>4} "
             f"{r['ms_per_step']:>9.1f} {r['tflops_per_gpu']:>11.1f} {100 * r['fraction_of_matmul_rate']:>6.1f}% "
             f"{r['peak_mem_gb']:>7.1f} {'' if share is None else f'{100 * share:.1f}%':>9} "
@@ -423,7 +424,7 @@ def run(
     shape, height, width, num_frames, branches, branch_mode,
     ulysses_degree, ring_degree, cfg_parallel, layouts, a2a_mode, comm_share,
     compile, warmup, steps, baseline, image, json_out,
-    profile, device, dtype, dist_timeout, seed, recipe=None,
+    profile, device, dtype, dist_timeout, seed, recipe=None, quantize="none",
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs; the flags are
     bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
@@ -443,6 +444,7 @@ def run(
         if layouts is None:
             layouts = f"{cfg_parallel}x{ring_degree}x{ulysses_degree or world // (cfg_parallel * ring_degree) or 1}"
         chosen = _parse_layouts(layouts, world, s)
+        methods = _parse_quantize(quantize, s)
     except (ValueError, RuntimeError) as e:  # RuntimeError: torch.device("bogus")
         if env_rank() == 0:
             typer.echo(f"error: {e}", err=True)
@@ -461,7 +463,7 @@ def run(
             tmp.replace(json_out)
 
     try:
-        records = _run_all(s, cases, world, baseline, seed, dist_timeout, save, profile)
+        records = _run_all(s, cases, world, baseline, seed, dist_timeout, save, profile, methods)
     finally:
         teardown()
     if env_rank() == 0:
@@ -502,8 +504,28 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
     bench_e2e.print_table(records, typer.echo)
 
 
+def _parse_quantize(text: str, s: Setup) -> list[str]:
+    """--quantize 'fp8,fp8-static' -> the methods timed after the model-dtype rows, in the order they can run
+    (static scales are calibrated on the fp8 model)."""
+    order = ("fp8", "fp8-static")
+    given = [m for m in text.split(",") if m != "none"]
+    bad = [m for m in given if m not in order]
+    if bad:
+        raise ValueError(f"--quantize {text!r}: {bad[0]!r} is unknown; use none, fp8, fp8-static or a comma list")
+    if given and (why := quant.check_device(s.device, s.dtype)):
+        raise ValueError(why)
+    return [m for m in order if m in given]
+
+
+def _calibrate(model: nn.Module, s: Setup, case: Case, mesh: Mesh) -> None:
+    """Static input scales from one step of this configuration's inputs (each rank from its own tokens)."""
+    step, _ = _workload(s).make_step(model, s, Plan(mesh), None)
+    with quant.calibrate(model):
+        step()
+
+
 def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, timeout_s: float,
-             save: Callable[[list[dict]], None], profile_dir: Path | None) -> list[dict]:
+             save: Callable[[list[dict]], None], profile_dir: Path | None, methods: list[str] = ()) -> list[dict]:
     meshes: dict[tuple[int, int, int], Mesh] = {}
     # One mesh per layout: the default group is joined once and reused; a2a mode is a per-case choice.
     first = cases[0].layout
@@ -518,26 +540,42 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
         compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
     records: list[dict] = []
     with torch.no_grad():
-        for case in cases:
-            if case.layout not in meshes:
-                meshes[case.layout] = init_mesh(ParallelConfig(*case.layout, timeout_s=timeout_s), str(device))
-            model.transformer_blocks = compiled_blocks if case.compiled else eager_blocks
-            mesh = meshes[case.layout]
-            label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}"
-                     f"{'-compiled' if case.compiled else ''}{'' if case.exchange else '-local'}-rank{mesh.rank}.txt")
-            profile_to = profile_dir / label if profile_dir else None
-            times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
-            # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
-            record = _record(s, case, world, times, peaks, finite, env, "usp-infer", ltx_video_bench.PROMPT_TOKENS)
-            if mesh.seq_degree > 1 and case.exchange:
-                record["attention_check_rel_err"] = attention_check(mesh, SeqShard.for_mesh(s.tokens, mesh), case, s)
-            if case.exchange:
-                records.append(record)
-            else:  # attach the estimate to the real configuration just timed
-                real = records[-1]
-                real["ms_per_step_local_exchange"] = record["ms_per_step"]
-                real["a2a_share"] = 1 - record["ms_per_step"] / real["ms_per_step"]
-            save(records)
+        for method in ("none", *methods):  # the model dtype's rows first, then the same cases quantized
+            if method != "none":
+                model.transformer_blocks = eager_blocks
+                if not quant.is_quantized(model):
+                    quant.quantize_(model)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if method == "fp8-static":
+                    _calibrate(model, s, cases[0], meshes[cases[0].layout])
+                if any(case.compiled for case in cases):  # new modules inside: compile afresh
+                    torch._dynamo.reset()
+                    compiled_blocks = nn.ModuleList(torch.compile(block) for block in eager_blocks)
+            weight_gib = quant.weight_bytes(model) / 2**30
+            for case in cases:
+                if case.layout not in meshes:
+                    meshes[case.layout] = init_mesh(ParallelConfig(*case.layout, timeout_s=timeout_s), str(device))
+                model.transformer_blocks = compiled_blocks if case.compiled else eager_blocks
+                mesh = meshes[case.layout]
+                label = (f"w{world}-{'x'.join(map(str, case.layout))}-{case.a2a_mode}{'' if method == 'none' else '-' + method}"
+                         f"{'-compiled' if case.compiled else ''}{'' if case.exchange else '-local'}-rank{mesh.rank}.txt")
+                profile_to = profile_dir / label if profile_dir else None
+                times, peaks, finite = _run_case(model, s, case, mesh, profile_to)
+                # The text mask keeps PROMPT_TOKENS positions; the transformer drops the trailing pads.
+                implementation = "usp-infer" if method == "none" else f"usp-infer-{method}"
+                record = _record(s, case, world, times, peaks, finite, env, implementation,
+                                 ltx_video_bench.PROMPT_TOKENS)
+                record.update(quantize=method, weight_gib_per_rank=weight_gib)
+                if mesh.seq_degree > 1 and case.exchange:
+                    record["attention_check_rel_err"] = attention_check(mesh, SeqShard.for_mesh(s.tokens, mesh), case, s)
+                if case.exchange:
+                    records.append(record)
+                else:  # attach the estimate to the real configuration just timed
+                    real = records[-1]
+                    real["ms_per_step_local_exchange"] = record["ms_per_step"]
+                    real["a2a_share"] = 1 - record["ms_per_step"] / real["ms_per_step"]
+                save(records)
         model.transformer_blocks = eager_blocks
     if baseline == "diffusers":
         del model, eager_blocks, compiled_blocks

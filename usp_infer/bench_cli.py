@@ -46,6 +46,9 @@ def bench_command(
                                          "upsample, stage 2, decodes, mp4): one-stage, distilled, two-stage, "
                                          "two-stage-distilled, a comma list or 'all'; --height/--width are the "
                                          "output's; the dev recipe takes the weights' steps (one process)."),
+    quantize: str = typer.Option("none", help="fp8 | fp8,fp8-static: after the model-dtype rows, swap the blocks' "
+                                 "linears for float8 ones (quant.py) and time every configuration again, in the "
+                                 "same launch; fp8-static first calibrates static input scales on one step."),
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
 

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from .batch import Item, read_batch
-from .config import ParallelConfig, Session
+from .config import QUANTIZE_METHODS, ParallelConfig, Session
 from .errors import UsageError, one_line
 from .guidance import PRESETS
 from .request import build_for
@@ -143,6 +143,9 @@ DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before t
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
                                "one-time compilation in the first step (worth it for long runs and batches).")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
+Quantize = Annotated[str, _opt("--quantize", help="none | fp8: the transformer blocks' linear layers in float8 "
+                               "e4m3 (about half the weight memory and faster steps; CUDA needs compute capability "
+                               "8.9+). A folder written by `usp-infer quantize` runs in fp8 without it.")]
 VaeTiling = Annotated[bool, _opt("--vae-tiling", help="Decode in tiles (less memory). Chosen by itself when the "
                                  "estimated full decode would not fit in free memory.")]
 Dtype = Annotated[Optional[str], _opt(help="float32 | bfloat16 | float16 [default: bfloat16 on CUDA, float32 on CPU].")]
@@ -152,7 +155,7 @@ JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
 SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
-                 "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+                 "quantize", "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
 def _warn_empty_prompts(items: list[Item], s: Session) -> None:
@@ -172,6 +175,8 @@ def _session_from(flags: dict, **extra) -> Session:
         fail(2, f"--device {f['device']!r} is unknown; use auto, cpu or cuda")
     if f["dtype"] is not None and f["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(2, f"--dtype {f['dtype']!r} is unknown; use float32, bfloat16 or float16")
+    if f["quantize"] not in QUANTIZE_METHODS:
+        fail(2, f"--quantize {f['quantize']!r} is unknown; use {' or '.join(QUANTIZE_METHODS)}")
     try:
         parallel = ParallelConfig(
             cfg=1 if f["cfg_parallel"] is None else f["cfg_parallel"],
@@ -184,7 +189,7 @@ def _session_from(flags: dict, **extra) -> Session:
     return Session(
         model=model_path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
         quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"],
-        vae_tiling=f["vae_tiling"], **extra,
+        vae_tiling=f["vae_tiling"], quantize=f["quantize"], **extra,
     )
 
 
@@ -261,6 +266,7 @@ def generate(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    quantize: Quantize = "none",
     vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -348,6 +354,7 @@ def batch(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    quantize: Quantize = "none",
     vae_tiling: VaeTiling = False,
     device: Device = "auto",
     dtype: Dtype = None,
@@ -392,6 +399,50 @@ def make_tiny(
     except OSError as e:
         fail(1, f"cannot write {directory}: {e.strerror or e}")
     typer.echo(f"wrote {directory}", err=True)
+
+
+@app.command(help=_help(
+    "Write a copy of a model folder whose transformer block linears are float8 e4m3 with one scale per output "
+    "channel: generate then reads about half the transformer's bytes and runs as with --quantize fp8 (the same "
+    "weights, bit for bit). The other components are hard-linked (copied across filesystems).",
+    "  usp-infer quantize models/ltx-2.3 models/ltx-2.3-fp8",
+    "  usp-infer generate --model models/ltx-2.3-fp8 --prompt 'a red fox' -o fox.mp4",
+))
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Diffusers-format LTX folder.")],
+    output: Annotated[Path, typer.Argument(help="Folder to create (absent, or an empty directory).")],
+    dtype: Annotated[str, _opt(help="The dtype generate will run in: weights are rounded to it first [bfloat16 on "
+                                    "CUDA; float32 for a CPU run].")] = "bfloat16",
+    device: Annotated[str, _opt(help="cpu | cuda: where each weight is quantized.")] = "cpu",
+) -> None:
+    from .families import resolve
+
+    model, output = model.expanduser(), output.expanduser()
+    try:
+        resolve(model)
+    except ValueError as e:
+        fail(2, str(e))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
+    if device not in ("cpu", "cuda"):
+        fail(2, f"--device {device!r} is unknown; use cpu or cuda")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        fail(2, f"{output} exists and is not an empty directory; remove it or pick another path")
+    if json.loads((model / "transformer" / "config.json").read_text()).get("_quantization"):
+        fail(2, f"{model} is already quantized; it runs in fp8 as it is")
+    try:
+        check_weights(model)
+    except RuntimeError as e:
+        fail(1, str(e))
+    import torch
+
+    from .quant import write_quantized
+
+    try:
+        layers = write_quantized(model, output, getattr(torch, dtype), torch.device(device))
+    except OSError as e:
+        fail(1, f"cannot write {output}: {e.strerror or e}")
+    typer.echo(f"wrote {output} ({layers} linear layers in float8 e4m3)", err=True)
 
 
 @app.command(help=_help(
@@ -450,6 +501,20 @@ def _count_parameters(folder: Path) -> int:
     return total
 
 
+def _weight_memory(folder: Path) -> tuple[int, int]:
+    """(bf16, fp8) bytes of a transformer's weights on one rank (every rank holds them all), from the headers."""
+    from safetensors import safe_open
+
+    from .quant import weight_memory
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape()))
+    return weight_memory(tensors)
+
+
 @app.command(help=_help(
     "Describe a checkpoint: configs, parameter counts, valid sizes, and the layouts that fit N GPUs.",
     "  usp-infer info",
@@ -480,6 +545,7 @@ def info(
         fail(1, str(e))
     components = [name for name in configs if (model / name).is_dir() and any((model / name).glob("*.safetensors"))]
     params = {name: _count_parameters(model / name) for name in components}
+    bf16, fp8 = _weight_memory(model / "transformer")
     shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
                   "audio_attention_head_dim", "in_channels", "caption_channels")
     summary = {
@@ -489,6 +555,8 @@ def info(
         "presets": list(family.presets),
         "transformer": {k: t[k] for k in shape_keys if k in t},
         "parameters": params,
+        "transformer_weights_per_rank_gib": {"bfloat16": bf16 / 2**30, "fp8": fp8 / 2**30,
+                                             "quantized": bool(t.get("_quantization"))},
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
@@ -511,6 +579,10 @@ def info(
     typer.echo(f"family       {family.name}: {family.summary}; presets {', '.join(family.presets)}")
     typer.echo("transformer  " + ", ".join(f"{k} {v}" for k, v in summary["transformer"].items()))
     typer.echo("parameters   " + ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in params.items()))
+    stored = " (this folder holds the fp8 weights)" if t.get("_quantization") else ""
+    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"  # noqa: E731
+    typer.echo(f"weights      transformer per rank: {size(bf16)} bfloat16, {size(fp8)} with --quantize fp8 "
+               f"({fp8 / bf16:.0%}){stored}")
     typer.echo(f"frames       {summary['frames']}")
     typer.echo(f"height/width {summary['height_width']}")
     typer.echo(f"tokens       {summary['tokens']}")

@@ -11,6 +11,7 @@ from .guidance import GuidanceConfig
 
 A2AMode = Literal["direct", "functional"]
 A2A_MODES: tuple[str, ...] = ("direct", "functional")
+QUANTIZE_METHODS: tuple[str, ...] = ("none", "fp8")  # --quantize (quant.py)
 
 
 @dataclass(frozen=True)
@@ -110,4 +111,5 @@ class Session:
     debug: bool = False
     compile: bool = False
     vae_tiling: bool = False  # decode in tiles even when a full decode would fit
+    quantize: str = "none"  # QUANTIZE_METHODS: fp8 = the transformer blocks' linears in e4m3 (quant.py)
     batch: bool = False  # print the "done: ..." line

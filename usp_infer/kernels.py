@@ -11,14 +11,20 @@ ops under torch.compile, but re-reads the fp32 table per batch row.
 rms_norm_modulate_: the AdaLN input of each attention and FFN, shift + rms_norm(x) * scale, in one pass instead
 of a norm's and an addcmul's (eager only: torch.compile fuses these two itself, with the residual before them).
 
-The math and its roundings follow the unfused path (norm in fp32, rounded to x's dtype as the norm's output
-is, then the rotation or the modulation in fp32, rounded once), so they agree with it to an ulp of x's dtype.
+quantize_rows_fp8: an activation row -> float8 e4m3 with its power-of-two scale (amax, scale, clamp at 448,
+round, cast in one pass: 3 bytes an element), the input of every FP8Linear (quant.py) in eager mode.
+
+The math and roundings of the first two follow the unfused path (norm in fp32, rounded to x's dtype as the norm's
+output is, then the rotation or the modulation in fp32, rounded once), so they agree with it to an ulp of x's dtype;
+the third gives quant.quantize_rows_torch's bits exactly.
 
 Triton ships with torch's CUDA builds; without it (the CPU build) `available()` is False and the callers keep
 their torch ops. Registered as custom ops, so torch.compile'd blocks call them without a graph break.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -90,6 +96,43 @@ if triton is not None:
             tl.store(out_ptr + row * stride_ob + s * stride_os + c, (shift + normed * scale).to(dtype), mask=keep)
 
 
+    @triton.jit
+    def _round_to_e4m3(v):
+        # Round to nearest even on the e4m3 grid in fp32, so that the cast after it is exact on every backend
+        # (the GPU's cvt rounds the same way; Triton's CPU interpreter does not carry a rounded-up mantissa into
+        # the exponent: 126.8 becomes 64). Adding 1.5 * 2^(s + 23) puts fp32's rounding point at 2^s, s the e4m3
+        # step of |v|: 2^(exponent - 3), and 2^-9 for the subnormals (exponent below -6).
+        a = tl.abs(v)
+        exponent = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 127, -6)
+        magic = (((exponent - 3 + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        r = (a + magic) - magic
+        sign = (v.to(tl.int32, bitcast=True) >> 31) << 31  # v's sign bit, -0 included
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+    @triton.jit
+    def _quantize_rows_fp8_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, stride_x,
+                                  K: tl.constexpr, BLOCK: tl.constexpr, STATIC: tl.constexpr):
+        # One program per row, the row held in registers: amax, its power-of-two scale, scale, clamp, round.
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        keep = c < K
+        x = tl.load(x_ptr + row * stride_x + c, mask=keep, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr)
+            inverse = 1.0 / scale
+        else:  # quant.pow2_scale, from the bits of amax
+            magnitude = tl.where(x == x, tl.abs(x), 0.0)  # NaN left out of the scale, as quant's nan_to_num does
+            bits = tl.maximum(tl.max(magnitude, axis=0), 2.0**-100).to(tl.int32, bitcast=True)
+            k = (bits >> 23) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+            scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+            inverse = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(x * inverse, -448.0), 448.0))
+        q = tl.where(x == x, q, x)  # NaN stays NaN, for the finite checks downstream
+        tl.store(out_ptr + row * K + c, q.to(out_ptr.dtype.element_ty), mask=keep)
+        tl.store(scale_ptr + row, scale)
+
+
 @torch.library.custom_op("usp_infer::rms_norm_rope", mutates_args=())
 def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, table: Tensor, run: int) -> Tensor:
     """rope(rms_norm(x) * weight): x (B, S, C); table (1|B, S, C) fp32 with cos at each pair's first channel
@@ -126,3 +169,25 @@ def rms_norm_modulate_(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out:
             x, shift, scale, out, B, eps, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
             out.stride(0), out.stride(1), C=C, BLOCK=triton.next_power_of_2(C), num_warps=8 if C >= 4096 else 4,
         )
+
+
+@torch.library.custom_op("usp_infer::quantize_rows_fp8", mutates_args=())
+def quantize_rows_fp8(x: Tensor, input_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """x (M, K), any row stride -> (e4m3 (M, K), fp32 (M, 1) scales) with x ~= q * scale: each row's own
+    power-of-two scale, or the static `input_scale` () on every row. quant.quantize_rows_torch in one pass."""
+    M, K = x.shape
+    assert x.stride(1) == 1
+    out = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    if M:
+        _quantize_rows_fp8_kernel[(M,)](
+            x, out, scale, scale if input_scale is None else input_scale, x.stride(0), K=K,
+            BLOCK=triton.next_power_of_2(K), STATIC=input_scale is not None,
+            num_warps=16 if K >= 8192 else 8 if K >= 2048 else 4,
+        )
+    return out, scale
+
+
+@quantize_rows_fp8.register_fake
+def _(x: Tensor, input_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import kernels
+from . import kernels, quant
 
 
 def config_kwargs(cls: type, d: dict, fixed: dict, model: str, out_in: tuple[tuple[str, str], ...]) -> dict:
@@ -111,7 +111,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         up = self.net[0].proj
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # up always has a bias (nn.Linear's default)
+        # (not for quant.py's FP8Linear, which multiplies in float8 itself)
+        if type(up) is nn.Linear and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # up has a bias
             # GELU in the GEMM's epilogue (cuBLASLt): no separate pass over the 4x-wide activations. On CUDA
             # this op's GELU is the tanh form LTX uses (on the CPU it is the exact one, so it stays CUDA-only).
             hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
@@ -160,7 +161,8 @@ def load_folder(
     """Build `build(config.json's dict)` on the meta device and assign it the folder's safetensors weights.
 
     The parameters are the loaded tensors themselves (assign=True): each is read straight to `device` and
-    cast there, so weights are never held twice. Every key and shape is checked against the built model.
+    cast there, so weights are never held twice. Every key and shape is checked against the built model. Block
+    linears stored in e4m3 load as quant.FP8Linear (e4m3 weights and fp32 scales stay as stored).
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -177,19 +179,24 @@ def load_folder(
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     with torch.device("meta"):
-        model = build(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+        model = build(config).to(dtype)
     state: dict[str, Tensor] = {}
+    where: dict[str, Path] = {}
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{index_path} lists {path.name}, which is not in {folder}")
         for key, tensor in load_file(path, device=str(torch.device(device))).items():
-            if key not in expected:
-                raise ValueError(f"{path}: unexpected key {key!r}; is this a {type(model).__name__} checkpoint?")
-            if tensor.shape != expected[key]:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, config.json implies "
-                                 f"{tuple(expected[key])}")
-            state[key] = tensor.to(dtype)
+            state[key], where[key] = tensor, path
+    # A checkpoint's e4m3 layers (`usp-infer quantize`, Lightricks' FP8 files) become FP8Linears first.
+    quant.prepare_for_state(model, state)
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key not in expected:
+            raise ValueError(f"{where[key]}: unexpected key {key!r}; is this a {type(model).__name__} checkpoint?")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{where[key]}: {key!r} has shape {tuple(tensor.shape)}, config.json implies "
+                             f"{tuple(expected[key].shape)}")
+        state[key] = tensor.to(expected[key].dtype)  # as the model holds it: `dtype`, or e4m3 and fp32 scales
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ValueError(f"{folder}: key {missing[0]!r} is in none of {[f.name for f in files]} "

@@ -130,6 +130,7 @@ def _run(items: list[Item], s: Session) -> None:
     try:
         try:
             check_layout(s)  # a wrong layout fails before any rendezvous, on every rank alike (rank 0 says it)
+            _check_quantize(s, device)
             control = join_world(device, s.parallel.timeout_s)
             items, parallel, todo, family = _plan(items, s, control)
         except UsageError as e:
@@ -155,6 +156,33 @@ def _run(items: list[Item], s: Session) -> None:
     finally:
         teardown()
     _summarize(items, todo, records, failures, s, mesh.is_main)
+
+
+def _check_quantize(s: Session, device: str) -> None:
+    """--quantize fp8 on a GPU that cannot multiply float8 (or in a dtype it cannot): one line, before any load."""
+    if s.quantize == "none":
+        return
+    import torch
+
+    from .quant import check_device
+
+    if why := check_device(torch.device(device), getattr(torch, s.dtype)):
+        raise UsageError(why)
+
+
+def _quantize(transformer, method: str, device) -> dict:
+    """Apply --quantize to the loaded transformer (each rank its own copy, by the same deterministic ops); what
+    the sidecar records. A checkpoint written in fp8 runs in fp8 with or without the flag."""
+    import torch
+
+    from . import quant
+
+    source = "checkpoint" if quant.is_quantized(transformer) else "on-the-fly" if method == "fp8" else None
+    if source == "on-the-fly":
+        quant.quantize_(transformer)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' blocks
+    return quant.describe(transformer, source)
 
 
 def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, parallel, control, family):
@@ -207,6 +235,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
         except (OSError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot load the model in {s.model}: {one_line(e)}") from e
         components.text_cache = texts
+        quantization = _quantize(components.transformer, s.quantize, mesh.device)
     except Exception as e:  # noqa: BLE001 - whatever one rank's load raised ends every rank, said once
         error = e
     agree(error, mesh.control_group)  # a rank that failed to load ends every rank, with its message
@@ -247,7 +276,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
                     **result.outputs(),
                 )
                 record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s, peaks,
-                                       fingerprint(item.output), time.perf_counter() - write_start)
+                                       fingerprint(item.output), time.perf_counter() - write_start, quantization)
                 write_json_atomic(sidecar_path(item.output), record)
                 if not s.quiet and not s.json_summary:
                     shown = written[0] if len(written) == 1 else item.output

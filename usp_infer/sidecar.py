@@ -59,8 +59,9 @@ def input_records(request) -> list[dict]:
 
 
 def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float,
-                  peaks: list[float], written: dict, write_s: float = 0.0) -> dict:
-    """`peaks`: each rank's peak_memory_gb, in rank order; `written`: media.fingerprint of the output."""
+                  peaks: list[float], written: dict, write_s: float = 0.0, quantization: dict | None = None) -> dict:
+    """`peaks`: each rank's peak_memory_gb, in rank order; `written`: media.fingerprint of the output;
+    `quantization`: quant.describe of the transformer."""
     return {
         "output": str(item.output),
         **written,
@@ -75,6 +76,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "device": str(mesh.device),
         "dtype": s.dtype,
         "compiled": s.compile,
+        "quantization": quantization or {"method": "none"},
         "vae_tiling": result.vae_tiling,
         "timings": {
             "total_s": round(seconds, 4),
