@@ -1,0 +1,176 @@
+"""The cost model and layout chooser (usp_infer/parallel/costmodel.py): its decisions, its constants, its
+validation against the committed multi-GPU records, and the bytes it counts against what the collectives carry."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_spawn
+from usp_infer.parallel import costmodel as cm
+
+ROOT = Path(__file__).resolve().parent.parent
+B1, B2, B3 = ("cond",), ("uncond", "cond"), ("uncond", "cond", "perturbed")
+B4 = B3 + ("isolated",)
+
+
+def _validator():
+    spec = importlib.util.spec_from_file_location("validate_costmodel", ROOT / "bench" / "validate_costmodel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ltx_video(tokens: int, branches: tuple[str, ...], heads: int = 32) -> cm.Workload:
+    """LTX-Video 13B's widths (48 layers, 4,096 wide), 24 text tokens."""
+    return cm.Workload(48, cm.Stream(tokens, heads, 4096 // heads), 24, branches)
+
+
+def ltx2(tokens: int, branches: tuple[str, ...]) -> cm.Workload:
+    """LTX-2.3's widths: video 32 x 128, audio 32 x 64 at 126 tokens (121 frames), 1,024 text tokens."""
+    return cm.Workload(48, cm.Stream(tokens, 32, 128), 1024, branches, cm.Stream(126, 32, 64), text_kv_per_prompt=True)
+
+
+# (world, workload, expected layout, why): each derived by hand from what the layouts do, not read off the model.
+CHOICES = [
+    (1, ltx_video(6144, B3), (1, 1, 1), "one process: nothing to split"),
+    (2, ltx_video(6144, B3), (1, 1, 2), "cfg 2 splits 3 branches 2 + 1: its slow rank does 2/3 of a step, Ulysses 2 half plus its exchange"),
+    (2, ltx_video(6144, B2), (2, 1, 1), "2 branches on 2 ranks: half a step each, no all-to-all, one small gather"),
+    (2, ltx_video(6144, B1), (1, 1, 2), "one branch: no cfg; Ulysses has no fp32 merges, ring 2 has one per layer"),
+    (3, ltx_video(6144, B3), (3, 1, 1), "one branch per rank and no exchange; ring 3 pays two fp32 merges a layer"),
+    (3, ltx_video(6144, B1), (1, 3, 1), "3 divides no 32 heads and one branch allows no cfg: ring 3 is the only layout"),
+    (4, ltx_video(6144, B3), (1, 1, 4), "measured fastest on 4 H200s (2026-11-28): cfg 2 leaves a 2-branch rank"),
+    (4, ltx_video(27588, B3), (1, 1, 4), "measured fastest at 27,588 tokens too"),
+    (5, ltx_video(6144, B3), (1, 5, 1), "5 divides no 32 heads and exceeds 3 branches: ring 5 only"),
+    (6, ltx_video(6144, B3), (3, 1, 2), "one branch per cfg rank, then Ulysses 2 (6 divides no 32, so no Ulysses 6)"),
+    (2, ltx2(6144, B4), (2, 1, 1), "LTX-2.3's 4 branches split 2 + 2: no all-to-all at all"),
+    (4, ltx2(6144, B4), (4, 1, 1), "one branch per rank: no all-to-all, no merge; audio is replicated anyway"),
+    (3, ltx2(6144, B4), (1, 3, 1), "cfg 3 splits 4 branches 2 + 1 + 1 (half a step on one rank); ring 3 does a third plus merges"),
+    (8, ltx_video(6144, B3), (1, 1, 8), "3 branches split badly over 2, 4 or 8 cfg ranks; Ulysses 8 divides 32 heads"),
+]
+
+
+@pytest.mark.parametrize("world,work,expected,why", CHOICES, ids=[f"w{c[0]}-{c[2]}" for c in CHOICES])
+def test_chooser_decisions(world, work, expected, why):
+    choice = cm.choose(world, work)
+    assert choice.best.layout == expected, (why, [(p.layout, round(p.ms, 1)) for p in cm.ranked(world, work)])
+    assert choice.runner_up is None or choice.runner_up.ms >= choice.best.ms * (1 - 0.01)
+
+
+@pytest.mark.parametrize("heads", [32, 24, 4])
+def test_every_world_gets_a_layout_that_runs(heads):
+    """Odd worlds included: ring takes any degree, so some layout always fits; Ulysses divides the heads."""
+    for world in range(1, 10):
+        for branches in (B1, B2, B3):
+            choice = cm.choose(world, ltx_video(6144, branches, heads))
+            c, r, u = choice.best.layout
+            assert c * r * u == world and heads % u == 0 and c <= len(branches)
+
+
+def test_ties_go_to_the_larger_ulysses_degree():
+    costs = {**cm.load_costs(), "tie_fraction": {"value": 10.0}}  # every prediction within the tie band
+    assert cm.ranked(4, ltx_video(6144, B2), costs)[0].layout == (1, 1, 4)
+
+
+def test_uneven_cfg_split_is_paced_by_the_busier_rank():
+    two, one = cm.predict(ltx_video(6144, B2), (1, 1, 1)), cm.predict(ltx_video(6144, B1), (1, 1, 1))
+    assert cm.predict(ltx_video(6144, B3), (2, 1, 1)).ms == pytest.approx(two.ms, rel=0.01)
+    assert cm.predict(ltx_video(6144, B2), (2, 1, 1)).ms == pytest.approx(one.ms, rel=0.01)
+
+
+def test_every_constant_says_where_it_came_from():
+    data = json.loads((ROOT / "usp_infer" / "parallel" / "costs.json").read_text())
+    sets = [data["shared"], *data["sets"].values()]
+    for constants in sets:
+        for name, c in constants.items():
+            if name != "about":  # the set's own note
+                assert set(c) == {"value", "source"} and len(c["source"]) > 20, name
+    assert set(data["sets"]["current"]) == set(data["sets"]["2026-11-28"])  # both sets carry every constant
+
+
+def test_the_validation_table_reproduces():
+    """bench/validate_costmodel.py over the committed 2026-11-28 records: the error costs.json states, and the
+    measured fastest layout in every launch group."""
+    v = _validator()
+    rows, worst = v.validate(v.load_rows())
+    assert len(rows) == 96
+    assert worst <= cm.load_costs()["validation_max_error"]["value"] + 1e-3
+    assert all(measured == predicted for _, measured, predicted in v.winners(rows))
+
+
+BYTE_LAYOUTS = [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1), (4, 1, 1)]
+BYTE_SHAPES = [("ltx-tiny", 3), ("ltx2-tiny", 4)]  # 64x96x17: 18 video tokens, which 4 ranks split with pads
+
+
+def _count_collectives() -> tuple[dict, callable]:
+    """Wrap the collectives the exchanges use; count each call's payload (own chunk included) as
+    costmodel.exchange_bytes defines it. The video->audio merge's all-reduces are the >= 3-d ones (the
+    guidance statistics and the finite check reduce 1-d and 2-d tensors)."""
+    sent = {"ulysses_all_to_all": 0, "ring_p2p": 0, "cfg_gather": 0, "v2a_merge": 0}
+    real = {name: getattr(dist, name) for name in ("all_to_all_single", "batch_isend_irecv", "all_gather", "all_reduce")}
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    def all_to_all_single(out, x, *a, **k):
+        sent["ulysses_all_to_all"] += nbytes(x)
+        return real["all_to_all_single"](out, x, *a, **k)
+
+    def batch_isend_irecv(ops):
+        sent["ring_p2p"] += sum(nbytes(op.tensor) for op in ops if op.op is dist.isend)
+        return real["batch_isend_irecv"](ops)
+
+    def all_gather(outs, x, *a, **k):
+        sent["cfg_gather"] += nbytes(x)
+        return real["all_gather"](outs, x, *a, **k)
+
+    def all_reduce(t, *a, **k):
+        sent["v2a_merge"] += nbytes(t) if t.ndim >= 3 else 0
+        return real["all_reduce"](t, *a, **k)
+
+    for name, fn in (("all_to_all_single", all_to_all_single), ("batch_isend_irecv", batch_isend_irecv),
+                     ("all_gather", all_gather), ("all_reduce", all_reduce)):
+        setattr(dist, name, fn)
+    return sent, lambda: [setattr(dist, name, fn) for name, fn in real.items()]
+
+
+def _bytes_job() -> dict:
+    """One real step of each tiny family's bench workload per layout (the plan, USP attention, ring, the cfg
+    gather, the video->audio merge as generate runs them); rank 0's payload per collective."""
+    from usp_infer import bench
+    from usp_infer.config import ParallelConfig
+    from usp_infer.parallel.dist import init_mesh
+    from usp_infer.parallel.plan import Plan
+
+    found = {}
+    for shape, branches in BYTE_SHAPES:
+        s = bench.Setup(shape, 64, 96, 17, branches, "batched", 1, 1, torch.device("cpu"), torch.float32)
+        family = bench._workload(s)
+        model = family.random_model(s.cfg, s.device, s.dtype, 0, bench.randomize)
+        for layout in BYTE_LAYOUTS:
+            step, _ = family.make_step(model, s, Plan(init_mesh(ParallelConfig(*layout), "cpu")), None)
+            sent, restore = _count_collectives()
+            try:
+                with torch.no_grad():
+                    step()
+            finally:
+                restore()
+            found[shape, layout] = sent
+    return found
+
+
+def test_exchange_bytes_are_what_the_collectives_carry():
+    """The model's bytes (all-to-all, ring k/v, cfg gather, video->audio merge) against a real step on 4 gloo
+    ranks, every layout, both families, a token count with pads."""
+    found = run_spawn(_bytes_job, 4)[0]
+    v = _validator()
+    for (shape, layout), sent in found.items():
+        branches = dict(BYTE_SHAPES)[shape]
+        want = cm.exchange_bytes(v.shape_workload(shape, 64, 96, 17, branches, dtype_bytes=4), layout)
+        assert sent == want, (shape, layout)
+        assert any(sent.values()) or layout == (1, 1, 1)
