@@ -165,7 +165,8 @@ def test_bad_input_one_line_right_code_nothing_written(case, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("world, flags, needles", [
-    (3, [], ["3 processes leave Ulysses 3 by default, which does not divide 4 attention heads",
+    # A degree flag opts out of --layout auto (which finds a layout for any world: tests/test_costmodel.py).
+    (3, ["--cfg-parallel", "1"], ["3 processes leave Ulysses 3 by default, which does not divide 4 attention heads",
              "pass --ring-degree 3, or --cfg-degree 3"]),
     (6, ["--ring-degree", "2"], ["6 processes / (cfg 1 x ring 2) leave Ulysses 3 by default", "--ring-degree 3 --ulysses-degree 2"]),
 ])

@@ -110,6 +110,8 @@ Model = Annotated[Path, _opt(help="Diffusers-format LTX folder; default: the emb
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
 RingDegree = Annotated[Optional[int], _opt(help="Ring-attention degree [default: 1].")]
 CfgParallel = Annotated[Optional[int], _opt("--cfg-parallel", "--cfg-degree", help="Spread guidance branches over this many rank groups [default: 1].")]
+LayoutOpt = Annotated[str, _opt("--layout", help="auto: the (cfg, ring, ulysses) layout the cost model predicts fastest "
+                                "under torchrun (rank 0 prints it) | CxRxU, e.g. 2x1x2. Degree flags, when given, win.")]
 A2AModeOpt = Annotated[str, _opt("--a2a-mode", help="direct (all_to_all_single into a preallocated buffer) | functional.")]
 DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before the run fails.")]
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
@@ -123,7 +125,7 @@ Quiet = Annotated[bool, _opt(help="No progress bar or messages (errors still go 
 JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs, sidecars, failures) to stdout; nothing else goes there.")]
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
-SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
+SESSION_NAMES = ("model", "layout", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
                  "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
@@ -144,12 +146,24 @@ def _session_from(flags: dict, **extra) -> Session:
         fail(2, f"--device {f['device']!r} is unknown; use auto, cpu or cuda")
     if f["dtype"] is not None and f["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(2, f"--dtype {f['dtype']!r} is unknown; use float32, bfloat16 or float16")
+    degrees = (f["cfg_parallel"], f["ring_degree"], f["ulysses_degree"])
+    auto = f["layout"] == "auto" and all(d is None for d in degrees)
+    if f["layout"] != "auto":
+        try:
+            named = tuple(int(n) for n in f["layout"].lower().split("x"))
+        except ValueError:
+            named = ()
+        if len(named) != 3:
+            fail(2, f"--layout {f['layout']!r} is neither auto nor CxRxU (cfg x ring x ulysses, e.g. 2x1x2)")
+        if any(d is not None for d in degrees):
+            fail(2, f"--layout {f['layout']} and degree flags both name the layout; pass one of them")
+        degrees = named
     try:
         parallel = ParallelConfig(
-            cfg=1 if f["cfg_parallel"] is None else f["cfg_parallel"],
-            ring=1 if f["ring_degree"] is None else f["ring_degree"],
-            ulysses=1 if f["ulysses_degree"] is None else f["ulysses_degree"],
-            a2a_mode=f["a2a_mode"], timeout_s=f["dist_timeout"],
+            cfg=1 if degrees[0] is None else degrees[0],
+            ring=1 if degrees[1] is None else degrees[1],
+            ulysses=1 if degrees[2] is None else degrees[2],
+            a2a_mode=f["a2a_mode"], timeout_s=f["dist_timeout"], auto=auto,
         )
     except ValueError as e:
         fail(2, str(e))
@@ -220,6 +234,7 @@ def generate(
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
     cfg_parallel: CfgParallel = None,
+    layout: LayoutOpt = "auto",
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
@@ -297,6 +312,7 @@ def batch(
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
     cfg_parallel: CfgParallel = None,
+    layout: LayoutOpt = "auto",
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
@@ -399,10 +415,13 @@ def _count_parameters(folder: Path) -> int:
 def info(
     model: Path = typer.Argument(DEFAULT_MODEL, help="Diffusers-format LTX folder [default: the embedded tiny model]."),
     gpus: int = _opt(1, help="Number of processes to list (cfg, ring, ulysses) layouts for."),
+    height: Height = None,
+    width: Width = None,
+    num_frames: NumFrames = None,
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     from .families import resolve
-    from .parallel.dist import layouts
+    from .parallel import costmodel
 
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
@@ -430,10 +449,22 @@ def info(
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
-        "layouts": [{"cfg": c, "ring": r, "ulysses": u}
-                    for c, r, u in layouts(gpus, front.attention_heads(configs), front.MAX_BRANCHES)],
         "configs": configs,
     }
+    try:  # the default request at this size: its branches and tokens are what the layouts are predicted for
+        request = front.build_request({"prompt": "info", "height": height, "width": width, "num_frames": num_frames}, configs)
+    except (UsageError, ValueError) as e:
+        fail(2, str(e))
+    work = front.workload(request, configs)
+    weights = params.get("transformer", 0) * 2  # bf16 on a GPU
+    error = costmodel.load_costs()["validation_max_error"]["value"]
+    summary["predictions"] = (f"{request.width}x{request.height}x{request.num_frames}, {len(work.branches)} branches "
+                              f"batched, {work.video.tokens} video tokens: predicted on H200s by the cost model "
+                              f"(within {100 * error:.0f}% on the recorded multi-GPU runs), not measured")
+    summary["layouts"] = [{"cfg": p.layout[0], "ring": p.layout[1], "ulysses": p.layout[2],
+                           "predicted_ms_per_step": round(p.ms, 1),
+                           "predicted_gib_per_rank": round(costmodel.memory_gib(work, p.layout, weights), 1)}
+                          for p in costmodel.ranked(gpus, work)]
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -444,9 +475,10 @@ def info(
     typer.echo(f"frames       {summary['frames']}")
     typer.echo(f"height/width {summary['height_width']}")
     typer.echo(f"tokens       {summary['tokens']}")
-    typer.echo(f"layouts for {gpus} process(es) (cfg x ring x ulysses; cfg needs guidance branches):")
-    for layout in summary["layouts"]:
-        typer.echo(f"  --cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}")
+    typer.echo(f"layouts for {gpus} process(es), fastest first ({summary['predictions']}):")
+    for x in summary["layouts"]:
+        typer.echo(f"  --cfg-parallel {x['cfg']} --ring-degree {x['ring']} --ulysses-degree {x['ulysses']}: "
+                   f"{x['predicted_ms_per_step']:,.1f} ms/step, {x['predicted_gib_per_rank']:,.1f} GiB per rank (predicted)")
 
 
 BENCH_HELP = (

@@ -67,6 +67,23 @@ class Workload:
         return math.gcd(self.video.heads, self.audio.heads) if self.audio else self.video.heads
 
 
+def from_config(transformer: dict, *, height: int, width: int, num_frames: int, branches: tuple[str, ...],
+                text_tokens: int, batched: bool = True, audio_tokens: int = 0, text_kv_per_prompt: bool = False,
+                a2a_mode: str = "direct", compiled: bool = False) -> Workload:
+    """A workload from a diffusers transformer config.json and the request's size (the VAE's 32x spatial, 8x
+    temporal compression, as both families' pipelines compute the latent grid); an audio stream when the
+    config has audio heads and the request audio tokens."""
+    t = transformer
+    tokens = ((num_frames - 1) // 8 + 1) * (height // 32) * (width // 32)
+    video = Stream(tokens, t.get("num_attention_heads", 32), t.get("attention_head_dim", 128), t.get("in_channels", 128))
+    audio = None
+    if audio_tokens and "audio_num_attention_heads" in t:
+        audio = Stream(audio_tokens, t["audio_num_attention_heads"], t.get("audio_attention_head_dim", 64),
+                       t.get("audio_in_channels", 128))
+    return Workload(t.get("num_layers", 48), video, text_tokens, tuple(branches), audio, batched, compiled, a2a_mode,
+                    text_kv_per_prompt)
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
