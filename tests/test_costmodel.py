@@ -83,6 +83,15 @@ def test_uneven_cfg_split_is_paced_by_the_busier_rank():
     assert cm.predict(ltx_video(6144, B2), (2, 1, 1)).ms == pytest.approx(one.ms, rel=0.01)
 
 
+def test_memory_per_rank_against_the_one_gpu_records():
+    """LTX-2.3 bf16 (18.99 B parameters): 37.70 GiB eager at 6,144 tokens (the calibration) and 44.32 at 24,576
+    (2026-12-01 records, not fitted); sharding the tokens only shrinks the activations."""
+    weights = 18.988838144e9 * 2
+    assert cm.memory_gib(ltx2(6144, B4), (1, 1, 1), weights) == pytest.approx(37.70, abs=0.1)
+    assert cm.memory_gib(ltx2(24576, B4), (1, 1, 1), weights) == pytest.approx(44.32, rel=0.02)
+    assert cm.memory_gib(ltx2(24576, B4), (1, 1, 4), weights) < cm.memory_gib(ltx2(24576, B4), (1, 1, 2), weights)
+
+
 def test_every_constant_says_where_it_came_from():
     data = json.loads((ROOT / "usp_infer" / "parallel" / "costs.json").read_text())
     sets = [data["shared"], *data["sets"].values()]
@@ -174,3 +183,79 @@ def test_exchange_bytes_are_what_the_collectives_carry():
         want = cm.exchange_bytes(v.shape_workload(shape, 64, 96, 17, branches, dtype_bytes=4), layout)
         assert sent == want, (shape, layout)
         assert any(sent.values()) or layout == (1, 1, 1)
+
+
+# --- the chooser at the edge: flags, odd worlds through a family's request, info, a torchrun run -------------
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from usp_infer.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+FAST = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", "--max-sequence-length", "16"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--layout", "2x2"], "--layout '2x2' is neither auto nor CxRxU"),
+    (["--layout", "1x1x2", "--ulysses-degree", "2"], "--layout 1x1x2 and degree flags both name the layout"),
+])
+def test_layout_flag_errors(flags, needle, tmp_path):
+    result = _cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.npz", *flags)
+    assert result.exit_code == 2 and needle in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder, world, expected", [
+    ("ltx-tiny", 3, (1, 3, 1)),  # 4 heads, 2 branches: neither Ulysses 3 nor cfg 3 fits; ring takes any degree
+    ("ltx2-tiny", 3, (3, 1, 1)),  # 4 branches over 3 cfg ranks (2 + 1 + 1): host-bound tiny work, fewest collectives
+])
+def test_auto_layout_for_an_odd_world_through_the_familys_request(folder, world, expected):
+    from usp_infer.config import ParallelConfig
+    from usp_infer.families import resolve
+    from usp_infer.parallel.dist import choose_parallel, validate_layout
+
+    family, configs = resolve(ROOT / "models" / folder)
+    front = family.requests()
+    request = front.build_request({"prompt": "a fox", "height": 64, "width": 96, "num_frames": 9}, configs)
+    chosen = choose_parallel(ParallelConfig(auto=True), world, front.workload(request, configs))
+    assert (chosen.cfg, chosen.ring, chosen.ulysses) == expected and chosen.choice["chosen"] == list(expected)
+    validate_layout(chosen, world, front.attention_heads(configs))
+    assert choose_parallel(ParallelConfig(ulysses=2), 2, None) == ParallelConfig(ulysses=2)  # explicit: untouched
+
+
+def test_info_lists_every_layout_with_predictions():
+    result = _cli("info", ROOT / "models" / "ltx2-tiny", "--gpus", "4", "--height", "512", "--width", "768",
+                  "--num-frames", "121", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    layouts = {(x["cfg"], x["ring"], x["ulysses"]) for x in summary["layouts"]}
+    assert layouts == {(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1), (4, 1, 1)}  # cfg-parallel ones too
+    assert all(x["predicted_ms_per_step"] > 0 and x["predicted_gib_per_rank"] >= 0 for x in summary["layouts"])
+    assert "predicted" in summary["predictions"] and "6144 video tokens" in summary["predictions"]
+    text = _cli("info", ROOT / "models" / "ltx2-tiny", "--gpus", "4").stdout
+    assert "ms/step" in text and "(predicted)" in text
+
+
+def test_auto_layout_under_torchrun_is_said_and_recorded(tmp_path):
+    """Two gloo processes, no degree flag: rank 0 says the choice once, the sidecar records it and the runner-up."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fox.npz"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "usp_infer",
+                          "generate", "--model", str(ROOT / "models" / "ltx-tiny"), "--prompt", "a fox", *FAST,
+                          "-o", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("layout auto: cfg 2 x ring 1 x ulysses 1") == 1, run.stderr[-2000:]
+    parallel = json.loads(out.with_name(out.name + ".json").read_text())["parallel"]
+    assert (parallel["cfg"], parallel["ring"], parallel["ulysses"]) == (2, 1, 1)
+    choice = parallel["layout_choice"]
+    assert choice["mode"] == "auto" and choice["chosen"] == [2, 1, 1] and choice["runner_up"] == [1, 1, 2]
+    assert choice["runner_up_ms_per_step"] >= choice["predicted_ms_per_step"]
