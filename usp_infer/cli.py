@@ -464,7 +464,7 @@ def info(
     summary["layouts"] = [{"cfg": p.layout[0], "ring": p.layout[1], "ulysses": p.layout[2],
                            "predicted_ms_per_step": round(p.ms, 1),
                            "predicted_gib_per_rank": round(costmodel.memory_gib(work, p.layout, weights), 1)}
-                          for p in costmodel.ranked(gpus, work)]
+                          for p in costmodel.ranked(gpus, work, max_cfg=front.MAX_BRANCHES)]
     if json_summary:
         typer.echo(json.dumps(summary, indent=2))
         return

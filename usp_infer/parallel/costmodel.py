@@ -254,10 +254,12 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidates(world: int, w: Workload) -> list[Layout]:
+def candidates(world: int, w: Workload, max_cfg: int | None = None) -> list[Layout]:
     """Every layout the code runs for this world and model: Ulysses divides the heads; cfg at most the
-    branch count (uneven splits run: the rank with more branches sets the pace); ring takes any degree."""
-    return [(c, world // (c * u), u) for c in _divisors(world) if c <= len(w.branches)
+    branch count (uneven splits run: the rank with more branches sets the pace; `max_cfg` allows more, whose
+    extra ranks idle); ring takes any degree."""
+    most = len(w.branches) if max_cfg is None else max_cfg
+    return [(c, world // (c * u), u) for c in _divisors(world) if c <= most
             for u in _divisors(world // c) if w.heads % u == 0]
 
 
@@ -268,12 +270,12 @@ class Choice:
     error: float  # the model's largest relative error on the validation records (costs.json)
 
 
-def ranked(world: int, w: Workload, costs: dict | None = None) -> list[Prediction]:
+def ranked(world: int, w: Workload, costs: dict | None = None, max_cfg: int | None = None) -> list[Prediction]:
     """Every candidate layout, fastest first. Within `tie_fraction` of the fastest, the layout with the larger
     Ulysses degree (then the smaller ring degree) goes first: the model cannot tell them apart, and it runs
     fewer fp32 merges and host-side calls."""
     costs = costs or load_costs()
-    order = sorted((predict(w, lay, costs) for lay in candidates(world, w)), key=lambda p: p.ms)
+    order = sorted((predict(w, lay, costs) for lay in candidates(world, w, max_cfg)), key=lambda p: p.ms)
     if not order:
         return order
     close = [p for p in order if p.ms <= order[0].ms * (1 + _value(costs, "tie_fraction"))]
