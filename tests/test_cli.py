@@ -428,7 +428,8 @@ def test_sidecar_fields(tmp_path):
     assert req["guidance"] == {"cfg": [3.0], "stg": [1.0], "rescale": [0.5], "stg_blocks": [[1]], "stg_mode": "values",
                                "cfg_star": False, "timesteps": []}
     assert side["model"]["path"] == str(MODEL) and len(side["model"]["config_sha256"]) == 16
-    assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0}
+    assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0,
+                                "layout_choice": {"mode": "auto"}}  # no degree flag: --layout auto (one process: nothing to choose)
     assert (side["device"], side["dtype"], side["compiled"]) == ("cpu", "float32", False)
     t = side["timings"]
     assert len(t["step_s"]) == 2 and all(s > 0 for s in t["step_s"])
