@@ -3,6 +3,7 @@
     python bench/validate_costmodel.py                 # 2026-11-28 LTX-Video rows: predicted vs measured
     python bench/validate_costmodel.py --calibrate     # the 'current' set's one-GPU calibration, recomputed
     python bench/validate_costmodel.py --predict       # LTX-2.3 and LTX-Video 13B on 2, 4, 8 H200 (predictions)
+    python bench/validate_costmodel.py --rank-share DIR  # per-rank compute measured on one GPU (bench/rank_share.py)
 
 Rows are `implementation == "usp-infer"` records with two or more ranks; each is predicted with the
 constants of the code that ran it (costs.json set '2026-11-28'; run1 and run2 ran copies before the
@@ -75,15 +76,37 @@ def load_rows() -> list[dict]:
     return rows
 
 
-def validate(rows: list[dict]) -> tuple[list[dict], float]:
+def rank_share_compute(folder: Path) -> dict:
+    """(shape, tokens, layout, compiled) -> ms of one rank's share, from bench/rank_share.py records."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        for r in json.loads(path.read_text()):
+            if r.get("implementation") == "usp-infer":
+                found[r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"]] = r["ms_per_step"]
+    return found
+
+
+def _with_rank_share(p: cm.Prediction, w: cm.Workload, lay: tuple, measured: float, costs: dict) -> float:
+    """The measured per-rank step, less the loopback's own copies (each payload read and written once at the copy
+    rate), plus the modelled exposed exchange; the host floor as the model has it."""
+    copies = sum(2 * b for b in cm.exchange_bytes(w, lay).values()) / (costs["copy_tbps"]["value"] * 1e9)
+    exposed = p.parts["all_to_all"] + p.parts["ring_exposed"] + p.parts["small_collectives"]
+    return max(measured - copies + exposed, p.parts["host"])
+
+
+def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dict], float]:
     base = cm.load_costs("2026-11-28")
     out = []
     for r in rows:
         costs = dict(base)
         if r["run"] in BEFORE_WORD_COPIES:
-            costs["copy_tbps"] = 1.39
+            costs["copy_tbps"] = {"value": 1.39}
         lay = (r["cfg"], r["ring"], r["ulysses"])
-        p = cm.predict(record_workload(r), lay, costs)
+        w = record_workload(r)
+        p = cm.predict(w, lay, costs)
+        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"]))
+        if share is not None:
+            p = cm.Prediction(lay, _with_rank_share(p, w, lay, share, costs), p.parts)
         key = (r["run"], r["shape"], r["tokens"], lay, r["a2a_mode"])
         out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1,
                     "fitted": CALIBRATION.get(key) if r.get("overlap_chunks", 1) == 1 and not r["compiled"] else None})
@@ -111,8 +134,8 @@ def _lay(t: tuple) -> str:
     return " x ".join(map(str, t))
 
 
-def print_validation() -> None:
-    out, worst = validate(load_rows())
+def print_validation(rank_share: Path | None = None) -> None:
+    out, worst = validate(load_rows(), rank_share_compute(rank_share) if rank_share else None)
     print("| records | shape | tokens | branches | GPUs | cfg x ring x ulysses | a2a | chunks | compiled | measured ms | predicted ms | error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for x in out:
@@ -183,13 +206,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--predict", action="store_true")
+    ap.add_argument("--rank-share", type=Path, help="folder of bench/rank_share.py records (one GPU, the same code)")
     args = ap.parse_args()
     if args.calibrate:
         print(json.dumps(calibrate(), indent=1))
     elif args.predict:
         print_predictions()
     else:
-        print_validation()
+        print_validation(args.rank_share)
 
 
 if __name__ == "__main__":
