@@ -264,3 +264,19 @@ def test_auto_layout_under_torchrun_is_said_and_recorded(tmp_path):
     choice = parallel["layout_choice"]
     assert choice["mode"] == "auto" and choice["chosen"] == [2, 1, 1] and choice["runner_up"] == [1, 1, 2]
     assert choice["runner_up_ms_per_step"] >= choice["predicted_ms_per_step"]
+
+
+def test_exposed_exchange_is_what_comm_share_measured():
+    """Ulysses exchange time on the critical path, 13B, 6,144 tokens, run3 records: step - step with local copies
+    + those copies' own time (bytes at the copy rate) = 28.8 + 8.0 ms at 2 ranks, 7.2 + 4.0 at 4; the model's
+    all-to-all part (kernel-time bandwidth x (1 - overlap)) reproduces both within 15%."""
+    v = _validator()
+    records = {(r["ulysses"], r["a2a_mode"]): r for r in v.load_rows()
+               if r["run"] == "run3-ulysses" and r["tokens"] == 6144 and not r["compiled"] and r["ring"] == 1}
+    costs = cm.load_costs("2026-11-28")
+    for u in (2, 4):
+        r = records[u, "direct"]
+        work = v.record_workload(r)
+        clone = cm.exchange_bytes(work, (1, 1, u))["ulysses_all_to_all"] * 2 / (costs["copy_tbps"]["value"] * 1e9)
+        exposed = r["ms_per_step"] - r["ms_per_step_local_exchange"] + clone
+        assert cm.predict(work, (1, 1, u), costs).parts["all_to_all"] == pytest.approx(exposed, rel=0.15), u
