@@ -51,6 +51,8 @@ def shape_workload(shape: str, height: int, width: int, frames: int, branches: i
                           cfg.audio_in_channels)
         text_tokens = 1024
     names = BRANCHES[branches]
+    if audio is not None:  # LTX-2's pipeline batches cond first (ltx2/request.py LTX2Guidance.branches)
+        names = ("cond", "uncond", "perturbed", "isolated")[:branches]
     if audio is not None and not cfg.perturbed_attn:
         names = tuple(n for n in names if n != "perturbed")
     return cm.Workload(cfg.num_layers, video, text_tokens if text_tokens is not None else 24, names, audio, batched,
