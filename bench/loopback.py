@@ -4,7 +4,6 @@ all_to_all_single: out <- in; all_gather: every slot <- in; send: remembered, re
 (ring attention sends k, v and receives k, v: they arrive in that order); all_reduce, broadcast, barrier: nothing
 moves. The process is rank 0 of every group: the cfg rank with the most branches and a full token shard. Used by
 bench/rank_share.py to time one rank's share of a multi-GPU step on one GPU."""
-import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
@@ -68,8 +67,8 @@ dist.Backend.register_backend("loopback", _create, devices=["cpu", "cuda"])
 def join(world_size: int) -> None:
     """Join a loopback default group of `world_size` ranks as rank 0. Every group made later is a loopback one
     too, whatever backend the code asks for (today's init_mesh asks for nccl/gloo per mesh dimension)."""
-    import torch.distributed.device_mesh as device_mesh
     import torch.distributed.distributed_c10d as c10d
+    from torch.distributed import device_mesh
 
     dist.init_process_group("loopback", rank=0, world_size=world_size, store=dist.HashStore())
     for module, name in ((c10d, "new_group"),):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loopback  # noqa: E402  registers the backend
+import loopback
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
     sys.path.insert(0, str(args.code_dir.resolve()))
     loopback.join(args.world)
     import typer
+
     from usp_infer.bench import bench_command
 
     app = typer.Typer(add_completion=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from usp_infer.parallel import costmodel as cm  # noqa: E402
+from usp_infer.parallel import costmodel as cm
 
 RECORDS = ["bench/results/2026-11-28-h200x4/run*/*.json", "bench/results/2026-11-28-h200x2-check/*.json"]
 BEFORE_WORD_COPIES = {"run1-core", "run2-final"}  # their usp.py packed with torch.stack / per-element copy_

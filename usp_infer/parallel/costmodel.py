@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 Layout = tuple[int, int, int]  # (cfg, ring, ulysses)
-BF16, FP32 = 2, 4
+FP32 = 4  # the cfg gather and the video->audio merge move fp32
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _sdpa_shape_factor(costs: dict, flops_per_call: float) -> float:
     x = math.log(max(flops_per_call, 1.0))
     if x <= math.log(points[0][0]):
         return top / points[0][1]
-    for (f0, r0), (f1, r1) in zip(points, points[1:]):
+    for (f0, r0), (f1, r1) in pairwise(points):
         if x <= math.log(f1):
             t = (x - math.log(f0)) / (math.log(f1) - math.log(f0))
             return top / (r0 + t * (r1 - r0))
@@ -183,8 +184,9 @@ def _rank_parts(w: Workload, layout: Layout, names: tuple[str, ...], costs: dict
     elem_ns = _value(costs, "elementwise_ns", w.kind)
     if w.compiled:
         elem_ns *= _value(costs, "compiled_elementwise_factor", w.kind)
-    p = dict(gemm=0.0, attention=0.0, elementwise=0.0, layout_copies=0.0, ring_merge=0.0,
-             all_to_all=0.0, ring_exposed=0.0, small_collectives=0.0, host=0.0)
+    parts = ("gemm", "attention", "elementwise", "layout_copies", "ring_merge", "all_to_all", "ring_exposed",
+             "small_collectives", "host")
+    p = dict.fromkeys(parts, 0.0)
     lat = _value(costs, "collective_latency_ms")
     for call in _calls(w, names):
         rows, t_rows = len(call), _text_rows(w, call)
@@ -292,7 +294,7 @@ def choose(world: int, w: Workload, costs: dict | None = None) -> Choice | None:
     return Choice(order[0], order[1] if len(order) > 1 else None, _value(costs, "validation_max_error"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
