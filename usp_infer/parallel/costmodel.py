@@ -191,6 +191,8 @@ def _rank_parts(w: Workload, layout: Layout, names: tuple[str, ...], costs: dict
     for call in _calls(w, names):
         rows, t_rows = len(call), _text_rows(w, call)
         cross = sum(name != "isolated" for name in call)
+        # Per video row and layer: self-attention q, k, v, out 8 n d^2, text cross-attention q, out 4 n d^2, FFN
+        # 16 n d^2 (2 FLOP per multiply-add; the families' flops() count the same); text K/V 4 t d^2 per text row.
         gemm = 28 * n * d * d * rows + 4 * w.text_tokens * d * d * t_rows
         attn_other = 4 * n * w.text_tokens * d * rows
         elem = rows * n * d
