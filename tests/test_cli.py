@@ -165,7 +165,8 @@ def test_bad_input_one_line_right_code_nothing_written(case, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("world, flags, needles", [
-    (3, [], ["3 processes leave Ulysses 3 by default, which does not divide 4 attention heads",
+    # A degree flag opts out of --layout auto (which finds a layout for any world: tests/test_costmodel.py).
+    (3, ["--cfg-parallel", "1"], ["3 processes leave Ulysses 3 by default, which does not divide 4 attention heads",
              "pass --ring-degree 3, or --cfg-degree 3"]),
     (6, ["--ring-degree", "2"], ["6 processes / (cfg 1 x ring 2) leave Ulysses 3 by default", "--ring-degree 3 --ulysses-degree 2"]),
 ])
@@ -454,7 +455,8 @@ def test_sidecar_fields(tmp_path):
     assert req["guidance"] == {"cfg": [3.0], "stg": [1.0], "rescale": [0.5], "stg_blocks": [[1]], "stg_mode": "values",
                                "cfg_star": False, "timesteps": []}
     assert side["model"]["path"] == str(MODEL) and len(side["model"]["config_sha256"]) == 16
-    assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0}
+    assert side["parallel"] == {"world_size": 1, "cfg": 1, "ring": 1, "ulysses": 1, "a2a_mode": "functional", "dist_timeout_s": 77.0,
+                                "layout_choice": {"mode": "auto"}}  # no degree flag: --layout auto (one process: nothing to choose)
     assert (side["device"], side["dtype"], side["compiled"]) == ("cpu", "float32", False)
     t = side["timings"]
     assert len(t["step_s"]) == 2 and all(s > 0 for s in t["step_s"])
@@ -502,14 +504,17 @@ def test_info_text_and_json(tmp_path):
         assert f"--cfg-parallel 1 {flags}" in text.stdout
     data = json.loads(cli("info", "--gpus", "4", "--json").stdout)  # the default model
     assert data["model"] == str(MODEL) and data["transformer"]["num_attention_heads"] == 4
-    layouts = lambda d: [(x["cfg"], x["ring"], x["ulysses"]) for x in d["layouts"]]  # noqa: E731
-    # cfg-parallel 2 over 3 branches is uneven and runs (one cfg group takes two): listed, with what it costs
-    assert layouts(data) == [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
-    assert data["layouts"][3]["cost"].startswith("~0.33 of one GPU's step per rank: 2 of 3 branches (uneven")
-    assert "--cfg-parallel 2 --ring-degree 1 --ulysses-degree 2" in text.stdout and "2 of 3 branches" in text.stdout
+    layouts = lambda d: {(x["cfg"], x["ring"], x["ulysses"]) for x in d["layouts"]}  # noqa: E731  fastest first in the file
+    assert layouts(data) == {(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)}  # cfg up to the 3 branches
     assert all(n > 0 for n in data["parameters"].values())
     # 3 processes: Ulysses 3 does not divide 4 heads, so only ring 3 or cfg-parallel 3 (3 guidance branches) fit.
-    assert layouts(json.loads(cli("info", "--gpus", "3", "--json").stdout)) == [(1, 3, 1), (3, 1, 1)]
+    assert layouts(json.loads(cli("info", "--gpus", "3", "--json").stdout)) == {(1, 3, 1), (3, 1, 1)}
+    # Each layout says what one rank does (the default request: CFG's 2 branches); cfg-parallel 2 over 3 branches
+    # is uneven and runs (one cfg group takes two), and says so.
+    assert next(x for x in data["layouts"] if (x["cfg"], x["ring"], x["ulysses"]) == (2, 1, 2))["cost"].startswith(
+        "~0.25 of one GPU's step per rank: 1 of 2 branches")
+    from usp_infer.cli import layout_cost
+    assert layout_cost(2, 1, 2, 3).startswith("~0.33 of one GPU's step per rank: 2 of 3 branches (uneven")
     assert cli("info", tmp_path / "nope").exit_code == 2
     assert cli("info", "--gpus", "0").exit_code == 2
     broken = cli("info", _truncated(tmp_path)[1])

@@ -284,7 +284,9 @@ def test_batch_under_torchrun_keep_going(tmp_path):
     assert job.stderr.count("error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2") == 1
     assert leftovers(tmp_path / "out") == ["0000-one-s0.mp4", "0000-one-s0.mp4.json"]
     side = json.loads((tmp_path / "three.npz.json").read_text())
-    assert side["parallel"]["world_size"] == side["parallel"]["ulysses"] == 2
+    layout = side["parallel"]
+    assert layout["world_size"] == layout["cfg"] * layout["ring"] * layout["ulysses"] == 2  # --layout auto's choice
+    assert layout["layout_choice"]["chosen"] == [layout["cfg"], layout["ring"], layout["ulysses"]]
     assert np.isfinite(np.load(tmp_path / "three.npz")["frames"]).all()
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -149,11 +149,14 @@ def text_length_limit(configs: dict, default: int) -> int:
     return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else default
 
 
-def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
+def check_layout(s: Session, request=None) -> tuple[ParallelConfig, Family, dict]:
     """The model folder, the device and the layout against the world size: no process group needed, so
-    every rank runs it before joining one (a wrong layout fails at once, not in a rendezvous)."""
+    every rank runs it before joining one (a wrong layout fails at once, not in a rendezvous). With
+    --layout auto the cost model picks the layout for `request` (the run's first item); before the items
+    are known there is nothing to check: some layout fits every world."""
     from .parallel.dist import (
         check_device,
+        choose_parallel,
         env_world_size,
         resolve_parallel,
         validate_layout,
@@ -163,7 +166,13 @@ def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
         family, configs = resolve(s.model)
         world = env_world_size()
         heads = family.requests().attention_heads(configs)
-        parallel = resolve_parallel(s.parallel, world, heads)
+        parallel = s.parallel
+        if parallel.auto and world > 1 and request is not None:
+            work = family.requests().workload(request, configs, parallel.a2a_mode, s.compile)
+            parallel = choose_parallel(parallel, world, work)
+        elif parallel.auto and world > 1:
+            parallel = replace(parallel, cfg=1, ring=world, ulysses=1)  # a stand-in that fits (ring any degree)
+        parallel = resolve_parallel(parallel, world, heads)
         validate_layout(parallel, world, heads)
         check_device(s.device)
     except ValueError as e:
@@ -173,7 +182,7 @@ def check_layout(s: Session) -> tuple[ParallelConfig, Family, dict]:
 
 def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item], Family]:
     """Every check that needs no weights, for every item, before anything loads or is written."""
-    parallel, family, configs = check_layout(s)
+    parallel, family, configs = check_layout(s, items[0].request if items else None)
     front = family.requests()
     outputs = [i.output.resolve() for i in items]
     if len(set(outputs)) != len(outputs):

@@ -138,6 +138,8 @@ Model = Annotated[Path, _opt(help="Diffusers-format LTX folder, or a bundled tin
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
 RingDegree = Annotated[Optional[int], _opt(help="Ring-attention degree [default: 1].")]
 CfgParallel = Annotated[Optional[int], _opt("--cfg-parallel", "--cfg-degree", help="Spread guidance branches over this many rank groups [default: 1].")]
+LayoutOpt = Annotated[str, _opt("--layout", help="auto: the (cfg, ring, ulysses) layout the cost model predicts fastest "
+                                "under torchrun (rank 0 prints it) | CxRxU, e.g. 2x1x2. Degree flags, when given, win.")]
 A2AModeOpt = Annotated[str, _opt("--a2a-mode", help="direct (all_to_all_single into a preallocated buffer) | functional.")]
 DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before the run fails.")]
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
@@ -154,8 +156,8 @@ Quiet = Annotated[bool, _opt(help="No progress bar or messages (errors still go 
 JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs, sidecars, failures) to stdout; nothing else goes there.")]
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
-SESSION_NAMES = ("model", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout", "compile",
-                 "quantize", "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+SESSION_NAMES = ("model", "layout", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout",
+                 "compile", "quantize", "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
 def _warn_empty_prompts(items: list[Item], s: Session) -> None:
@@ -177,12 +179,24 @@ def _session_from(flags: dict, **extra) -> Session:
         fail(2, f"--dtype {f['dtype']!r} is unknown; use float32, bfloat16 or float16")
     if f["quantize"] not in QUANTIZE_METHODS:
         fail(2, f"--quantize {f['quantize']!r} is unknown; use {' or '.join(QUANTIZE_METHODS)}")
+    degrees = (f["cfg_parallel"], f["ring_degree"], f["ulysses_degree"])
+    auto = f["layout"] == "auto" and all(d is None for d in degrees)
+    if f["layout"] != "auto":
+        try:
+            named = tuple(int(n) for n in f["layout"].lower().split("x"))
+        except ValueError:
+            named = ()
+        if len(named) != 3:
+            fail(2, f"--layout {f['layout']!r} is neither auto nor CxRxU (cfg x ring x ulysses, e.g. 2x1x2)")
+        if any(d is not None for d in degrees):
+            fail(2, f"--layout {f['layout']} and degree flags both name the layout; pass one of them")
+        degrees = named
     try:
         parallel = ParallelConfig(
-            cfg=1 if f["cfg_parallel"] is None else f["cfg_parallel"],
-            ring=1 if f["ring_degree"] is None else f["ring_degree"],
-            ulysses=1 if f["ulysses_degree"] is None else f["ulysses_degree"],
-            a2a_mode=f["a2a_mode"], timeout_s=f["dist_timeout"],
+            cfg=1 if degrees[0] is None else degrees[0],
+            ring=1 if degrees[1] is None else degrees[1],
+            ulysses=1 if degrees[2] is None else degrees[2],
+            a2a_mode=f["a2a_mode"], timeout_s=f["dist_timeout"], auto=auto,
         )
     except ValueError as e:
         fail(2, str(e))
@@ -263,6 +277,7 @@ def generate(
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
     cfg_parallel: CfgParallel = None,
+    layout: LayoutOpt = "auto",
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
@@ -351,6 +366,7 @@ def batch(
     ulysses_degree: UlyssesDegree = None,
     ring_degree: RingDegree = None,
     cfg_parallel: CfgParallel = None,
+    layout: LayoutOpt = "auto",
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
@@ -523,12 +539,15 @@ def _weight_memory(folder: Path) -> tuple[int, int]:
 def info(
     model: Path = typer.Argument(DEFAULT_MODEL, help="Diffusers-format LTX folder [default: the embedded tiny model]."),
     gpus: int = _opt(1, help="Number of processes to list (cfg, ring, ulysses) layouts for."),
+    height: Height = None,
+    width: Width = None,
+    num_frames: NumFrames = None,
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
     lora: Lora = None,
     stage2_lora: Stage2Lora = None,
 ) -> None:
     from .families import resolve
-    from .parallel.dist import layouts
+    from .parallel import costmodel
 
     if gpus < 1:
         fail(2, f"--gpus {gpus} must be at least 1")
@@ -560,10 +579,23 @@ def info(
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
         "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
-        "layouts": [{"cfg": c, "ring": r, "ulysses": u, "cost": layout_cost(c, r, u, front.MAX_BRANCHES)}
-                    for c, r, u in layouts(gpus, front.attention_heads(configs), front.MAX_BRANCHES)],
         "configs": configs,
     }
+    try:  # the default request at this size: its branches and tokens are what the layouts are predicted for
+        request = front.build_request({"prompt": "info", "height": height, "width": width, "num_frames": num_frames}, configs)
+    except (UsageError, ValueError) as e:
+        fail(2, str(e))
+    work = front.workload(request, configs)
+    weights = params.get("transformer", 0) * 2  # bf16 on a GPU
+    error = costmodel.load_costs()["validation_max_error"]["value"]
+    summary["predictions"] = (f"{request.width}x{request.height}x{request.num_frames}, {len(work.branches)} branches "
+                              f"batched, {work.video.tokens} video tokens: predicted on H200s by the cost model "
+                              f"(within {100 * error:.0f}% on the recorded multi-GPU runs), not measured")
+    summary["layouts"] = [{"cfg": p.layout[0], "ring": p.layout[1], "ulysses": p.layout[2],
+                           "predicted_ms_per_step": round(p.ms, 1),
+                           "predicted_gib_per_rank": round(costmodel.memory_gib(work, p.layout, weights), 1),
+                           "cost": layout_cost(*p.layout, len(work.branches))}
+                          for p in costmodel.ranked(gpus, work, max_cfg=front.MAX_BRANCHES)]
     if lora or stage2_lora:  # the LoRAs a run with these flags would apply, checked against the weights
         describe = getattr(front, "describe_loras", None)
         if describe is None:
@@ -589,11 +621,11 @@ def info(
     for entry in summary.get("loras", []):
         typer.echo(f"lora         {entry['path']} x{entry['strength']:g} ({entry['stage']}): {entry['modules']} "
                    f"modules, rank {'/'.join(map(str, entry['rank']))}")
-    typer.echo(f"layouts for {gpus} process(es) (cfg x ring x ulysses; cfg shares out the guidance branches), "
-               "with each rank's work:")
-    for layout in summary["layouts"]:
-        flags = f"--cfg-parallel {layout['cfg']} --ring-degree {layout['ring']} --ulysses-degree {layout['ulysses']}"
-        typer.echo(f"  {flags:<56} {layout['cost']}")
+    typer.echo(f"layouts for {gpus} process(es), fastest first ({summary['predictions']}):")
+    for x in summary["layouts"]:
+        typer.echo(f"  --cfg-parallel {x['cfg']} --ring-degree {x['ring']} --ulysses-degree {x['ulysses']}: "
+                   f"{x['predicted_ms_per_step']:,.1f} ms/step, {x['predicted_gib_per_rank']:,.1f} GiB per rank (predicted); "
+                   f"{x['cost']}")
 
 
 BENCH_HELP = (

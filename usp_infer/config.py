@@ -23,6 +23,8 @@ class ParallelConfig:
     ulysses: int = 1
     a2a_mode: A2AMode = "direct"
     timeout_s: float = 600.0  # collective timeout: a dead rank must not hang the others forever
+    auto: bool = False  # --layout auto, no degree flag: the cost model picks the degrees once the request is known
+    choice: dict | None = field(default=None, compare=False)  # what the cost model predicted (for the sidecar)
 
     def __post_init__(self) -> None:
         for flag, degree in (("--cfg-parallel", self.cfg), ("--ring-degree", self.ring), ("--ulysses-degree", self.ulysses)):

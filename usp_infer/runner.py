@@ -133,6 +133,7 @@ def _run(items: list[Item], s: Session) -> None:
             _check_quantize(s, device)
             control = join_world(device, s.parallel.timeout_s)
             items, parallel, todo, family = _plan(items, s, control)
+            s = replace(s, parallel=parallel)  # the layout --layout auto chose, for the run and its sidecars
         except UsageError as e:
             fail(2, str(e))
         if not todo:  # everything is finished (--resume): no weights
@@ -199,7 +200,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
         write_json_atomic,
         write_video,
     )
-    from .parallel.dist import agree
+    from .parallel.dist import agree, describe_choice
     from .parallel.plan import Plan
     from .sidecar import build_sidecar, peak_memory_gb
 
@@ -208,6 +209,8 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     plan = Plan.build(parallel, device, control)
     mesh = plan.mesh
     talk = mesh.is_main and not s.quiet and not s.json_summary
+    if talk and parallel.choice:
+        typer.echo(describe_choice(parallel.choice), err=True)
 
     def say(message: str) -> None:  # what is happening around the step bar (rank 0, stderr)
         if talk:

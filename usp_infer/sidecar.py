@@ -72,6 +72,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "parallel": {
             "world_size": mesh.world_size, "cfg": mesh.cfg_degree, "ring": mesh.ring_degree,
             "ulysses": mesh.ulysses_degree, "a2a_mode": mesh.a2a_mode, "dist_timeout_s": s.parallel.timeout_s,
+            "layout_choice": s.parallel.choice or {"mode": "auto" if s.parallel.auto else "explicit"},
         },
         "device": str(mesh.device),
         "dtype": s.dtype,

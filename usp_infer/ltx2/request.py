@@ -167,6 +167,20 @@ def attention_heads(configs: dict) -> int:
     return math.gcd(t.get("num_attention_heads", 32), t.get("audio_num_attention_heads", 32))
 
 
+def workload(request: LTX2Request, configs: dict, a2a_mode: str = "direct", compiled: bool = False):
+    """What a step of `request` computes, for the layout chooser (parallel/costmodel.py): the guidance's branches
+    (STG's only with perturbable weights, as the pipeline runs them), 25 audio tokens a second, the text K/V
+    once per prompt."""
+    from ..parallel.costmodel import from_config
+
+    t = configs["transformer"]
+    names = tuple(n for n in request.guidance.branches() if n != "perturbed" or t.get("perturbed_attn", False))
+    return from_config(t, height=request.height, width=request.width, num_frames=request.num_frames, branches=names,
+                       text_tokens=request.max_sequence_length, batched=request.branches == "batched",
+                       audio_tokens=round(request.num_frames / request.fps * 25), text_kv_per_prompt=True,
+                       a2a_mode=a2a_mode, compiled=compiled)
+
+
 def num_layers(configs: dict) -> int:
     return configs["transformer"].get("num_layers", 48)
 

@@ -89,6 +89,17 @@ def num_layers(configs: dict) -> int:
     return configs["transformer"].get("num_layers", 0)
 
 
+def workload(request: GenerateRequest, configs: dict, a2a_mode: str = "direct", compiled: bool = False):
+    """What a step of `request` computes, for the layout chooser (parallel/costmodel.py): the first step's
+    branches (a guidance schedule may change them later)."""
+    from ..parallel.costmodel import from_config
+
+    return from_config(configs["transformer"], height=request.height, width=request.width,
+                       num_frames=request.num_frames, branches=request.guidance.at(1.0).branches,
+                       text_tokens=request.max_sequence_length, batched=request.branches == "batched",
+                       a2a_mode=a2a_mode, compiled=compiled)
+
+
 def build_request(options: dict, configs: dict):
     """Flags -> request (request_from_flags), with --stg-blocks checked against the model's depth."""
     req = request_from_flags(options)

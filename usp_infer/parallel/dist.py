@@ -121,6 +121,35 @@ def resolve_parallel(parallel: ParallelConfig, world_size: int, num_heads: int |
     return parallel
 
 
+def choose_parallel(parallel: ParallelConfig, world_size: int, workload) -> ParallelConfig:
+    """--layout auto: the (cfg, ring, ulysses) the cost model predicts fastest for this world and workload
+    (costmodel.Workload), with the prediction and the runner-up in `choice`. Any world gets one (ring takes
+    any degree); explicit degrees (auto False) and one process are returned as they are."""
+    if not parallel.auto or world_size == 1:
+        return parallel
+    from .costmodel import choose
+
+    found = choose(world_size, workload)
+    best, second = found.best, found.runner_up
+    record = {"mode": "auto", "chosen": list(best.layout), "predicted_ms_per_step": round(best.ms, 1),
+              "runner_up": list(second.layout) if second else None,
+              "runner_up_ms_per_step": round(second.ms, 1) if second else None,
+              "model_max_error": found.error, "constants": "costs.json 'current', H200"}
+    cfg, ring, uly = best.layout
+    return replace(parallel, cfg=cfg, ring=ring, ulysses=uly, choice=record)
+
+
+def describe_choice(choice: dict) -> str:
+    """The line rank 0 prints for --layout auto."""
+    def name(layout: list[int]) -> str:
+        return "cfg {} x ring {} x ulysses {}".format(*layout)
+
+    line = f"layout auto: {name(choice['chosen'])}, predicted {choice['predicted_ms_per_step']:,.0f} ms/step on H200s"
+    if choice["runner_up"]:
+        line += f" (runner-up {name(choice['runner_up'])}, {choice['runner_up_ms_per_step']:,.0f} ms)"
+    return line + f"; a prediction: the model is within {100 * choice['model_max_error']:.0f}% on the recorded runs"
+
+
 def check_device(device: str) -> None:
     """--device cuda on a machine without CUDA: one line, before anything loads."""
     import torch

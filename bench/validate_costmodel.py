@@ -1,0 +1,222 @@
+"""The cost model (usp_infer/parallel/costmodel.py) against every multi-GPU record, as one table.
+
+    python bench/validate_costmodel.py                 # 2026-11-28 LTX-Video rows: predicted vs measured
+    python bench/validate_costmodel.py --calibrate     # the 'current' set's one-GPU calibration, recomputed
+    python bench/validate_costmodel.py --predict       # LTX-2.3 and LTX-Video 13B on 2, 4, 8 H200 (predictions)
+    python bench/validate_costmodel.py --rank-share DIR  # per-rank compute measured on one GPU (bench/rank_share.py)
+
+Rows are `implementation == "usp-infer"` records with two or more ranks; each is predicted with the
+constants of the code that ran it (costs.json set '2026-11-28'; run1 and run2 ran copies before the
+16-byte-word ones: copy_tbps 1.39). Where a row helped fit a constant, the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from usp_infer.parallel import costmodel as cm
+
+RECORDS = ["bench/results/2026-11-28-h200x4/run*/*.json", "bench/results/2026-11-28-h200x2-check/*.json"]
+BEFORE_WORD_COPIES = {"run1-core", "run2-final"}  # their usp.py packed with torch.stack / per-element copy_
+# Rows a constant was fitted on (costs.json says which): predictions elsewhere, calibration here.
+CALIBRATION = {
+    ("run2-final", "ltx-video-13b", 6144, (1, 4, 1), "direct"): "ring_merge_tbps",
+    ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "direct"): "host_ms_per_all_to_all",
+    ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "functional"): "host_ms_per_all_to_all",
+    ("run1-core", "ltx-video-2b", 640, (1, 2, 1), "direct"): "host_ms_per_ring_step",
+}
+BRANCHES = {1: ("cond",), 2: ("uncond", "cond"), 3: ("uncond", "cond", "perturbed"),
+            4: ("uncond", "cond", "perturbed", "isolated")}
+
+
+def shape_workload(shape: str, height: int, width: int, frames: int, branches: int, *, text_tokens: int | None = None,
+                   batched: bool = True, compiled: bool = False, a2a_mode: str = "direct",
+                   dtype_bytes: int = 2) -> cm.Workload:
+    """The bench's workload of a named shape (bench.SHAPES), as the cost model sees it."""
+    from usp_infer.bench import SHAPES, latent_grid
+
+    cfg = SHAPES[shape]
+    f, h, w = latent_grid(height, width, frames)
+    video = cm.Stream(f * h * w, cfg.num_attention_heads, cfg.attention_head_dim, cfg.in_channels)
+    audio = None
+    if hasattr(cfg, "audio_num_attention_heads"):  # the LTX-2 bench: 24 fps, 1,024 text tokens
+        audio = cm.Stream(round(frames / 24 * 25), cfg.audio_num_attention_heads, cfg.audio_attention_head_dim,
+                          cfg.audio_in_channels)
+        text_tokens = 1024
+    names = BRANCHES[branches]
+    if audio is not None:  # LTX-2's pipeline batches cond first (ltx2/request.py LTX2Guidance.branches)
+        names = ("cond", "uncond", "perturbed", "isolated")[:branches]
+    if audio is not None and not cfg.perturbed_attn:
+        names = tuple(n for n in names if n != "perturbed")
+    return cm.Workload(cfg.num_layers, video, text_tokens if text_tokens is not None else 24, names, audio, batched,
+                       compiled, a2a_mode, text_kv_per_prompt=audio is not None, dtype_bytes=dtype_bytes)
+
+
+def record_workload(r: dict) -> cm.Workload:
+    return shape_workload(r["shape"], r["height"], r["width"], r["num_frames"], r["branches"],
+                          text_tokens=r.get("text_tokens") or 128,  # run1 kept T5's 128 padded positions
+                          batched=r["branch_mode"] == "batched", compiled=r["compiled"], a2a_mode=r["a2a_mode"])
+
+
+def load_rows() -> list[dict]:
+    rows = []
+    for pattern in RECORDS:
+        for path in sorted(glob.glob(str(ROOT / pattern))):
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, list):
+                continue
+            run = Path(path).parent.name
+            rows += [{**r, "run": run} for r in data
+                     if r.get("implementation") == "usp-infer" and r.get("world_size", 1) > 1]
+    return rows
+
+
+def rank_share_compute(folder: Path) -> dict:
+    """(shape, tokens, layout, compiled) -> ms of one rank's share, from bench/rank_share.py records."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        for r in json.loads(path.read_text()):
+            if r.get("implementation") == "usp-infer":
+                found[r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"]] = r["ms_per_step"]
+    return found
+
+
+def _with_rank_share(p: cm.Prediction, w: cm.Workload, lay: tuple, measured: float, costs: dict) -> float:
+    """The measured per-rank step, less the loopback's own copies (each payload read and written once at the copy
+    rate), plus the modelled exposed exchange; the host floor as the model has it."""
+    copies = sum(2 * b for b in cm.exchange_bytes(w, lay).values()) / (costs["copy_tbps"]["value"] * 1e9)
+    exposed = p.parts["all_to_all"] + p.parts["ring_exposed"] + p.parts["small_collectives"]
+    return max(measured - copies + exposed, p.parts["host"])
+
+
+def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dict], float]:
+    base = cm.load_costs("2026-11-28")
+    out = []
+    for r in rows:
+        costs = dict(base)
+        if r["run"] in BEFORE_WORD_COPIES:
+            costs["copy_tbps"] = {"value": 1.39}
+        lay = (r["cfg"], r["ring"], r["ulysses"])
+        w = record_workload(r)
+        p = cm.predict(w, lay, costs)
+        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"]))
+        if share is not None:
+            p = cm.Prediction(lay, _with_rank_share(p, w, lay, share, costs), p.parts)
+        key = (r["run"], r["shape"], r["tokens"], lay, r["a2a_mode"])
+        out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1,
+                    "fitted": CALIBRATION.get(key) if r.get("overlap_chunks", 1) == 1 and not r["compiled"] else None})
+    return out, max(abs(x["error"]) for x in out)
+
+
+def winners(out: list[dict]) -> list[tuple]:
+    """Per launch group (run, shape, tokens, world, mode, chunks, compile): the measured and the predicted fastest."""
+    groups: dict[tuple, list[dict]] = {}
+    for x in out:
+        key = (x["run"], x["shape"], x["tokens"], x["branch_mode"], x["world_size"], x["a2a_mode"],
+               x.get("overlap_chunks", 1), x["compiled"])
+        groups.setdefault(key, []).append(x)
+    result = []
+    for key, xs in groups.items():
+        if len({x["layout"] for x in xs}) < 2:
+            continue
+        measured = min(xs, key=lambda x: x["ms_per_step"])["layout"]
+        predicted = min(xs, key=lambda x: x["predicted"])["layout"]
+        result.append((key, measured, predicted))
+    return result
+
+
+def _lay(t: tuple) -> str:
+    return " x ".join(map(str, t))
+
+
+def print_validation(rank_share: Path | None = None) -> None:
+    out, worst = validate(load_rows(), rank_share_compute(rank_share) if rank_share else None)
+    print("| records | shape | tokens | branches | GPUs | cfg x ring x ulysses | a2a | chunks | compiled | measured ms | predicted ms | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for x in out:
+        note = f" (fitted: {x['fitted']})" if x["fitted"] else ""
+        print(f"| {x['run']} | {x['shape']} | {x['tokens']:,} | {x['branches']} {x['branch_mode']} | {x['world_size']} | "
+              f"{_lay(x['layout'])} | {x['a2a_mode']} | {x.get('overlap_chunks', 1)} | {'yes' if x['compiled'] else 'no'} | "
+              f"{x['ms_per_step']:,.1f} | {x['predicted']:,.1f} | {100 * x['error']:+.1f}%{note} |")
+    wins = winners(out)
+    right = sum(m == p for _, m, p in wins)
+    print(f"\n{len(out)} rows; max |error| {100 * worst:.1f}%; mean {100 * sum(abs(x['error']) for x in out) / len(out):.1f}%")
+    big = [x for x in out if not (x["shape"] == "ltx-video-2b" and x["tokens"] == 640)]
+    print(f"without the host-bound 2B 640-token rows: {len(big)} rows, max |error| {100 * max(abs(x['error']) for x in big):.1f}%")
+    print(f"fastest layout right in {right} of {len(wins)} launch groups")
+    for key, m, p in wins:
+        if m != p:
+            print(f"  wrong: {key}: measured {_lay(m)}, predicted {_lay(p)}")
+
+
+CURRENT = {  # one-GPU records of today's code: (file, shape, height, width, frames, eager ms, compiled ms)
+    "video": ("2026-12-01-h200x1-b/final-ltxv13b-6144.json", "ltx-video-13b", 512, 768, 121),
+    "video+audio": ("2026-12-01-h200x1-b/ab3-ltx23-6144.json", "ltx-2.3-22b", 512, 768, 121),
+}
+
+
+def _one_gpu_ms(path: str, compiled: bool) -> float:
+    rows = json.loads((ROOT / "bench/results" / path).read_text())
+    return next(r["ms_per_step"] for r in rows if r["implementation"] == "usp-infer" and r["compiled"] == compiled
+                and not r.get("image_to_video"))
+
+
+def calibrate() -> dict:
+    """elementwise_ns and compiled_elementwise_factor of the 'current' set: the one-GPU step less its GEMMs and
+    attention at the shared rates, per (row x d x layer) of the memory-bound passes."""
+    costs = cm.load_costs("current")
+    found = {"elementwise_ns": {}, "compiled_elementwise_factor": {}}
+    for kind, (path, shape, h, w, f) in CURRENT.items():
+        work = shape_workload(shape, h, w, f, 4 if kind == "video+audio" else 3)
+        probe = {**costs, "elementwise_ns": {"value": {kind: 1.0}}, "compiled_elementwise_factor": {"value": {kind: 1.0}}}
+        p = cm.predict(work, (1, 1, 1), probe).parts
+        per_ns = p["elementwise"]  # ms at 1 ns per unit
+        eager, compiled = _one_gpu_ms(path, False), _one_gpu_ms(path, True)
+        ns = (eager - p["gemm"] - p["attention"]) / per_ns
+        found["elementwise_ns"][kind] = round(ns, 5)
+        found["compiled_elementwise_factor"][kind] = round(1 - (eager - compiled) / (ns * per_ns), 3)
+        print(f"{kind}: {path}: eager {eager:.1f} ms = GEMM {p['gemm']:.1f} + attention {p['attention']:.1f} "
+              f"+ elementwise {ns * per_ns:.1f} ms -> {ns:.5f} ns; compiled {compiled:.1f} ms -> factor "
+              f"{found['compiled_elementwise_factor'][kind]}")
+    return found
+
+
+def print_predictions() -> None:
+    costs = cm.load_costs("current")
+    for shape, sizes, branches in (("ltx-2.3-22b", ((512, 768, 121), (1024, 1536, 121)), 4),
+                                   ("ltx-video-13b", ((512, 768, 121),), 3)):
+        for h, w, f in sizes:
+            work = shape_workload(shape, h, w, f, branches)
+            one = cm.predict(work, (1, 1, 1), costs).ms
+            print(f"\n{shape} {w}x{h}x{f} ({work.video.tokens:,} video tokens), {len(work.branches)} branches: 1 GPU {one:,.1f} ms")
+            for world in (2, 4, 8):
+                order = cm.ranked(world, work, costs)
+                best, nxt = order[0], order[1] if len(order) > 1 else None
+                print(f"  {world} GPUs: {_lay(best.layout)} {best.ms:,.1f} ms ({one / best.ms:.2f}x)"
+                      + (f"; runner-up {_lay(nxt.layout)} {nxt.ms:,.1f}" if nxt else "")
+                      + "; all: " + ", ".join(f"{_lay(p.layout)} {p.ms:,.0f}" for p in order))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--predict", action="store_true")
+    ap.add_argument("--rank-share", type=Path, help="folder of bench/rank_share.py records (one GPU, the same code)")
+    args = ap.parse_args()
+    if args.calibrate:
+        print(json.dumps(calibrate(), indent=1))
+    elif args.predict:
+        print_predictions()
+    else:
+        print_validation(args.rank_share)
+
+
+if __name__ == "__main__":
+    main()
