@@ -18,7 +18,8 @@ def test_every_line_key_has_a_kind():
 
 @pytest.mark.parametrize("key, value", [("steps", 2.5), ("steps", "many"), ("seed", "abc"), ("num_frames", "17"),
                                         ("height", True), ("fps", "25"), ("guidance_scale", [3, "x"]),
-                                        ("stg_blocks", [1.5]), ("prompt", 3), ("cfg_star", 1), ("audio", "yes")])
+                                        ("stg_blocks", [1.5]), ("prompt", 3), ("cfg_star", 1), ("audio", 1), ("two_stage", "yes"),
+                                        ("lora", 0.8), ("conditions", {"path": "a.png"}), ("sigmas", [True])])
 def test_wrong_kinds_are_named(key, value):
     (message,) = wrong_kinds({key: value})
     assert message.startswith(f'"{key}": ') and " is not " in message

@@ -37,17 +37,26 @@ BLOCKS = Kind(lambda v: _whole(v) or isinstance(v, str) or isinstance(v, list) a
               "a block index, a list of them or a string like \"11,25\"")
 TEXT = Kind(lambda v: isinstance(v, str), "a string")
 SWITCH = Kind(lambda v: isinstance(v, bool), "true or false")
+TEXTS = Kind(lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+             "a string or a list of strings")
+CONDITIONS = Kind(lambda v: isinstance(v, list) and all(isinstance(x, (dict, str)) for x in v),
+                  "a list of {\"path\": ..., \"frame\": ..., \"strength\": ...} objects")
 
 KINDS: dict[str, Kind] = {
     **dict.fromkeys(("height", "width", "num_frames", "steps", "num_inference_steps", "seed", "max_sequence_length",
-                     "image_crf"), WHOLE),
+                     "image_crf", "extend_frames"), WHOLE),
     **dict.fromkeys(("fps", "image_strength", "decode_timestep", "decode_noise_scale"), NUMBER),
     **dict.fromkeys(("guidance_scale", "stg_scale", "guidance_rescale", "guidance_timesteps", "modality_scale",
-                     "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale"),
-                    NUMBERS),
+                     "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale",
+                     "sigmas", "stage2_sigmas"), NUMBERS),
     "stg_blocks": BLOCKS,
-    **dict.fromkeys(("prompt", "negative_prompt", "image", "preset", "branches", "stg_mode", "output"), TEXT),
-    **dict.fromkeys(("cfg_star", "audio"), SWITCH),
+    **dict.fromkeys(("prompt", "negative_prompt", "image", "preset", "branches", "stg_mode", "output", "audio_input",
+                     "extend", "upsampler"), TEXT),
+    **dict.fromkeys(("cfg_star", "no_audio", "two_stage"), SWITCH),
+    **dict.fromkeys(("lora", "stage2_lora", "condition"), TEXTS),
+    "conditions": CONDITIONS,
+    # LTX-2: a sound file to follow (audio-to-video), or false for a silent mp4
+    "audio": Kind(lambda v: isinstance(v, (bool, str)), "a sound file's path, or true or false"),
 }
 
 
