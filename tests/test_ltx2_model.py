@@ -232,6 +232,18 @@ def test_stg_every_row_by_default(models):
     assert_close(run_ours(ours, inputs, stg_blocks=(1,)), expected)
 
 
+def test_stg_video_alone(models):
+    """stg_audio=False (audio-to-video) perturbs the video's self-attention only: neither plain STG nor none."""
+    _, ours, kwargs = models
+    if not kwargs.get("perturbed_attn"):
+        pytest.skip("LTX-2.0 weights have no perturbable attention")
+    inputs = make_inputs(kwargs, batch=2, timestep="sample")
+    plain, both, video = (run_ours(ours, inputs, **kw) for kw in ({}, {"stg_blocks": (0,)},
+                                                                   {"stg_blocks": (0,), "stg_audio": False}))
+    for stream in range(2):
+        assert rel_err(video[stream], plain[stream]) > 1e-3 and rel_err(video[stream], both[stream]) > 1e-3
+
+
 @pytest.mark.parametrize("isolate", [[True, False, True], [False, True, True], [True, True, True]],
                          ids=["among-others", "trailing", "all"])  # zero gates; rows skipped; nothing cross-modal
 def test_isolate_rows(models, isolate):

@@ -118,11 +118,11 @@ AudioGuidanceRescale = Annotated[Optional[str], _opt(help="LTX-2: rescale r for 
 ImageCrf = Annotated[Optional[int], _opt(help="LTX-2: H.264 CRF the image is re-compressed with before encoding, 0..51; 0 = off [default: 33].")]
 NoAudio = Annotated[Optional[bool], _opt("--no-audio", help="LTX-2: do not decode the audio track; the mp4 is silent.")]
 # LTX-2 conditioning: frames anywhere, continuing a clip, a given sound.
-ConditionOpt = Annotated[Optional[list[str]], _opt("--condition", help="LTX-2: PATH@FRAME[:STRENGTH], repeatable: an "
+ConditionOpt = Annotated[Optional[list[str]], _opt("--condition", metavar="PATH@FRAME[:STRENGTH]", help="LTX-2: PATH@FRAME[:STRENGTH], repeatable: an "
                          "image or a clip held at pixel frame FRAME (-1 = the last), STRENGTH in [0,1] [default: 1].")]
-AudioInput = Annotated[Optional[str], _opt("--audio", help="LTX-2: audio-to-video: a sound file (or a video's track) "
+AudioInput = Annotated[Optional[str], _opt("--audio", metavar="PATH", help="LTX-2: audio-to-video: a sound file (or a video's track) "
                        "the video follows; the output carries it.")]
-Extend = Annotated[Optional[str], _opt("--extend", help="LTX-2: continue this clip: the output is the clip, then "
+Extend = Annotated[Optional[str], _opt("--extend", metavar="CLIP", help="LTX-2: continue this clip: the output is the clip, then "
                    "the new frames.")]
 ExtendFrames = Annotated[Optional[int], _opt(help="LTX-2: frames of the --extend clip that open the new segment, "
                          "8k+1 [default: 17].")]
@@ -307,7 +307,9 @@ def generate(
         "Each line is an object with \"prompt\" and optionally \"negative_prompt\", \"image\", \"seed\", \"output\" "
         "and any generate option (snake_case, e.g. \"guidance_scale\", \"steps\"); flags give the shared values. "
         "An item without \"output\" goes to OUTPUT_DIR/<index>-<prompt slug>-s<seed>.mp4; relative paths "
-        "(\"image\", \"output\") are taken from the current directory. "
+        "(\"image\", \"output\", conditions' \"path\") are taken from the current directory. LTX-2 lines may "
+        "hold \"conditions\": [{\"path\": ..., \"frame\": ..., \"strength\": ...}], \"extend\", \"extend_frames\" and "
+        "\"audio\" (a sound file; false: no audio). "
         "At the end a line says how many items ran, were skipped and failed.",
         "  # prompts.jsonl:\n"
         '  {"prompt": "a red fox in snow", "seed": 1}\n'

@@ -50,7 +50,7 @@ def parse_condition(value: Any) -> Condition:
         path, frame, strength = value["path"], value.get("frame", 0), value.get("strength", 1.0)
         if not isinstance(frame, int) or isinstance(frame, bool) or not isinstance(strength, (int, float)):
             raise ValueError(f"condition {value}: frame must be an integer and strength a number")
-        return Condition(str(path), frame, float(strength))
+        return Condition(os.path.expanduser(str(path)), frame, float(strength))
     text = str(value)
     path, at, spot = text.rpartition("@")
     frame_text, _, strength_text = spot.partition(":")
@@ -61,7 +61,7 @@ def parse_condition(value: Any) -> Condition:
         strength = float(strength_text) if strength_text else 1.0
     except ValueError:
         raise ValueError(f"--condition {text!r} is not PATH@FRAME[:STRENGTH] (e.g. end.png@-1 or clip.mp4@0:0.8)") from None
-    return Condition(path, frame, strength)
+    return Condition(os.path.expanduser(path), frame, strength)
 
 
 def latent_index(frame: int, num_frames: int, temporal: int = 8) -> int:
