@@ -4,6 +4,7 @@
 #
 #   OUT=dir bash bench/run_gpu_fp8.sh
 #
+# 0. tests/test_gpu.py -k fp8: the kernel's bits and NaN on CUDA, a tiny fp8 forward eager and compiled (~30 s)
 # 1. bench/fp8_gpu.py micro: the Triton activation quantization vs torch ops (and its bits vs torch's);
 #    FP8Linear vs bf16 linear at LTX-2.3's shapes, 24,576 rows                                     (~40 s)
 # 2. usp-infer bench --quantize fp8,fp8-static --compile: bf16, fp8 and fp8-static rows of one launch each:
@@ -29,11 +30,12 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-step micro 80 python3 bench/fp8_gpu.py micro "$OUT/fp8-micro.json"
-step ltx23-6144 190 python3 -m usp_infer bench --shape ltx-2.3-22b $S6 --warmup 1 --steps 3 --compile \
+step gpu-tests 35 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fp8
+step micro 75 python3 bench/fp8_gpu.py micro "$OUT/fp8-micro.json"
+step ltx23-6144 185 python3 -m usp_infer bench --shape ltx-2.3-22b $S6 --warmup 1 --steps 3 --compile \
   --quantize fp8,fp8-static --json-out "$OUT/fp8-ltx23-6144.json"
-step ltxv13b-6144 110 python3 -m usp_infer bench --shape ltx-video-13b $S6 --warmup 1 --steps 3 --compile \
+step ltxv13b-6144 100 python3 -m usp_infer bench --shape ltx-video-13b $S6 --warmup 1 --steps 3 --compile \
   --quantize fp8,fp8-static --json-out "$OUT/fp8-ltxv13b-6144.json"
-step ltx23-24576 120 python3 -m usp_infer bench --shape ltx-2.3-22b $S24 --branches 1 --warmup 1 --steps 2 \
+step ltx23-24576 115 python3 -m usp_infer bench --shape ltx-2.3-22b $S24 --branches 1 --warmup 1 --steps 2 \
   --compile --quantize fp8 --json-out "$OUT/fp8-ltx23-24576.json"
-step errors 90 python3 bench/fp8_gpu.py errors "$OUT/fp8-errors.json"
+step errors 80 python3 bench/fp8_gpu.py errors "$OUT/fp8-errors.json"

@@ -152,3 +152,46 @@ def test_fused_norm_modulate_is_as_exact_as_the_torch_ops(runs) -> None:
         fused, unfused = norm_modulate(x, norm, shift, scale), addcmul(shift, norm(x), scale)
         exact = addcmul(apply(shift, torch.Tensor.double), norm(x.double()), apply(scale, torch.Tensor.double))
     assert _rel(fused, exact) <= 1.05 * _rel(unfused, exact) + 1e-6
+
+
+fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                         reason="float8 matmuls need compute capability 8.9+")
+
+
+@fp8
+def test_fp8_row_quantization_kernel_bits_on_the_gpu() -> None:
+    """The Triton kernel gives torch's e4m3 bits on the GPU too (bf16 rows, as the blocks feed it), keeps NaN."""
+    from usp_infer import kernels, quant
+
+    x = (torch.randn(97, 4096, device="cuda") * torch.logspace(-8, 8, 97, device="cuda")[:, None]).bfloat16()
+    x[3], x[5, 7] = 0, float("nan")
+    for static in (None, torch.tensor(2.0**-4, device="cuda")):
+        (q, s), (rq, rs) = kernels.quantize_rows_fp8(x, static), quant.quantize_rows_torch(x, static)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+        assert int(q.float().isnan().sum()) == 1
+
+
+@fp8
+def test_fp8_tiny_forward_close_to_bf16() -> None:
+    """torch._scaled_mm's row-wise path, eager and compiled, within the CPU tests' bound of the bf16 model."""
+    import copy
+
+    from usp_infer import quant
+    from usp_infer.bench import randomize
+    from usp_infer.ltx_video.bench import random_model
+
+    cfg = SHAPES["ltx-tiny"]
+    model = random_model(cfg, torch.device("cuda"), torch.bfloat16, 0, randomize)
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(2, 24, cfg.in_channels, device="cuda", generator=gen).bfloat16()
+    text = torch.randn(2, 8, cfg.caption_channels, device="cuda", generator=gen).bfloat16()
+    args = (x, text, torch.tensor([500.0, 900.0], device="cuda"), None, rope_tables(cfg, 2, 3, 4, (0.32, 32, 32), "cuda"))
+    with torch.no_grad():
+        ref = model(*args).float()
+        quantized = quant.quantize_(copy.deepcopy(model))
+        eager = quantized(*args).float()
+        for block in quantized.transformer_blocks:
+            block.compile(dynamic=False)
+        compiled = quantized(*args).float()
+    for got in (eager, compiled):
+        assert 0.005 < ((got - ref).norm() / ref.norm()).item() < 0.05

@@ -82,6 +82,21 @@ def test_forward_within_bound_and_every_block_linear_in_fp8(family):
     assert not outside  # proj_in/out, embedders and caption projections stay in the model dtype
 
 
+def test_fp8_linear_quantizes_both_operands():
+    """The layer is the product of e4m3 input rows and e4m3 weight rows, not of the inputs as they came."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40)
+    layer = quant.FP8Linear.from_linear(linear)
+    x = torch.randn(2, 7, 48) * torch.logspace(-3, 3, 7)[:, None]  # rows of very different sizes
+    weight = layer.weight.float() * layer.weight_scale[:, None]
+    rows = x.reshape(-1, 48)
+    scale = quant.pow2_scale(rows.abs().amax(1, keepdim=True))[0]
+    both = ((rows / scale).to(torch.float8_e4m3fn).float() * scale) @ weight.T + linear.bias
+    assert rel(layer(x).reshape(-1, 40), both) < 1e-6
+    assert rel(layer(x).reshape(-1, 40), rows @ weight.T + linear.bias) > 0.01  # inputs left as they came
+    assert rel(weight, linear.weight) > 0.01  # and the weight is e4m3 too
+
+
 def test_calibrated_static_scales():
     model, run = _av()
     quantized = quant.quantize_(copy.deepcopy(model))
@@ -119,14 +134,14 @@ def _tensors(folder: Path) -> dict:
 
 def test_quantized_folder_loads_as_on_the_fly(tmp_path):
     """`usp-infer quantize`'s folder, loaded, equals quantizing the original after loading it, bit for bit."""
-    out = tmp_path / "fp8"
-    layers = quant.write_quantized(MODELS / "ltx2-tiny", out, torch.float32, torch.device("cpu"))
+    out = tmp_path / "fp8"  # bfloat16: the fp32 checkpoint's weights are rounded twice, as loading them is
+    layers = quant.write_quantized(MODELS / "ltx2-tiny", out, torch.bfloat16, torch.device("cpu"))
     config = json.loads((out / "transformer" / "config.json").read_text())
     assert config["_quantization"]["layers"] == layers > 0
     stored = _tensors(out / "transformer")
     assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) == layers
-    loaded = load_av(out / "transformer", "cpu", torch.float32)
-    on_the_fly = quant.quantize_(load_av(MODELS / "ltx2-tiny" / "transformer", "cpu", torch.float32))
+    loaded = load_av(out / "transformer", "cpu", torch.bfloat16)
+    on_the_fly = quant.quantize_(load_av(MODELS / "ltx2-tiny" / "transformer", "cpu", torch.bfloat16))
     a, b = loaded.state_dict(), on_the_fly.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
@@ -161,7 +176,8 @@ def test_lightricks_layout_loads(tmp_path):
     assert layer.weight_scale.shape == (layer.out_features,)
     x = torch.randn(3, 5, layer.in_features)
     q = (x / 0.013).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.013
-    expected = q @ (layer.weight.float() * layer.weight_scale[:, None]).T + layer.bias
+    weight = state[f"{name}.weight"].float() * state[f"{name}.weight_scale"]  # as the file says
+    expected = q @ weight.T + state[f"{name}.bias"]
     assert rel(layer(x), expected) < 1e-6
 
 
