@@ -18,8 +18,8 @@ from dist_utils import run_spawn
 
 from usp_infer.config import ParallelConfig
 from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, load_components
-from usp_infer.ltx2.stages import generate
 from usp_infer.ltx2.recipes import DISTILLED_SIGMAS, STAGE2_SIGMAS, LoraSpec, Recipe
+from usp_infer.ltx2.stages import generate
 from usp_infer.ltx2.tiny import make_tiny_ltx2, write_lora
 from usp_infer.parallel.plan import Plan
 

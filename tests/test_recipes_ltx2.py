@@ -104,7 +104,7 @@ def test_distilled_preset_equals_ltx2_pipeline_with_distilled_sigmas(tiny, tmp_p
 
 @pytest.mark.parametrize("fmt", ["lightricks", "diffusers"])
 def test_lora_at_0_8_equals_load_lora_weights_and_set_adapters(tiny, tmp_path, fmt):
-    root, model, files = tiny
+    _, model, files = tiny
     ours = _ours(tmp_path, model, "--height", "64", "--width", "64", "--steps", "2", *GUIDED,
                  "--lora", f"{files[fmt]}:0.8")
     pipe = _pipe(model)
@@ -124,7 +124,7 @@ def test_lora_at_0_8_equals_load_lora_weights_and_set_adapters(tiny, tmp_path, f
 def test_kohya_alpha_scales_like_lora_a_b(tiny, tmp_path):
     """lora_down/lora_up + alpha (diffusers refuses alpha keys for LTX-2): delta = alpha / rank * up @ down, so
     alpha = rank/2 at strength 1 equals the same factors as lora_A/lora_B at strength 0.5."""
-    root, model, files = tiny
+    _, model, files = tiny
     half = write_lora(tmp_path / "half.safetensors", model / "transformer", "kohya", seed=1, alpha=1.0)  # rank 2
     a = _ours(tmp_path, model, "--height", "64", "--width", "64", "--preset", "ltx-2.3-distilled", "--lora", half)
     b = _ours(tmp_path, model, "--height", "64", "--width", "64", "--preset", "ltx-2.3-distilled",
@@ -186,7 +186,7 @@ def test_two_stage_equals_the_diffusers_chain(tiny, tmp_path, image, stage2_lora
 
 
 def test_two_stage_with_both_loras_equals_the_chain(tiny, tmp_path):
-    root, model, files = tiny
+    _, model, files = tiny
     ours = _ours(tmp_path, model, "--height", "128", "--width", "128", "--steps", "2", *GUIDED, "--two-stage",
                  "--lora", f"{files['diffusers']}:0.6", "--stage2-lora", f"{files['stage2']}:0.7")
     video, audio = _chain(model, model / "latent_upsampler", None, (files["stage2"], 0.7), (files["diffusers"], 0.6))
@@ -204,7 +204,7 @@ def test_two_stage_moves_with_the_stage2_lora_and_the_upsampler(tiny, tmp_path):
 def test_a_stage2_lora_does_not_leak_into_the_next_item(tiny, tmp_path):
     """In one batch (the model loaded once) a stage-2 LoRA is fused after stage 1 and taken out before the next
     item: the next item equals a fresh run."""
-    root, model, files = tiny
+    _, model, files = tiny
     lines = tmp_path / "b.jsonl"
     lines.write_text(json.dumps({"prompt": PROMPT, "two_stage": True, "stage2_lora": str(files["stage2"]),
                                  "lora": f"{files['lightricks']}:0.5", "output": str(tmp_path / "a.npz")}) + "\n"

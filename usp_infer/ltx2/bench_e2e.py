@@ -21,8 +21,8 @@ from . import bench as step_bench
 from . import model as arch
 from .lora import Fuser, Loaded
 from .pipeline import PRESETS, Components, LTX2Guidance, LTX2Request, ModalityGuidance
-from .stages import generate
 from .recipes import DISTILLED_SIGMAS, STAGE2_SIGMAS, LoraSpec, Recipe
+from .stages import generate
 
 RECIPES = ("one-stage", "distilled", "two-stage", "two-stage-distilled")
 LORA_RANK = 384  # Lightricks' distilled LoRA for the dev model (ltx-2-19b-distilled-lora-384)
