@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from usp_infer import kernels, quant
 from usp_infer.bench import latent_grid, randomize

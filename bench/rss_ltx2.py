@@ -215,8 +215,8 @@ def main() -> None:
             print(f"{name}: rc {row['returncode']}, peak RSS {row['peak_rss_mib']} MiB, {row['wall_s']} s, "
                   f"finite {row['finite']}", flush=True)
         print()
-        print(f"| run | peak RSS (MiB) | wall (s) | user+sys CPU (s) | outputs finite |")
-        print(f"|---|---|---|---|---|")
+        print("| run | peak RSS (MiB) | wall (s) | user+sys CPU (s) | outputs finite |")
+        print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['name']} | {r['peak_rss_mib']:,.0f} | {r['wall_s']:.1f} | {r['user_s'] + r['sys_s']:.1f} | "
                   f"{r['finite']} |")

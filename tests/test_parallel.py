@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from dist_utils import run_spawn
-from PIL import Image
 
 from usp_infer.config import GenerateRequest, ParallelConfig
 from usp_infer.guidance import GuidanceConfig
