@@ -112,6 +112,8 @@ def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_p
     (["--extend", "{f}/clip.mp4"], "--extend-frames 17 must be of the form 8k+1 and below --num-frames 17 (the new "
                                    "frames are the rest); e.g. 9"),
     (["--extend", "{f}/broken.png"], "cannot be read as a video"),
+    (["--condition", "{f}/a.png@0", "--two-stage", "--height", "64"], "--condition with --two-stage is not supported yet"),
+    (["--audio", "{f}/voice.wav", "--two-stage", "--height", "64"], "--audio with --two-stage is not supported yet"),
 ])
 def test_bad_inputs_fail_in_one_line_before_anything_is_written(files, tmp_path, extra, message):
     before = snapshot(tmp_path)

@@ -81,6 +81,10 @@ def check_request(req) -> None:
                              f"use 0..{n - 1}, or -1..-{n} from the end")
     if req.image is not None and (req.conditions or req.extend):
         raise ValueError("--image with --condition or --extend: pass the image as --condition PATH@0 instead")
+    if req.recipe.two_stage and (req.conditions or req.extend or req.audio_input):
+        given = "--condition" if req.conditions else "--extend" if req.extend else "--audio"
+        raise ValueError(f"{given} with --two-stage is not supported yet (stage 2 would have to re-apply it at full "
+                         f"size); run it in one stage, e.g. with --preset ltx-2.3-distilled")
     if req.audio_input is not None and not req.audio:
         raise ValueError(f"--audio {req.audio_input} with --no-audio: the output carries the given sound; drop one")
     if req.extend is not None:
