@@ -184,16 +184,16 @@ def test_usage_error_under_torchrun_is_each_ranks_exit_2_and_torchruns_root_caus
     """torchrun prints its own report and exits 1 when a worker fails (nothing a worker does silences that):
     every rank exits 2, rank 0 prints the one line and leaves it in torchrun's error file, so the report's
     root cause reads `traceback : error: ...`; the other ranks wait for rank 0, quietly."""
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
-    result = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    result = cli("generate", "--prompt", "a fox", *FAST, "--ulysses-degree", "4", "-o", tmp_path / "v.mp4")
     assert result.exit_code == 2
     assert json.loads((tmp_path / "error.json").read_text())["message"] == error_line(result.stderr)
     slept = []
     monkeypatch.setattr("time.sleep", slept.append)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error-1.json"))
-    other = cli("generate", "--prompt", "a fox", *FAST, "-o", tmp_path / "v.mp4")
+    other = cli("generate", "--prompt", "a fox", *FAST, "--ulysses-degree", "4", "-o", tmp_path / "v.mp4")
     assert other.exit_code == 2 and other.stderr == "" and slept and not (tmp_path / "error-1.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
 

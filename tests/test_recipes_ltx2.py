@@ -250,6 +250,8 @@ def _other_model_lora(tmp: Path) -> Path:
     (["--preset", "ltx-2.3-distilled", "--steps", "4"], "--steps 4 disagrees with the sigma schedule's 8 steps"),
     (["--stage2-lora", "{stage2}"], "--stage2-lora only apply with --two-stage"),
     (["--two-stage", "--stage2-sigmas", "0.9,0.95"], "--stage2-sigmas must be strictly decreasing"),
+    (["--lora", "{stage2}", "--quantize", "fp8"], "which --quantize fp8 replaces: drop --quantize or the LoRA"),
+    (["--two-stage", "--stage2-lora", "{stage2}", "--quantize", "fp8"], "which --quantize fp8 replaces"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
     root, model, files = tiny
@@ -305,3 +307,44 @@ def test_bench_times_whole_recipes_by_phase(tmp_path):
     assert "stage 2" in result.stdout and "mp4 write" in result.stdout
     bad = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage", "--height", "96", "--device", "cpu")
     assert bad.exit_code == 2 and "not a multiple of 64" in bad.stderr
+
+
+def test_bench_recipe_quantized_runs_float8_blocks(tmp_path):
+    """--recipe with --quantize fp8: a model-dtype record then an fp8 one, in one launch; the recipe with a
+    stage-2 LoRA is left out of the fp8 rows, said; the fp8 run really goes through FP8Linear."""
+    from usp_infer import quant
+
+    out = tmp_path / "r.json"
+    result = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage-distilled,two-stage", "--quantize", "fp8",
+                 "--height", "64", "--width", "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32",
+                 "--json-out", out)
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())
+    assert [(r["recipe"], r["quantize"]) for r in records] == [
+        ("two-stage-distilled", "none"), ("two-stage", "none"), ("two-stage-distilled", "fp8")]
+    assert "two-stage left out" in result.output
+    calls = []
+    real = quant.FP8Linear.forward
+    quant.FP8Linear.forward = lambda self, x: calls.append(1) or real(self, x)
+    try:
+        cli("bench", "--shape", "ltx2-tiny", "--recipe", "distilled", "--height", "64", "--width", "64",
+            "--num-frames", "9", "--device", "cpu", "--dtype", "float32")
+        assert not calls
+        cli("bench", "--shape", "ltx2-tiny", "--recipe", "distilled", "--quantize", "fp8", "--height", "64",
+            "--width", "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32")
+        assert calls
+    finally:
+        quant.FP8Linear.forward = real
+
+
+def test_a_lora_is_never_fused_into_float8_weights(tiny):
+    """An fp8 checkpoint gets past the flag check (its weights are e4m3 on disk): the fuse itself refuses,
+    rather than adding a delta to e4m3 codes without their scales."""
+    from usp_infer import quant
+    from usp_infer.ltx2.model import load_transformer
+
+    _, model, files = tiny
+    transformer = quant.quantize_(load_transformer(model / "transformer", "cpu", torch.float32))
+    with pytest.raises(ValueError, match="cannot be fused into float8 weights"):
+        lora.Fuser(transformer).use([recipes.LoraSpec(files["stage2"], 1.0)])
+    assert lora.Fuser(transformer).use([]) == []

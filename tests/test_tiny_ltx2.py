@@ -86,7 +86,8 @@ def test_refuses_non_empty_directory_and_unknown_version(tmp_path):
 
 def test_committed_folder_is_small():
     total = sum((COMMITTED / f).stat().st_size for f in _files(COMMITTED))
-    assert total < 2_000_000
+    # 1.7 MB of pipeline + 0.65 MB of latent upsampler (its GroupNorm(32) keeps mid_channels at 32 or more)
+    assert total < 2_500_000
 
 
 def test_components_have_the_intended_shapes(pipe):

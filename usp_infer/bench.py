@@ -430,7 +430,8 @@ def run(
     bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
     world = env_world_size()
     if recipe is not None:
-        return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world)
+        return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world,
+                              compile, quantize)
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
     try:
@@ -471,8 +472,10 @@ def run(
 
 
 def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames: int, device: str,
-                   dtype: str, seed: int, json_out: Path | None, world: int) -> None:
-    """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process."""
+                   dtype: str, seed: int, json_out: Path | None, world: int, compile: bool = False,
+                   quantize: str = "none") -> None:
+    """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process; --compile
+    compiles the blocks (as generate --compile); --quantize fp8 adds the same runs with float8 blocks."""
     from .ltx2 import bench_e2e
     from .ltx2.recipes import check_two_stage_size
 
@@ -487,6 +490,8 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
             raise ValueError("--recipe times one process; run it without torchrun")
         if any(n.startswith("two-stage") for n in names):
             check_two_stage_size(height, width)
+        if quantize not in ("none", "fp8"):
+            raise ValueError(f"--recipe takes --quantize none or fp8, not {quantize}")
         _validated(shape, height, width, num_frames, 1, "batched", "direct", "none", 1, 1, dtype)
         where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                              "cpu" if device == "auto" else device)
@@ -495,7 +500,7 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
-                                      seed, 1, randomize)
+                                      seed, 1, randomize, compile=compile, quantize=quantize, echo=typer.echo)
     for r in records:
         r["command"] = _command_line()
     if json_out is not None:

@@ -119,32 +119,52 @@ def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
 
 
 def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
-                  device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize) -> list[dict]:
-    """Each recipe once untimed (kernels, cuDNN's choices, allocations), then `repeat` timed runs; one record each."""
+                  device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize,
+                  compile: bool = False, quantize: str = "none", echo=print) -> list[dict]:
+    """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
+    one record each. quantize "fp8": then the same again with the blocks' linears in float8 (as generate
+    --quantize fp8), in the same launch; a recipe with a stage-2 LoRA is left out there (float8 weights take none)."""
     cfg = arch.SHAPES[shape]
     c = components(shape, device, dtype, seed, randomize)
+    if compile:
+        arch.compile_blocks(c.transformer)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in recipes:
-            req = request(name, cfg, height, width, num_frames)
-            run(c, req, Path(tmp))
-            for _ in range(repeat):
+        for method in ("none", "fp8") if quantize == "fp8" else ("none",):
+            if method == "fp8":
+                from ..quant import quantize_
+
+                c.fuser.use(())
+                quantize_(c.transformer)
+                files, c.fuser = c.fuser.files, Fuser(c.transformer)
+                c.fuser.files = files
                 if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                phases = run(c, req, Path(tmp))
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-                records.append({"recipe": name, "shape": shape, "height": height, "width": width,
-                                "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
-                                "device": str(device), "phases_s": phases, "peak_memory_gib": peak,
-                                "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
-                                            "branches": list(req.guidance.branches()),
-                                            "stage2_loras": len(req.recipe.stage2_loras)}})
+                    torch.cuda.empty_cache()
+            for name in recipes:
+                req = request(name, cfg, height, width, num_frames)
+                if method == "fp8" and req.recipe.stage2_loras:
+                    echo(f"--quantize fp8: {name} left out (its stage-2 LoRA cannot fuse into float8 weights)")
+                    continue
+                run(c, req, Path(tmp))
+                for _ in range(repeat):
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    phases = run(c, req, Path(tmp))
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                    records.append({"recipe": name, "shape": shape, "height": height, "width": width,
+                                    "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
+                                    "device": str(device), "compiled": compile, "quantize": method,
+                                    "phases_s": phases, "peak_memory_gib": peak,
+                                    "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
+                                                "branches": list(req.guidance.branches()),
+                                                "stage2_loras": len(req.recipe.stage2_loras)}})
     return records
 
 
 def print_table(records: list[dict], echo) -> None:
     """Seconds per phase, one column per record."""
-    head = [f"{r['recipe']} {r['width']}x{r['height']}x{r['num_frames']}" for r in records]
+    head = [f"{r['recipe']}{' fp8' if r.get('quantize') == 'fp8' else ''} {r['width']}x{r['height']}x{r['num_frames']}"
+            for r in records]
     echo("phase".ljust(30) + "".join(h.rjust(max(14, len(h) + 2)) for h in head))
     for label, key in PHASES:
         cells = []

@@ -166,7 +166,12 @@ class Fuser:
 
     def use(self, specs) -> list[dict]:
         """Fuse exactly `specs` (LoraSpec-likes with .path, .strength); returns what the sidecar records."""
+        import torch
+
         wanted = [(str(s.path), float(s.strength)) for s in specs]
+        if wanted and any(p.dtype == torch.float8_e4m3fn for p in self.params.values()):
+            raise ValueError("a LoRA cannot be fused into float8 weights (an fp8 checkpoint or --quantize fp8): "
+                             "use the model-dtype weights with LoRAs")
         leaving = list(self.active)
         for spec in wanted:
             if spec in leaving:
