@@ -72,9 +72,9 @@ def components(shape: str, device: torch.device, dtype: torch.dtype, seed: int, 
     diffusers.utils.logging.set_verbosity_error()  # random modules cast whole: its float32-modules notice is noise
     cfg = arch.SHAPES[shape]
     transformer = step_bench.random_model(cfg, device, dtype, seed, randomize)
-    with torch.device(device):
-        vae, audio_vae, vocoder, upsampler = (m.to(dtype).eval().requires_grad_(False)
-                                              for m in _modules(shape, cfg))
+    # built on the CPU (some of their init math has no CUDA kernel for integers), then moved
+    vae, audio_vae, vocoder, upsampler = (m.to(device, dtype).eval().requires_grad_(False)
+                                          for m in _modules(shape, cfg))
     gen = torch.Generator(device).manual_seed(seed + 1)
     width, audio_width = step_bench._text_widths(cfg)
     text = (torch.randn(1, step_bench.TEXT_TOKENS, width, generator=gen, device=device).to(dtype).cpu(),
