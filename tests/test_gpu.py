@@ -195,3 +195,24 @@ def test_fp8_tiny_forward_close_to_bf16() -> None:
         compiled = quantized(*args).float()
     for got in (eager, compiled):
         assert 0.005 < ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_two_stage_on_cuda_equals_the_cpu_run(tmp_path) -> None:
+    """--two-stage on the GPU (the upsampler and the re-noise move latents between devices): the frames and
+    audio of a fp32 CUDA run equal the CPU run's. Needs diffusers (the VAEs and upsampler)."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from test_cli import cli
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.npz"
+        result = cli("generate", "--model", "ltx2-tiny", "--prompt", "a fox", "--two-stage", "--height", "128",
+                     "--width", "128", "--num-frames", "9", "--steps", "2", "--seed", "3", "--device", device,
+                     "--dtype", "float32", "-o", out)
+        assert result.exit_code == 0, result.output
+        runs[device] = np.load(out)
+    for key in ("frames", "audio"):
+        a, b = runs["cuda"][key].astype(np.float64), runs["cpu"][key].astype(np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3, key

@@ -42,7 +42,7 @@ def renoise(req: LTX2Request, lay: p.Layout, start: tuple[torch.Tensor, torch.Te
     """A previous stage's packed, normalised (video, audio) tokens re-noised to `noise_scale`, drawn as
     LTX2Pipeline draws for given latents: video noise in the packed shape, then audio noise; with an image,
     as LTX2ImageToVideoPipeline: the video noise in the 5-D shape, latent frame 0 kept (its mask holds)."""
-    video, audio = start
+    video, audio = (t.float().cpu() for t in start)  # drawn on the CPU, as the first stage's noise
     mask = None
     if req.image is None:
         noise = torch.randn(video.shape, generator=generator, dtype=torch.float32)
