@@ -309,6 +309,28 @@ def test_bench_times_whole_recipes_by_phase(tmp_path):
     assert bad.exit_code == 2 and "not a multiple of 64" in bad.stderr
 
 
+def test_bench_recipe_components_compress_as_the_released_vae():
+    """The benchmark's video VAE has the released geometry: 32x spatial, 8x temporal in its ratios and in what it
+    really decodes (the class defaults say 64x/16x: a stage 2 timed with an eighth of its tokens), and a record's
+    token counts follow from it (a 1536x1024x121 two-stage-distilled run: 6,144 then 24,576 tokens)."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Video
+
+    from usp_infer.ltx2 import bench_e2e, model as arch
+
+    cfg = arch.SHAPES["ltx-2.3-22b"]
+    with torch.device("meta"):
+        vae = bench_e2e._modules("ltx-2.3-22b", cfg)[0]
+    assert (vae.spatial_compression_ratio, vae.temporal_compression_ratio) == (32, 8)
+    narrow = dict(bench_e2e.RELEASED_VIDEO_VAE, block_out_channels=(8, 16, 32, 64),
+                  decoder_block_out_channels=(8, 16, 32), layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4)
+    with torch.no_grad():
+        frames = AutoencoderKLLTX2Video(**narrow).eval().decode(torch.randn(1, 128, 2, 2, 3)).sample
+    assert frames.shape == (1, 3, 9, 64, 96)
+    req = bench_e2e.request("two-stage-distilled", cfg, 1024, 1536, 121)
+    assert bench_e2e.tokens(vae, req) == {"stage1": 6144, "stage2": 24576}
+
+
 def test_bench_recipe_quantized_runs_float8_blocks(tmp_path):
     """--recipe with --quantize fp8: a model-dtype record then an fp8 one, in one launch; the recipe with a
     stage-2 LoRA is left out of the fp8 rows, said; the fp8 run really goes through FP8Linear."""

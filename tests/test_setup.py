@@ -31,8 +31,15 @@ def readme_setup_commands() -> list[str]:
 
 
 def clean_copy(dest: Path) -> Path:
-    """What a fresh clone holds: the sources and the tiny models, no build leftovers, no real checkpoints."""
-    skip = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "*.mp4", "*.npz", "*.json.tmp")
+    """What a fresh clone holds: the files git tracks (sources, tiny models, test data), nothing else."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        for name in listed.stdout.split("\0"):
+            if name and (ROOT / name).is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, dest / name)
+        return dest
+    skip = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "*.mp4", "*.json.tmp")
     shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in skip(d, names)] +
                     ([n for n in names if not n.endswith("-tiny") and n != "README.md"] if Path(d).name == "models" else []))
     return dest

@@ -2,9 +2,11 @@
 
 What `generate` runs, end to end, on one process: stage 1, the stage-2 LoRA fuse, the upsample, stage 2, the
 video decode, the audio decode (audio VAE + vocoder) and the mp4 write. The components are random where they
-cost time, at the shape's size: the transformer of `--shape`, diffusers' video VAE, audio VAE, vocoder
-(`LTX2VocoderWithBWE` for LTX-2.3 shapes) and latent upsampler at their default (= released) configs, or the
-tiny model's configs for `ltx2-tiny` (how a CPU test runs it); the "two-stage" recipe's stage-2 LoRA is a random
+cost time, at the shape's size: the transformer of `--shape`, diffusers' video VAE at the released LTX-2 config
+(`RELEASED_VIDEO_VAE`: 32x spatial, 8x temporal; the class's own defaults compress 64x/16x and would time a
+stage 2 with an eighth of the tokens), audio VAE, vocoder (`LTX2VocoderWithBWE` for LTX-2.3 shapes) and
+latent upsampler at their defaults (the released sizes), or the tiny model's configs for `ltx2-tiny` (how a
+CPU test runs it); the "two-stage" recipe's stage-2 LoRA is a random
 rank-384 one on every block projection, like the distilled LoRA. The text is a random connector output
 (1,024 tokens): Gemma-3 12B is not timed here. Needs diffusers (and PyAV for the mp4), imported on use.
 """
@@ -49,6 +51,22 @@ def request(recipe: str, cfg, height: int, width: int, num_frames: int) -> LTX2R
     )
 
 
+# diffusers' scripts/convert_ltx2_to_diffusers.py, version "2.0": the released video VAE (the class defaults differ
+# in decoder_causal and leave the compression ratios to a formula that counts every stage in both axes)
+RELEASED_VIDEO_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+    "block_out_channels": (256, 512, 1024, 2048), "down_block_types": ("LTX2VideoDownBlock3D",) * 4,
+    "decoder_block_out_channels": (256, 512, 1024), "layers_per_block": (4, 6, 6, 2, 2),
+    "decoder_layers_per_block": (5, 5, 5, 5), "spatio_temporal_scaling": (True, True, True, True),
+    "decoder_spatio_temporal_scaling": (True, True, True), "decoder_inject_noise": (False, False, False, False),
+    "downsample_type": ("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    "upsample_residual": (True, True, True), "upsample_factor": (2, 2, 2), "timestep_conditioning": False,
+    "patch_size": 4, "patch_size_t": 1, "resnet_norm_eps": 1e-6, "encoder_causal": True, "decoder_causal": False,
+    "encoder_spatial_padding_mode": "zeros", "decoder_spatial_padding_mode": "reflect",
+    "spatial_compression_ratio": 32, "temporal_compression_ratio": 8,
+}
+
+
 def _modules(shape: str, cfg):
     """(video VAE, audio VAE, vocoder, upsampler), random, at the shape's sizes."""
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
@@ -61,7 +79,8 @@ def _modules(shape: str, cfg):
         return (AutoencoderKLLTX2Video(**tiny.VAE_CONFIG), AutoencoderKLLTX2Audio(**tiny.AUDIO_VAE_CONFIG),
                 LTX2VocoderWithBWE(**tiny.VOCODER_BWE_CONFIG), LTX2LatentUpsamplerModel(**tiny.UPSAMPLER_CONFIG))
     vocoder = LTX2VocoderWithBWE() if cfg.cross_attn_mod else LTX2Vocoder()
-    return AutoencoderKLLTX2Video(), AutoencoderKLLTX2Audio(), vocoder, LTX2LatentUpsamplerModel()
+    return (AutoencoderKLLTX2Video(**RELEASED_VIDEO_VAE), AutoencoderKLLTX2Audio(), vocoder,
+            LTX2LatentUpsamplerModel())
 
 
 def components(shape: str, device: torch.device, dtype: torch.dtype, seed: int, randomize) -> Components:
@@ -98,6 +117,16 @@ def _random_lora(transformer, rank: int, gen: torch.Generator) -> Loaded:
             b = torch.randn(w.shape[0], rank, generator=gen, device=w.device, dtype=w.dtype) * 1e-3
             lora.deltas[name] = (b.cpu(), a.cpu(), 1.0)
     return lora
+
+
+def tokens(vae, req: LTX2Request) -> dict:
+    """Video tokens per stage (the transformer's patch is 1x1x1): what a record's seconds were spent on."""
+    s, t = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+    frames = (req.num_frames - 1) // t + 1
+    full = (req.height // s) * (req.width // s) * frames
+    if not req.recipe.two_stage:
+        return {"stage1": full}
+    return {"stage1": (req.height // 2 // s) * (req.width // 2 // s) * frames, "stage2": full}
 
 
 def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
@@ -154,7 +183,7 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                     records.append({"recipe": name, "shape": shape, "height": height, "width": width,
                                     "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
                                     "device": str(device), "compiled": compile, "quantize": method,
-                                    "phases_s": phases, "peak_memory_gib": peak,
+                                    "phases_s": phases, "peak_memory_gib": peak, "tokens": tokens(c.vae, req),
                                     "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
                                                 "branches": list(req.guidance.branches()),
                                                 "stage2_loras": len(req.recipe.stage2_loras)}})
@@ -172,3 +201,5 @@ def print_table(records: list[dict], echo) -> None:
             value = r["phases_s"].get(key) if key else None
             cells.append(("-" if value is None else f"{value:.3f}").rjust(max(14, len(h) + 2)))
         echo(label.ljust(30) + "".join(cells))
+    tokens = ["/".join(f"{n:,}" for n in r["tokens"].values()) for r in records]
+    echo("video tokens (stage 1/2)".ljust(30) + "".join(t.rjust(max(14, len(h) + 2)) for t, h in zip(tokens, head)))
