@@ -5,10 +5,11 @@
 #                                              # image-to-video steps; LTX-2.0 19B eager + diffusers
 #   OUT=dir bash bench/run_gpu_ltx2.sh big     # LTX-2.3 22B at 1536x1024x121 (24,576 video tokens)
 #   OUT=dir bash bench/run_gpu_ltx2.sh ab      # GPU tests; LTX-2.3 6,144 t2v (+ diffusers) and i2v; OLD= the same on older code
-#   OUT=dir bash bench/run_gpu_ltx2.sh recipes # whole LTX-2.3 generations by phase (bench --recipe; needs diffusers and
-#                                              # PyAV wheels in .whl/): two-stage distilled at 1536x1024x121 (bf16
-#                                              # and fp8), two-stage dev and distilled at 768x512x121 output; the
-#                                              # one-branch step at 6,144 tokens
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes # whole LTX-2.3 generations by phase, compiled (bench --recipe; needs
+#                                              # diffusers and PyAV wheels in .whl/): two-stage distilled at
+#                                              # 1536x1024x121, two-stage dev and distilled at 768x512x121 output
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8 # two-stage distilled 1536x1024x121, bf16 then fp8, compiled
+#   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
@@ -65,10 +66,18 @@ ab)  # GPU tests, then LTX-2.3 at 6,144 tokens on this checkout (with diffusers)
     CODE=$OLD bench ltx23-6144-old 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile
   fi
   ;;
-recipes)  # issue 23's targets: <= 12 s (two-stage distilled, 1536x1024x121), <= 10 s (two-stage dev, 768x512x121);
-  # issue 25's: <= 8 s two-stage distilled in fp8 (the fp8 rows come from the same launch and weights)
-  bench e2e-1536 220 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --quantize fp8
-  bench e2e-768 200 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled
+recipes)  # issue 23's targets: <= 12 s (two-stage distilled, 1536x1024x121), <= 10 s (two-stage dev, 768x512x121),
+  # compiled (eager LTX-2 steps below ~6k tokens are bound by the CPU's kernel launches)
+  bench e2e-1536 330 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile
+  bench e2e-768 250 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled --compile
+  ;;
+recipes-768)  # the 768x512x121 half of `recipes`
+  bench e2e-768 250 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled --compile
+  ;;
+recipes-fp8)  # issue 25's: <= 8 s two-stage distilled in fp8 (bf16 and fp8 rows from the same launch and weights)
+  bench e2e-1536-fp8 540 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8
+  ;;
+one-branch)
   bench ltx23-6144-1branch 110 --shape ltx-2.3-22b $S6 --branches 1 --warmup 2 --steps 5 --compile
   ;;
 ltxv)
@@ -79,7 +88,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-768, recipes-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac

@@ -302,7 +302,9 @@ def test_bench_times_whole_recipes_by_phase(tmp_path):
     assert one["request"]["branches"] == ["cond"] and one["request"]["steps"] == 8
     assert two["request"]["branches"] == ["cond", "uncond", "perturbed", "isolated"] and two["request"]["stage2_loras"] == 1
     assert {"stage1_s", "stage2_lora_fuse_s", "upsample_s", "stage2_s", "video_decode_s", "audio_decode_s",
-            "write_s", "total_s"} <= set(two["phases_s"])
+            "write_s", "total_s", "write_smooth_s", "total_smooth_s"} <= set(two["phases_s"])
+    ph = two["phases_s"]
+    assert ph["total_smooth_s"] == pytest.approx(ph["total_s"] - ph["write_s"] + ph["write_smooth_s"])
     assert "upsample_s" not in one["phases_s"]
     assert "stage 2" in result.stdout and "mp4 write" in result.stdout
     bad = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage", "--height", "96", "--device", "cpu")

@@ -215,8 +215,15 @@ def _stereo(audio: np.ndarray) -> np.ndarray:
     return np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+def _to_uint8(frames: np.ndarray):
+    """Frame by frame, uint8 (H, W, 3) = round(clip(x, 0, 1) * 255) in the frames' own float type: in place on one
+    frame's buffer (a whole 1536x1024x121 clip at once costs seconds in temporaries and page faults)."""
+    work = np.empty(frames.shape[1:], dtype=frames.dtype)
+    for frame in frames:
+        np.clip(frame, 0.0, 1.0, out=work)
+        work *= 255.0
+        np.rint(work, out=work)
+        yield work.astype(np.uint8)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
