@@ -299,6 +299,7 @@ def test_bench_times_whole_recipes_by_phase(tmp_path):
     assert result.exit_code == 0, result.output
     one, two = json.loads(out.read_text())
     assert (one["recipe"], two["recipe"]) == ("distilled", "two-stage")
+    assert (two["gpu_count"], two["torch"]) == (0, torch.__version__) and "command" in two
     assert one["request"]["branches"] == ["cond"] and one["request"]["steps"] == 8
     assert two["request"]["branches"] == ["cond", "uncond", "perturbed", "isolated"] and two["request"]["stage2_loras"] == 1
     assert {"stage1_s", "stage2_lora_fuse_s", "upsample_s", "stage2_s", "video_decode_s", "audio_decode_s",

@@ -501,8 +501,10 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
         raise typer.Exit(2) from None
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
                                       seed, 1, randomize, compile=compile, quantize=quantize, echo=typer.echo)
+    on_gpu = where.type == "cuda"
     for r in records:
-        r["command"] = _command_line()
+        r.update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),
+                 torch=torch.__version__, command=_command_line())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(records, indent=1))
