@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import bench as step_bench
@@ -130,11 +131,9 @@ def tokens(vae, req: LTX2Request) -> dict:
     return {"stage1": (req.height // 2 // s) * (req.width // 2 // s) * frames, "stage2": full}
 
 
-def smooth_clip(shape: tuple) -> "np.ndarray":
+def smooth_clip(shape: tuple) -> np.ndarray:
     """Frames (F, H, W, 3) in [0, 1] that encode like footage, not like the random VAE's noise (which costs
     libx264 several times longer per frame): a slow pan over colour gradients and a fine texture."""
-    import numpy as np
-
     count, height, width, _ = shape
     pan = 2  # pixels per frame
     y, x = np.mgrid[0:height, 0:width + pan * count].astype(np.float32)
