@@ -105,6 +105,19 @@ def test_mp4_round_trip(tmp_path):
     assert err.mean() < 0.02
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_frames_to_uint8_round_half_even_and_clip(dtype):
+    """The frame-by-frame conversion equals round(clip(x, 0, 1) * 255) in the frames' own type: halves, values
+    outside [0, 1] and every frame (the one buffer reused must not leak a frame into the next)."""
+    rng = np.random.default_rng(0)
+    frames = rng.uniform(-0.2, 1.2, (3, 4, 6, 3)).astype(dtype)
+    frames[0, 0, :4, 0] = np.array([0.5, 1.5, 2.5, 254.5], dtype=dtype) / 255  # ties: even, as np.round
+    got = np.stack(list(media._to_uint8(frames)))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8))
+    assert not (got[1] == got[2]).all()
+
+
 def test_mp4_odd_size_rejected(tmp_path):
     with pytest.raises(ValueError, match="even"):
         write_video(tmp_path / "odd.mp4", _frames()[:, :63], fps=24)

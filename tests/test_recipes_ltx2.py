@@ -316,7 +316,6 @@ def test_bench_recipe_components_compress_as_the_released_vae():
     """The benchmark's video VAE has the released geometry: 32x spatial, 8x temporal in its ratios and in what it
     really decodes (the class defaults say 64x/16x: a stage 2 timed with an eighth of its tokens), and a record's
     token counts follow from it (a 1536x1024x121 two-stage-distilled run: 6,144 then 24,576 tokens)."""
-    import torch
     from diffusers import AutoencoderKLLTX2Video
 
     from usp_infer.ltx2 import bench_e2e, model as arch
