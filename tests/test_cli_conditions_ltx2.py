@@ -73,10 +73,11 @@ def test_batch_lines_take_conditions_extend_and_audio(files, tmp_path):
     assert json.loads((tmp_path / "one.npz.json").read_text())["inputs"][0]["latent_frame"] == 1
 
 
-def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_path):
+@pytest.mark.parametrize("stages", [[], ["--two-stage"]], ids=["one-stage", "two-stage"])
+def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_path, stages):
     out = tmp_path / "e.npz"
     result = cli("generate", "--prompt", "more", *FAST, "--extend", files / "clip.mp4", "--extend-frames", "9",
-                 "-o", out)
+                 *stages, "-o", out)
     assert result.exit_code == 0, result.output
     got = np.load(out)
     clip, _ = read_video(files / "clip.mp4")
@@ -112,8 +113,7 @@ def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_p
     (["--extend", "{f}/clip.mp4"], "--extend-frames 17 must be of the form 8k+1 and below --num-frames 17 (the new "
                                    "frames are the rest); e.g. 9"),
     (["--extend", "{f}/broken.png"], "cannot be read as a video"),
-    (["--condition", "{f}/a.png@0", "--two-stage", "--height", "64"], "--condition with --two-stage is not supported yet"),
-    (["--audio", "{f}/voice.wav", "--two-stage", "--height", "64"], "--audio with --two-stage is not supported yet"),
+    (["--condition", "{f}/a.png@0", "--two-stage", "--width", "96"], "--width 96 is not a multiple of 64"),
 ])
 def test_bad_inputs_fail_in_one_line_before_anything_is_written(files, tmp_path, extra, message):
     before = snapshot(tmp_path)

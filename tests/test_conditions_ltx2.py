@@ -14,13 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import LTX2ConditionPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ConditionPipeline
+from diffusers.pipelines.ltx2 import LTX2LatentUpsamplePipeline
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from PIL import Image
 
-from usp_infer.ltx2 import pipeline
+from usp_infer.ltx2 import pipeline, stages
 from usp_infer.ltx2.conditions import Condition, latent_index, parse_condition
 from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, generate, load_components
+from usp_infer.ltx2.recipes import STAGE2_SIGMAS, Recipe
 from usp_infer.ltx2.tiny import make_tiny_ltx2
 from usp_infer.media import read_frames, write_video
 
@@ -42,25 +46,61 @@ def setup(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(last, quality=95)
     clip = root / "clip.mp4"
     write_video(clip, rng.random((9, 72, 100, 3)).astype(np.float32), fps=FPS)
-    return dict(ref=ref, ours=load_components(folder, "cpu", torch.float32), first=first, last=last, clip=clip)
+    return dict(ref=ref, ours=load_components(folder, "cpu", torch.float32), first=first, last=last, clip=clip,
+                folder=folder)
+
+
+def _request(conditions, crf: int, guidance: LTX2Guidance, **kw) -> LTX2Request:
+    return LTX2Request(prompt="a cat", negative_prompt="blurry", num_frames=FRAMES, fps=FPS, steps=STEPS, seed=7,
+                       max_sequence_length=16, guidance=guidance, image_crf=crf,
+                       conditions=tuple(Condition(str(p), f, s) for p, f, s in conditions), **kw)
+
+
+def _reference(setup, conditions, crf: int, g: LTX2Guidance, height: int, width: int, **kw):
+    """One LTX2ConditionPipeline call with our guidance's terms (kw: generator, output_type, latents, ...)."""
+    frames = lambda p: Image.open(p) if p.suffix != ".mp4" else read_frames(p)  # noqa: E731  what diffusers takes
+    return setup["ref"](
+        conditions=[LTX2VideoCondition(frames(p), latent_index(f, FRAMES), s, crf) for p, f, s in conditions],
+        prompt="a cat", negative_prompt="blurry", height=height, width=width, num_frames=FRAMES, frame_rate=FPS,
+        max_sequence_length=16, return_dict=False, guidance_scale=g.video.cfg, stg_scale=g.video.stg,
+        modality_scale=g.video.modality, guidance_rescale=g.video.rescale, audio_guidance_scale=g.audio.cfg,
+        audio_stg_scale=g.audio.stg, audio_modality_scale=g.audio.modality, audio_guidance_rescale=g.audio.rescale,
+        spatio_temporal_guidance_blocks=list(g.stg_blocks) or None, **kw)
 
 
 def _run(setup, conditions: list[tuple[Path, int, float]], crf: int, guidance: LTX2Guidance = FULL):
     """(our frames, audio), (diffusers' frames, audio) for conditions given as (file, pixel frame, strength)."""
-    g = guidance
-    ours = generate(setup["ours"], LTX2Request(
-        prompt="a cat", negative_prompt="blurry", height=H, width=W, num_frames=FRAMES, fps=FPS, steps=STEPS,
-        seed=7, max_sequence_length=16, guidance=g, image_crf=crf,
-        conditions=tuple(Condition(str(p), f, s) for p, f, s in conditions)), progress=False)
-    frames = lambda p: Image.open(p) if p.suffix != ".mp4" else read_frames(p)  # noqa: E731  what diffusers takes
-    video, audio = setup["ref"](
-        conditions=[LTX2VideoCondition(frames(p), latent_index(f, FRAMES), s, crf) for p, f, s in conditions],
-        prompt="a cat", negative_prompt="blurry", height=H, width=W, num_frames=FRAMES, frame_rate=FPS,
-        num_inference_steps=STEPS, max_sequence_length=16, output_type="np", return_dict=False,
-        generator=torch.Generator().manual_seed(7), guidance_scale=g.video.cfg, stg_scale=g.video.stg,
-        modality_scale=g.video.modality, guidance_rescale=g.video.rescale, audio_guidance_scale=g.audio.cfg,
-        audio_stg_scale=g.audio.stg, audio_modality_scale=g.audio.modality, audio_guidance_rescale=g.audio.rescale,
-        spatio_temporal_guidance_blocks=list(g.stg_blocks) or None)
+    ours = generate(setup["ours"], _request(conditions, crf, guidance, height=H, width=W), progress=False)
+    video, audio = _reference(setup, conditions, crf, guidance, H, W, num_inference_steps=STEPS, output_type="np",
+                              generator=torch.Generator().manual_seed(7))
+    return (ours.frames, ours.audio), (video[0], np.asarray(audio[0], dtype=np.float32))
+
+
+def _run_two_stage(setup, conditions, crf: int, guidance: LTX2Guidance = FULL):
+    """--two-stage at 2H x 2W against diffusers' chain with one generator: LTX2ConditionPipeline at H x W
+    (latent output) -> LTX2LatentUpsamplePipeline -> LTX2ConditionPipeline(latents=, audio_latents=, the same
+    conditions at full size, noise_scale=, stage-2 sigmas as given, every term off)."""
+    upsampler = setup["folder"] / "latent_upsampler"
+    recipe = Recipe(two_stage=True, upsampler=str(upsampler), stage2_sigmas=STAGE2_SIGMAS)
+    ours = stages.generate(setup["ours"], _request(conditions, crf, guidance, height=2 * H, width=2 * W,
+                                                   recipe=recipe), progress=False)
+    g = torch.Generator().manual_seed(7)
+    ref = setup["ref"]
+    video, audio = _reference(setup, conditions, crf, guidance, H, W, num_inference_steps=STEPS,
+                              output_type="latent", generator=g)
+    up = LTX2LatentUpsamplePipeline(vae=ref.vae, latent_upsampler=LTX2LatentUpsamplerModel.from_pretrained(upsampler))
+    up.set_progress_bar_config(disable=True)
+    video = up(latents=video, output_type="latent", return_dict=False)[0]
+    scheduler = ref.scheduler
+    ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, use_dynamic_shifting=False,
+                                                                shift_terminal=None)
+    try:
+        off = LTX2Guidance(ModalityGuidance(), ModalityGuidance(), ())
+        video, audio = _reference(setup, conditions, crf, off, 2 * H, 2 * W, latents=video, audio_latents=audio,
+                                  noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0], sigmas=STAGE_2_DISTILLED_SIGMA_VALUES,
+                                  num_inference_steps=3, output_type="np", generator=g)
+    finally:
+        ref.scheduler = scheduler
     return (ours.frames, ours.audio), (video[0], np.asarray(audio[0], dtype=np.float32))
 
 
@@ -105,6 +145,32 @@ def test_the_comparison_is_not_vacuous(setup):
                             ([(setup["first"], 0, 1.0), (setup["last"], -1, 1.0)], 0)):
         other, _ = _run(setup, conditions, crf)
         assert np.abs(other[0] - base[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_two_stage_first_and_last_frame_equal_the_diffusers_chain(setup, strength):
+    """Stage 2 encodes the conditions again at the output size and re-noises around them."""
+    _close(_run_two_stage(setup, [(setup["first"], 0, strength), (setup["last"], -1, strength)], 33))
+
+
+def test_two_stage_keyframe_and_clip_equal_the_diffusers_chain(setup):
+    _close(_run_two_stage(setup, [(setup["clip"], 0, 1.0), (setup["last"], 12, 0.7)], 0,
+                          LTX2Guidance(ModalityGuidance(cfg=3.0), ModalityGuidance(cfg=3.0), ())))
+
+
+def test_two_stage_conditions_are_applied_again_at_full_size(setup, monkeypatch):
+    """The comparison is not vacuous: stage 2 without its conditions (the upsampled tokens re-noised only)
+    gives another video."""
+    conditions = [(setup["first"], 0, 1.0), (setup["last"], -1, 1.0)]
+    (ours, _), (ref, _) = _run_two_stage(setup, conditions, 33)
+    prepare = stages.stage2_latents
+
+    def without(c, req, *args):
+        return prepare(c, replace(req, conditions=()), *args)
+
+    monkeypatch.setattr(stages, "stage2_latents", without)
+    (other, _), _ = _run_two_stage(setup, conditions, 33)
+    assert np.abs(other - ref).max() > 1e-3 and np.abs(ours - ref).max() < ATOL
 
 
 def test_parse_and_latent_index():

@@ -1,4 +1,5 @@
-"""Two-stage LTX-2 on every layout gives the single-process video and audio (CPU, gloo, fp32).
+"""Two-stage LTX-2 on every layout gives the single-process video and audio (CPU, gloo, fp32): guided, image,
+distilled with LoRAs, keyframes, an extension and audio-to-video.
 
 Both stages are sharded (stage 2 has 4x the tokens); the upsample and the re-noise run once, on rank 0, and
 its stage-2 latents reach every rank as stage 1's do; every rank fuses the stage-2 LoRA into its own weights.
@@ -17,10 +18,12 @@ import torch
 from dist_utils import run_spawn
 
 from usp_infer.config import ParallelConfig
+from usp_infer.ltx2.conditions import Condition
 from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, load_components
 from usp_infer.ltx2.recipes import DISTILLED_SIGMAS, STAGE2_SIGMAS, LoraSpec, Recipe
 from usp_infer.ltx2.stages import generate
 from usp_infer.ltx2.tiny import make_tiny_ltx2, write_lora
+from usp_infer.media import write_audio, write_video
 from usp_infer.parallel.plan import Plan
 
 IMAGE = Path(__file__).resolve().parent / "data" / "first_frame.png"
@@ -41,14 +44,23 @@ def _requests(model: Path, lora: Path) -> dict[str, LTX2Request]:
     )
     distilled = replace(base, steps=8, guidance=LTX2Guidance(ModalityGuidance(), ModalityGuidance(), ()),
                         recipe=replace(recipe, sigmas=DISTILLED_SIGMAS, loras=(LoraSpec(str(lora), 0.3),)))
-    return {"guided": base, "guided-i2v": replace(base, image=str(IMAGE)), "distilled": distilled}
+    # Conditions in both stages (stage 2 encodes them again at full size): 25 frames, so stage 1 holds 4 x 3 x 3
+    # = 36 grid tokens + 9 of the last-frame keyframe = 45 (4 ranks: 12, 12, 12, 9 -> the keyframe is all of
+    # rank 3's; 2 ranks: 23, 22); stage 2 180. The extension's clip and the given sound are beside the model.
+    conditioned = replace(base, num_frames=25, conditions=(Condition(str(IMAGE), 0, 1.0), Condition(str(IMAGE), -1, 0.8)))
+    files = model.parent
+    return {"guided": base, "guided-i2v": replace(base, image=str(IMAGE)), "distilled": distilled,
+            "keyframes": conditioned, "extend": replace(base, extend=str(files / "clip.mp4"), extend_frames=9),
+            "audio": replace(base, audio_input=str(files / "voice.wav"))}
 
 
 CASES = {  # world -> (case id, (cfg, ring, ulysses), request)
     2: [("u2", (1, 1, 2), "guided"), ("r2", (1, 2, 1), "guided"), ("cfg2", (2, 1, 1), "guided"),
-        ("u2-i2v", (1, 1, 2), "guided-i2v"), ("u2-distilled", (1, 1, 2), "distilled")],
+        ("u2-i2v", (1, 1, 2), "guided-i2v"), ("u2-distilled", (1, 1, 2), "distilled"),
+        ("u2-keyframes", (1, 1, 2), "keyframes"), ("r2-audio", (1, 2, 1), "audio"), ("cfg2-extend", (2, 1, 1), "extend")],
     4: [("u4", (1, 1, 4), "guided"), ("u2r2", (1, 2, 2), "guided"), ("u4-i2v", (1, 1, 4), "guided-i2v"),
-        ("u2r2-distilled", (1, 2, 2), "distilled")],
+        ("u2r2-distilled", (1, 2, 2), "distilled"), ("u4-keyframes", (1, 1, 4), "keyframes"),
+        ("cfg2u2-audio", (2, 1, 2), "audio"), ("u2r2-extend", (1, 2, 2), "extend")],
 }
 
 
@@ -74,6 +86,11 @@ def _job(world: int, model: Path, lora: Path) -> dict:
 def folder(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("parallel-recipes")
     model = make_tiny_ltx2(root / "model")
+    rng = np.random.default_rng(0)
+    tone = (0.5 * np.sin(2 * np.pi * 300 * np.arange(21000) / 24000))[None].astype(np.float32)
+    write_video(root / "clip.mp4", rng.random((13, 192, 192, 3)).astype(np.float32), fps=20.0, audio=tone,
+                audio_sample_rate=24000)
+    write_audio(root / "voice.wav", tone, 24000)
     return model, write_lora(root / "stage2.safetensors", model / "transformer", "lightricks", seed=2)
 
 

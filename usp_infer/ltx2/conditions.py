@@ -81,10 +81,6 @@ def check_request(req) -> None:
                              f"use 0..{n - 1}, or -1..-{n} from the end")
     if req.image is not None and (req.conditions or req.extend):
         raise ValueError("--image with --condition or --extend: pass the image as --condition PATH@0 instead")
-    if req.recipe.two_stage and (req.conditions or req.extend or req.audio_input):
-        given = "--condition" if req.conditions else "--extend" if req.extend else "--audio"
-        raise ValueError(f"{given} with --two-stage is not supported yet (stage 2 would have to re-apply it at full "
-                         f"size); run it in one stage, e.g. with --preset ltx-2.3-distilled")
     if req.audio_input is not None and not req.audio:
         raise ValueError(f"--audio {req.audio_input} with --no-audio: the output carries the given sound; drop one")
     if req.extend is not None:
@@ -248,9 +244,9 @@ def prepare(c, req, lay, generator, height: int, width: int, noise_scale: float 
     extra, extra_m, extra_coords, indices = [], [], [], []
     for frames, frame, strength in sources(req):
         k = latent_index(frame, req.num_frames, temporal)
-        start = max((k - 1) * temporal + 1, 0)
+        first = max((k - 1) * temporal + 1, 0)  # the pixel frame its latent frame starts at
         # Fit a clip into what is left of the video, in whole latent frames (8j + 1 pixel frames).
-        keep = (min(frames.shape[0], req.num_frames - start) - 1) // temporal * temporal + 1
+        keep = (min(frames.shape[0], req.num_frames - first) - 1) // temporal * temporal + 1
         pixels = condition_pixels(frames[:keep], height, width, req.image_crf)
         latent = vae.encode(pixels.to(c.device, vae.dtype)).latent_dist.mode().float().cpu()
         # (1, C, F, H, W) -> (1, F*H*W, C), as pipeline.pack_video; diffusers leaves out the scaling factor here
@@ -262,7 +258,7 @@ def prepare(c, req, lay, generator, height: int, width: int, noise_scale: float 
         else:
             extra.append(tokens)
             extra_m.append(torch.full((1, tokens.shape[1], 1), float(strength)))
-            extra_coords.append(keyframe_coords(cfg, *latent.shape[2:], start, keep, req.fps))
+            extra_coords.append(keyframe_coords(cfg, *latent.shape[2:], first, keep, req.fps))
     coords = c.arch.video_coords(cfg, lay.frames, lay.height, lay.width, req.fps, None).float().cpu()
     latents = torch.cat([base, *extra], dim=1)
     strength = torch.cat([base_m, *extra_m], dim=1)

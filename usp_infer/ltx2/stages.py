@@ -6,8 +6,9 @@ Equals diffusers' chain for one generator `g`:
     up = LTX2LatentUpsamplePipeline(vae, latent_upsampler)(latents=video, output_type="latent")
     LTX2Pipeline(latents=up, audio_latents=audio, noise_scale=s2[0], sigmas=s2, guidance off, generator=g)
 
-with stage 2's scheduler running `s2` as given. Stage 1 is the one-stage path at half size (its recipe: steps or
-sigmas, guidance, image, LoRAs); the upsample and the re-noise run once, on rank 0, which draws every noise
+with stage 2's scheduler running `s2` as given (with conditions: LTX2ConditionPipeline in both calls, stage 2
+given the same conditions at full size). Stage 1 is the one-stage path at half size (its recipe: steps or
+sigmas, guidance, image or conditions, given audio, LoRAs); the upsample and the re-noise run once, on rank 0, which draws every noise
 from the one generator in diffusers' order (stage 1's video then audio; stage 2's video then audio) and hands
 the stage-2 latents to every rank as it does stage 1's; stage 2 runs sharded like stage 1, one branch a step,
 with the stage-2 LoRAs fused on top of the others (every rank fuses its own copy of the weights).
@@ -29,34 +30,50 @@ from .request import LTX2Guidance, LTX2Request, ModalityGuidance
 OFF = LTX2Guidance(ModalityGuidance(), ModalityGuidance(), ())  # every term off: one branch a step
 
 
+@torch.no_grad()
 def stage2_latents(c: p.Components, req: LTX2Request, lay: p.Layout, start: tuple[torch.Tensor, torch.Tensor],
                    noise_scale: float, generator: torch.Generator):
-    """Stage 2's (video, conditioning mask or None, audio): the upsampled stage-1 tokens with the request's
-    conditioning at full size, re-noised. The place where conditions are applied again at full size: the
-    image keeps the upsampled latent frame 0, as diffusers' chain does (Lightricks re-encodes it instead)."""
-    return renoise(req, lay, start, noise_scale, generator)
+    """Stage 2's starting latents (video, conditioning mask or None, audio[, conditioned sequence]): the upsampled
+    stage-1 tokens with the request's conditioning applied again at full size, re-noised to `noise_scale`.
 
-
-def renoise(req: LTX2Request, lay: p.Layout, start: tuple[torch.Tensor, torch.Tensor], noise_scale: float,
-            generator: torch.Generator):
-    """A previous stage's packed, normalised (video, audio) tokens re-noised to `noise_scale`, drawn as
-    LTX2Pipeline draws for given latents: video noise in the packed shape, then audio noise; with an image,
-    as LTX2ImageToVideoPipeline: the video noise in the 5-D shape, latent frame 0 kept (its mask holds)."""
+    - --condition / --extend: the condition files encoded again at the output size, placed and re-noised as
+      LTX2ConditionPipeline(latents=upsampled, conditions=..., noise_scale=...) does (one packed draw over the
+      grid and the appended keyframes); Lightricks' keyframe pipeline re-encodes them at full size too;
+    - --image: the upsampled latent frame 0 is kept, as diffusers' image-to-video chain does;
+    - --audio: the given sound's tokens as they are (held clean, no draw), as Lightricks' audio-to-video
+      stage 2 does; otherwise the stage-1 audio is re-noised after the video."""
     video, audio = (t.float().cpu() for t in start)  # drawn on the CPU, as the first stage's noise
-    mask = None
+    if req.conditions or req.extend:
+        from .conditions import prepare
+
+        conditioned = prepare(c, req, lay, generator, req.height, req.width, noise_scale, start=video)
+        return conditioned.latents, None, renoise_audio(req, audio, noise_scale, generator), conditioned
+    video, mask = renoise(req, lay, video, noise_scale, generator)
+    return video, mask, renoise_audio(req, audio, noise_scale, generator)
+
+
+def renoise_audio(req: LTX2Request, audio: torch.Tensor, noise_scale: float, generator: torch.Generator):
+    """Audio tokens re-noised to `noise_scale` (drawn in the packed shape, as LTX2Pipeline for given latents),
+    or kept as they are for --audio, whose tokens stay clean in every stage."""
+    if req.audio_input is not None:
+        return audio
+    noise = torch.randn(audio.shape, generator=generator, dtype=torch.float32)
+    return noise_scale * noise + (1 - noise_scale) * audio
+
+
+def renoise(req: LTX2Request, lay: p.Layout, video: torch.Tensor, noise_scale: float, generator: torch.Generator):
+    """Packed, normalised video tokens re-noised to `noise_scale`, drawn as LTX2Pipeline draws for given latents
+    (in the packed shape); with an image, as LTX2ImageToVideoPipeline: the noise in the 5-D shape, latent frame 0
+    kept (its mask holds). Returns (video, mask or None)."""
     if req.image is None:
         noise = torch.randn(video.shape, generator=generator, dtype=torch.float32)
-        video = noise_scale * noise + (1 - noise_scale) * video
-    else:
-        cond = torch.zeros((1, 1, lay.frames, lay.height, lay.width))
-        cond[:, :, 0] = 1.0
-        grid = p.unpack_video(video, lay.frames, lay.height, lay.width)
-        noise = torch.randn(grid.shape, generator=generator, dtype=torch.float32)
-        scale = noise_scale * (1 - cond)
-        video = p.pack_video(scale * noise + (1 - scale) * grid)
-        mask = p.pack_video(cond)[..., 0]
-    noise = torch.randn(audio.shape, generator=generator, dtype=torch.float32)
-    return video, mask, noise_scale * noise + (1 - noise_scale) * audio
+        return noise_scale * noise + (1 - noise_scale) * video, None
+    cond = torch.zeros((1, 1, lay.frames, lay.height, lay.width))
+    cond[:, :, 0] = 1.0
+    grid = p.unpack_video(video, lay.frames, lay.height, lay.width)
+    noise = torch.randn(grid.shape, generator=generator, dtype=torch.float32)
+    scale = noise_scale * (1 - cond)
+    return p.pack_video(scale * noise + (1 - scale) * grid), p.pack_video(cond)[..., 0]
 
 
 @torch.no_grad()
