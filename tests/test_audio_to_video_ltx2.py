@@ -104,8 +104,8 @@ def test_audio_latents_never_move_and_sit_at_timestep_zero(a2v, monkeypatch, two
     monkeypatch.setattr(a2v["c"].transformer, "forward", spy_forward)
     req = replace(a2v["base"], audio_input=str(a2v["sounds"][0]))
     if two_stage:
-        req = replace(req, height=128, width=128, recipe=Recipe(two_stage=True, upsampler=str(MODEL / "latent_upsampler"),
-                                                                stage2_sigmas=STAGE2_SIGMAS))
+        recipe = Recipe(two_stage=True, upsampler=str(MODEL / "latent_upsampler"), stage2_sigmas=STAGE2_SIGMAS)
+        req = replace(req, height=128, width=128, recipe=recipe)
     result = stages.generate(a2v["c"], req, progress=False)
     assert len(steps) == 3 + 3 * two_stage and all(torch.equal(before, after) for before, after in steps)
     assert all(torch.equal(steps[0][0], after) for _, after in steps)

@@ -93,6 +93,22 @@ def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_p
     assert new.shape[1] > 0.9 * (17 - 9) / 24 * rate and np.abs(new[:, :rate // 100]).max() > 0
 
 
+@pytest.mark.parametrize("stages", [[], ["--two-stage"]], ids=["one-stage", "two-stage"])
+def test_extend_generates_what_the_clip_as_a_condition_generates(files, tmp_path, stages):
+    """An extension is its clip's last K frames as a condition at frame 0, strength 1, in every stage: with a
+    clip of exactly K frames, the new frames equal those of `--condition clip@0` (whose path equals diffusers'
+    LTX2ConditionPipeline and its two-stage chain, tests/test_conditions_ltx2.py)."""
+    outs = {}
+    for name, args in (("extend", ["--extend", files / "mute.mp4", "--extend-frames", "9"]),
+                       ("condition", ["--condition", f"{files / 'mute.mp4'}@0"])):
+        outs[name] = tmp_path / f"{name}.npz"
+        result = cli("generate", "--prompt", "more", *FAST, *args, *stages, "-o", outs[name])
+        assert result.exit_code == 0, result.output
+    extend, condition = (np.load(outs[name])["frames"] for name in ("extend", "condition"))
+    assert extend.shape == condition.shape == (17, 64, 64, 3)
+    np.testing.assert_array_equal(extend[9:], condition[9:])
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--condition", "{f}/a.png@17"], "FRAME is outside the video's 17 frames"),
     (["--condition", "{f}/a.png@-18"], "FRAME is outside the video's 17 frames"),

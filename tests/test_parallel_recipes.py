@@ -47,7 +47,8 @@ def _requests(model: Path, lora: Path) -> dict[str, LTX2Request]:
     # Conditions in both stages (stage 2 encodes them again at full size): 25 frames, so stage 1 holds 4 x 3 x 3
     # = 36 grid tokens + 9 of the last-frame keyframe = 45 (4 ranks: 12, 12, 12, 9 -> the keyframe is all of
     # rank 3's; 2 ranks: 23, 22); stage 2 180. The extension's clip and the given sound are beside the model.
-    conditioned = replace(base, num_frames=25, conditions=(Condition(str(IMAGE), 0, 1.0), Condition(str(IMAGE), -1, 0.8)))
+    conditioned = replace(base, num_frames=25,
+                          conditions=(Condition(str(IMAGE), 0, 1.0), Condition(str(IMAGE), -1, 0.8)))
     files = model.parent
     return {"guided": base, "guided-i2v": replace(base, image=str(IMAGE)), "distilled": distilled,
             "keyframes": conditioned, "extend": replace(base, extend=str(files / "clip.mp4"), extend_frames=9),
@@ -57,7 +58,8 @@ def _requests(model: Path, lora: Path) -> dict[str, LTX2Request]:
 CASES = {  # world -> (case id, (cfg, ring, ulysses), request)
     2: [("u2", (1, 1, 2), "guided"), ("r2", (1, 2, 1), "guided"), ("cfg2", (2, 1, 1), "guided"),
         ("u2-i2v", (1, 1, 2), "guided-i2v"), ("u2-distilled", (1, 1, 2), "distilled"),
-        ("u2-keyframes", (1, 1, 2), "keyframes"), ("r2-audio", (1, 2, 1), "audio"), ("cfg2-extend", (2, 1, 1), "extend")],
+        ("u2-keyframes", (1, 1, 2), "keyframes"), ("r2-audio", (1, 2, 1), "audio"),
+        ("cfg2-extend", (2, 1, 1), "extend")],
     4: [("u4", (1, 1, 4), "guided"), ("u2r2", (1, 2, 2), "guided"), ("u4-i2v", (1, 1, 4), "guided-i2v"),
         ("u2r2-distilled", (1, 2, 2), "distilled"), ("u4-keyframes", (1, 1, 4), "keyframes"),
         ("cfg2u2-audio", (2, 1, 2), "audio"), ("u2r2-extend", (1, 2, 2), "extend")],

@@ -8,10 +8,11 @@ Equals diffusers' chain for one generator `g`:
 
 with stage 2's scheduler running `s2` as given (with conditions: LTX2ConditionPipeline in both calls, stage 2
 given the same conditions at full size). Stage 1 is the one-stage path at half size (its recipe: steps or
-sigmas, guidance, image or conditions, given audio, LoRAs); the upsample and the re-noise run once, on rank 0, which draws every noise
-from the one generator in diffusers' order (stage 1's video then audio; stage 2's video then audio) and hands
-the stage-2 latents to every rank as it does stage 1's; stage 2 runs sharded like stage 1, one branch a step,
-with the stage-2 LoRAs fused on top of the others (every rank fuses its own copy of the weights).
+sigmas, guidance, image or conditions, given audio, LoRAs); the upsample and the re-noise run once, on rank 0,
+which draws every noise from the one generator in diffusers' order (stage 1's video then audio; stage 2's
+video then audio) and hands the stage-2 latents to every rank as it does stage 1's; stage 2 runs sharded like
+stage 1, one branch a step, with the stage-2 LoRAs fused on top of the others (every rank fuses its own copy
+of the weights).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def stage2_latents(c: p.Components, req: LTX2Request, lay: p.Layout, start: tupl
     - --condition / --extend: the condition files encoded again at the output size, placed and re-noised as
       LTX2ConditionPipeline(latents=upsampled, conditions=..., noise_scale=...) does (one packed draw over the
       grid and the appended keyframes); Lightricks' keyframe pipeline re-encodes them at full size too;
-    - --image: the upsampled latent frame 0 is kept, as diffusers' image-to-video chain does;
+    - --image: the upsampled latent frame 0 is kept, as diffusers' image-to-video chain does (Lightricks
+      re-encodes the image instead);
     - --audio: the given sound's tokens as they are (held clean, no draw), as Lightricks' audio-to-video
       stage 2 does; otherwise the stage-1 audio is re-noised after the video."""
     video, audio = (t.float().cpu() for t in start)  # drawn on the CPU, as the first stage's noise
