@@ -173,7 +173,7 @@ def test_ctrl_c_exits_130_without_output(signum, tmp_path):
 def test_interrupt_while_writing_leaves_no_file(tmp_path, monkeypatch):
     """Ctrl-C in the middle of encoding: the temp file goes, nothing appears under the final name."""
 
-    def interrupted(frames):
+    def interrupted(frames, into=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(media, "_to_uint8", interrupted)  # called while the mp4 is being written to its temp file

@@ -118,6 +118,24 @@ def test_frames_to_uint8_round_half_even_and_clip(dtype):
     assert not (got[1] == got[2]).all()
 
 
+def test_mp4_frames_convert_in_order_into_the_encoders_buffers(tmp_path):
+    """The threaded conversion hands libx264 every frame in order, in frames it owns (rows padded or not): the
+    decoded clip equals the one-frame-at-a-time encode (from_ndarray of the same uint8 frames) bit for bit, and
+    a clip longer than the look-ahead window with frames that differ a lot catches a reorder or a reused buffer."""
+    rng = np.random.default_rng(1)
+    frames = np.repeat(rng.random((40, 1, 1, 3), dtype=np.float32), 16, axis=1).repeat(18, axis=2)  # 16x18: padded rows
+    write_video(tmp_path / "threaded.mp4", frames, fps=24)
+    with av.open(str(tmp_path / "plain.mp4"), mode="w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 18, 16, "yuv420p"
+        for frame in frames:
+            rgb = np.rint(np.clip(frame, 0, 1) * 255).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    decode = lambda p: np.stack([f.to_ndarray(format="rgb24") for f in av.open(str(p)).decode(video=0)])  # noqa: E731
+    np.testing.assert_array_equal(decode(tmp_path / "threaded.mp4"), decode(tmp_path / "plain.mp4"))
+
+
 def test_mp4_odd_size_rejected(tmp_path):
     with pytest.raises(ValueError, match="even"):
         write_video(tmp_path / "odd.mp4", _frames()[:, :63], fps=24)
@@ -228,7 +246,7 @@ def test_failed_final_rename_leaves_nothing(tmp_path, monkeypatch, name, rename)
 
 
 def test_failed_mp4_encode_leaves_nothing(tmp_path, monkeypatch):
-    _fail_on_third_call(monkeypatch, av.VideoFrame, "from_ndarray")
+    _fail_on_third_call(monkeypatch, media, "_rgb_frame")  # a frame's buffer, made in a converting thread
     with pytest.raises(_Boom):
         write_video(tmp_path / "x.mp4", _frames(), fps=24)
     assert _listing(tmp_path) == []
@@ -367,3 +385,20 @@ def test_data_reaches_the_disk_before_the_rename_and_the_name_after(tmp_path, mo
         # the directory that now holds the new name is fsync'ed after the (last) rename into it
         holder = str(Path(moved).parent)
         assert ("fsync", holder) in events[i + 1:], f"{holder} not fsync'ed after the rename of {moved}: {events}"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_the_finite_check_is_exact(tmp_path, bad):
+    """The check sums first (a tenth of the time of isfinite over a 2.3 GB clip) and looks at every value only
+    when the sum is not finite: one NaN or inf anywhere is refused; finite values whose sum overflows are not."""
+    frames = _frames().astype(np.float32)
+    if bad is None:
+        frames[:, :2] = 3e38  # finite; float32 sum -> inf
+    else:
+        frames[-1, -1, -1, -1] = bad
+    if bad is None:
+        assert write_video(tmp_path / "x.npz", frames, fps=24, latents=_latents()) == [tmp_path / "x.npz"]
+    else:
+        with pytest.raises(ValueError, match="NaN or inf"):
+            write_video(tmp_path / "x.npz", frames, fps=24, latents=_latents())
+        assert _listing(tmp_path) == []

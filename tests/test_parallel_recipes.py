@@ -1,8 +1,9 @@
 """Two-stage LTX-2 on every layout gives the single-process video and audio (CPU, gloo, fp32): guided, image,
-distilled with LoRAs, keyframes, an extension and audio-to-video.
+distilled with LoRAs (in float8 weights too), keyframes, an extension and audio-to-video.
 
 Both stages are sharded (stage 2 has 4x the tokens); the upsample and the re-noise run once, on rank 0, and
-its stage-2 latents reach every rank as stage 1's do; every rank fuses the stage-2 LoRA into its own weights.
+its stage-2 latents reach every rank as stage 1's do; every rank fuses the stage-2 LoRA into its own weights
+(`fp8:` cases: quantized and fused on every rank, as generate --quantize fp8 does).
 One spawned job per world size runs all its cases; the single-process references are computed here.
 """
 
@@ -25,6 +26,7 @@ from usp_infer.ltx2.stages import generate
 from usp_infer.ltx2.tiny import make_tiny_ltx2, write_lora
 from usp_infer.media import write_audio, write_video
 from usp_infer.parallel.plan import Plan
+from usp_infer.quant import quantize_
 
 IMAGE = Path(__file__).resolve().parent / "data" / "first_frame.png"
 # As tests/test_parallel_ltx2.py: a layout only reorders additions (~1e-7 relative each), through 2 + 3 steps and
@@ -59,29 +61,38 @@ CASES = {  # world -> (case id, (cfg, ring, ulysses), request)
     2: [("u2", (1, 1, 2), "guided"), ("r2", (1, 2, 1), "guided"), ("cfg2", (2, 1, 1), "guided"),
         ("u2-i2v", (1, 1, 2), "guided-i2v"), ("u2-distilled", (1, 1, 2), "distilled"),
         ("u2-keyframes", (1, 1, 2), "keyframes"), ("r2-audio", (1, 2, 1), "audio"),
-        ("cfg2-extend", (2, 1, 1), "extend")],
+        ("cfg2-extend", (2, 1, 1), "extend"), ("u2-fp8-distilled", (1, 1, 2), "fp8:distilled")],
     4: [("u4", (1, 1, 4), "guided"), ("u2r2", (1, 2, 2), "guided"), ("u4-i2v", (1, 1, 4), "guided-i2v"),
         ("u2r2-distilled", (1, 2, 2), "distilled"), ("u4-keyframes", (1, 1, 4), "keyframes"),
-        ("cfg2u2-audio", (2, 1, 2), "audio"), ("u2r2-extend", (1, 2, 2), "extend")],
+        ("cfg2u2-audio", (2, 1, 2), "audio"), ("u2r2-extend", (1, 2, 2), "extend"),
+        ("cfg2u2-fp8", (2, 1, 2), "fp8:guided")],
 }
 
 
-@lru_cache(maxsize=1)
-def _components(model: str):
-    return load_components(Path(model), "cpu", torch.float32)
+@lru_cache(maxsize=2)
+def _components(model: str, fp8: bool):
+    c = load_components(Path(model), "cpu", torch.float32)
+    if fp8:
+        quantize_(c.transformer)
+    return c
 
 
-def _generate(model: Path, request: LTX2Request, parallel: ParallelConfig) -> dict | None:
+def _generate(model: Path, request: LTX2Request, parallel: ParallelConfig, fp8: bool = False) -> dict | None:
     plan = Plan.build(parallel, "cpu")
-    result = generate(_components(str(model)), request, plan, progress=False)
+    result = generate(_components(str(model), fp8), request, plan, progress=False)
     return {"frames": result.frames, "audio": result.audio} if plan.is_main else None
 
 
 def _job(world: int, model: Path, lora: Path) -> dict:
     torch.set_num_threads(1)
     requests = _requests(model, lora)
-    return {case: _generate(model, requests[name], ParallelConfig(*layout, timeout_s=120))
+    return {case: _named(model, requests, name, ParallelConfig(*layout, timeout_s=120))
             for case, layout, name in CASES[world]}
+
+
+def _named(model: Path, requests: dict, name: str, parallel: ParallelConfig) -> dict | None:
+    """The request `name` of _requests; "fp8:" first: with the transformer's block linears in float8."""
+    return _generate(model, requests[name.removeprefix("fp8:")], parallel, fp8=name.startswith("fp8:"))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +116,7 @@ def test_two_stage_on_every_layout_equals_one_process(folder, world) -> None:
     model, lora = folder
     results = run_spawn(_job, world, world, model, lora)[0]
     requests = _requests(model, lora)
-    refs = {name: _generate(model, requests[name], ParallelConfig()) for name in {n for _, _, n in CASES[world]}}
+    refs = {name: _named(model, requests, name, ParallelConfig()) for name in {n for _, _, n in CASES[world]}}
     errors = {case: (_rel(results[case]["frames"], refs[name]["frames"]),
                      _rel(results[case]["audio"], refs[name]["audio"])) for case, _, name in CASES[world]}
     bad = {case: err for case, err in errors.items() if max(err) > RTOL}
@@ -116,3 +127,5 @@ def test_two_stage_on_every_layout_equals_one_process(folder, world) -> None:
     for other in (plain, refs.get("guided-i2v")):
         assert _rel(other["frames"], refs["guided"]["frames"]) > 1e-3
         assert _rel(other["audio"], refs["guided"]["audio"]) > 1e-4
+    for name in (n for n in refs if n.startswith("fp8:")):  # and the fp8 cases do run in float8
+        assert _rel(refs[name]["frames"], _named(model, requests, name[4:], ParallelConfig())["frames"]) > 1e-4

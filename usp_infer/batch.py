@@ -197,10 +197,6 @@ def plan_items(items: list[Item], s: Session) -> tuple[ParallelConfig, list[Item
                                       f"tokenizer of {s.model} takes ({longest}); use at most {longest}"))
         if item.request.image is not None:
             _check_image(item)
-        recipe = getattr(item.request, "recipe", None)  # LTX-2's LoRAs (ltx2/recipes.py)
-        if s.quantize != "none" and recipe is not None and (recipe.loras or recipe.stage2_loras):
-            raise UsageError(at(item, f"--lora/--stage2-lora fuse into the model-dtype weights, which --quantize "
-                                      f"{s.quantize} replaces: drop --quantize or the LoRA"))
         check_files = getattr(front, "check_files", None)  # the family's input files, opened before weights load
         if check_files is not None:
             try:

@@ -13,6 +13,8 @@ import os
 import re
 import secrets
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -186,7 +188,9 @@ def load_image(path: Path, height: int, width: int, crf: int = 0) -> torch.Tenso
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
-    if not np.isfinite(frames).all():
+    with np.errstate(invalid="ignore", over="ignore"):  # a sum is finite iff every value is (or it overflowed)
+        finite = np.isfinite(frames.sum(dtype=np.float32)) or np.isfinite(frames).all()
+    if not finite:
         raise ValueError("frames contain NaN or inf; the generation diverged, nothing was written")
     return frames.astype(np.float32, copy=False)
 
@@ -215,15 +219,37 @@ def _stereo(audio: np.ndarray) -> np.ndarray:
     return np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio
 
 
-def _to_uint8(frames: np.ndarray):
-    """Frame by frame, uint8 (H, W, 3) = round(clip(x, 0, 1) * 255) in the frames' own float type: in place on one
-    frame's buffer (a whole 1536x1024x121 clip at once costs seconds in temporaries and page faults)."""
-    work = np.empty(frames.shape[1:], dtype=frames.dtype)
-    for frame in frames:
-        np.clip(frame, 0.0, 1.0, out=work)
+def _to_uint8(frames: np.ndarray, into=None) -> Iterator:
+    """Frame by frame, in order, uint8 (H, W, 3) = round(clip(x, 0, 1) * 255) in the frames' own float type.
+
+    `into()`, if given, makes each frame's destination: (what to yield, its uint8 (H, W, 3) view), so the mp4
+    writer gets frames converted straight into the encoder's buffers. The frames convert in worker threads (numpy
+    lets go of the GIL), a few ahead of the consumer: on one thread, this and the copies cost more than libx264's
+    own threads take to encode a 1536x1024 clip (bench/NOTES.md)."""
+
+    def convert(frame):
+        held, out = into() if into else (None, None)
+        if out is None:
+            held = out = np.empty(frame.shape, np.uint8)
+        work = np.clip(frame, 0.0, 1.0)
         work *= 255.0
         np.rint(work, out=work)
-        yield work.astype(np.uint8)
+        np.copyto(out, work, casting="unsafe")  # exact: whole numbers in [0, 255]
+        return held
+
+    workers = max(1, min(8, (os.cpu_count() or 1) - 1))
+    ahead: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="uint8") as pool:
+        try:
+            for frame in frames:
+                ahead.append(pool.submit(convert, frame))
+                if len(ahead) > 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for job in ahead:  # stopped early (an error, an interrupt): what is queued is not started
+                job.cancel()
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -314,12 +340,20 @@ def _write_mp4(
                 audio_stream = container.add_stream("aac", rate=int(sample_rate))
                 audio_stream.codec_context.layout = "stereo"
                 audio_stream.codec_context.time_base = Fraction(1, int(sample_rate))
-            for rgb in _to_uint8(frames):
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            for frame in _to_uint8(frames, lambda: _rgb_frame(av, width, height)):
+                container.mux(stream.encode(frame))
             container.mux(stream.encode())  # flush the encoder's delayed frames
             if audio is not None:
                 _mux_audio(av, container, audio_stream, _fit_audio(audio, count / fps, sample_rate), sample_rate)
     return path
+
+
+def _rgb_frame(av, width: int, height: int):
+    """An empty rgb24 VideoFrame and a uint8 (H, W, 3) view of its pixels (rows may be padded)."""
+    frame = av.VideoFrame(width, height, "rgb24")
+    plane = frame.planes[0]
+    pixels = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)[:, : 3 * width]
+    return frame, pixels.reshape(height, width, 3)
 
 
 def _fit_audio(audio: np.ndarray, seconds: float, sample_rate: int) -> np.ndarray:

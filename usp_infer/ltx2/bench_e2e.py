@@ -106,7 +106,7 @@ def components(shape: str, device: torch.device, dtype: torch.dtype, seed: int, 
                    text_cache={(p, step_bench.TEXT_TOKENS): text for p in ("bench", "")})
     c.upsamplers["random"] = upsampler
     c.fuser = Fuser(transformer)
-    c.fuser.files["random-distilled-lora"] = _random_lora(transformer, min(LORA_RANK, cfg.inner_dim // 2), gen)
+    c.fuser.add(_random_lora(transformer, min(LORA_RANK, cfg.inner_dim // 2), gen))
     return c
 
 
@@ -173,7 +173,7 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                   compile: bool = False, quantize: str = "none", echo=print) -> list[dict]:
     """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
     one record each. quantize "fp8": then the same again with the blocks' linears in float8 (as generate
-    --quantize fp8), in the same launch; a recipe with a stage-2 LoRA is left out there (float8 weights take none)."""
+    --quantize fp8), in the same launch (a stage-2 LoRA fused into the float8 weights as generate does)."""
     cfg = arch.SHAPES[shape]
     c = components(shape, device, dtype, seed, randomize)
     if compile:
@@ -192,9 +192,6 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                     torch.cuda.empty_cache()
             for name in recipes:
                 req = request(name, cfg, height, width, num_frames)
-                if method == "fp8" and req.recipe.stage2_loras:
-                    echo(f"--quantize fp8: {name} left out (its stage-2 LoRA cannot fuse into float8 weights)")
-                    continue
                 run(c, req, Path(tmp))
                 for _ in range(repeat):
                     if device.type == "cuda":

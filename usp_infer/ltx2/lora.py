@@ -154,24 +154,34 @@ def load(path: str | Path) -> Loaded:
 class Fuser:
     """Keeps a transformer's weights at `base + sum of its LoRAs' deltas` for the LoRA set asked for.
 
-    Switching sets subtracts the deltas of the LoRAs that leave and adds those that come, each recomputed the
-    same way (so a LoRA taken out leaves fp32 weights as they were, to rounding, and bf16 ones within an ulp),
-    on every rank alike. No second copy of the weights is kept: only the factors, on the CPU.
+    Model-dtype weights: switching sets subtracts the deltas of the LoRAs that leave and adds those that come,
+    each recomputed the same way (so a LoRA taken out leaves fp32 weights as they were, to rounding, and bf16
+    ones within an ulp), on every rank alike; no second copy of the weights is kept, only the factors (on the
+    CPU; pinned where the weights are on a GPU, so each fuse copies them at full speed).
+
+    float8 weights (`--quantize fp8`, an fp8 checkpoint) are codes with a scale per output channel: a delta cannot
+    be added to them, nor taken out again. As Lightricks fuses into its fp8 checkpoints, a weight becomes
+    `quantize(dequantize(base) + sum of the deltas)`, the product in the model dtype and the sum in fp32, recomputed
+    from the untouched base codes at every switch: the result depends on the set alone, and taking every LoRA out
+    gives the base bits back. The base codes and scales of the layers a LoRA touches are kept beside the fused
+    ones, on the same device, while any LoRA is fused there (1 byte per weight: fp8 with LoRAs holds what the bf16
+    weights would) and dropped when the last LoRA leaves.
     """
 
     def __init__(self, model) -> None:
+        import torch
+
         self.params = dict(model.named_parameters())
+        # The model dtype, which float8 weights' deltas are made in: that of every weight not float8 or a scale.
+        self.dtype = next(p.dtype for n, p in self.params.items()
+                          if p.dtype != torch.float8_e4m3fn and not n.endswith(("weight_scale", "input_scale")))
         self.active: list[tuple[str, float]] = []  # (path, strength) fused now, in fusing order
         self.files: dict[str, Loaded] = {}
+        self.base: dict = {}  # float8 weight name -> (codes, scales) before any LoRA, while one is fused
 
     def use(self, specs) -> list[dict]:
         """Fuse exactly `specs` (LoraSpec-likes with .path, .strength); returns what the sidecar records."""
-        import torch
-
         wanted = [(str(s.path), float(s.strength)) for s in specs]
-        if wanted and any(p.dtype == torch.float8_e4m3fn for p in self.params.values()):
-            raise ValueError("a LoRA cannot be fused into float8 weights (an fp8 checkpoint or --quantize fp8): "
-                             "use the model-dtype weights with LoRAs")
         leaving = list(self.active)
         for spec in wanted:
             if spec in leaving:
@@ -186,19 +196,61 @@ class Fuser:
         for path, strength in coming:
             self._add(path, strength)
             self.active.append((path, strength))
+        self._requantize({name for path, _ in leaving + coming for name in self._file(path).deltas})
         return [{"path": path, "strength": strength, "sha256": self._file(path).sha256} for path, strength in wanted]
+
+    def add(self, loaded: Loaded) -> None:
+        """Hold a read LoRA under its path; its factors page-locked where the weights are on a GPU (every fuse copies
+        them there again: from pageable memory at a fraction of the speed)."""
+        if next(iter(self.params.values())).device.type == "cuda":
+            loaded.deltas = {k: (b.pin_memory(), a.pin_memory(), s) for k, (b, a, s) in loaded.deltas.items()}
+        self.files[loaded.path] = loaded
 
     def _file(self, path: str) -> Loaded:
         if path not in self.files:
-            self.files[path] = load(path)
+            self.add(load(path))
         return self.files[path]
 
+    def _delta(self, b, a, scale: float, strength: float, w):
+        """strength * scale * B @ A on w's device, the product in the model dtype (as Lightricks fuses)."""
+        import torch
+
+        dtype = self.dtype if w.dtype == torch.float8_e4m3fn else w.dtype
+        return (b.to(w.device, dtype, non_blocking=True) * (strength * scale)) @ a.to(w.device, dtype, non_blocking=True)
+
     def _add(self, path: str, strength: float) -> None:
+        """Add one LoRA's deltas to the model-dtype weights (float8 ones: _requantize)."""
         import torch
 
         with torch.no_grad():
             for name, (b, a, scale) in self._file(path).deltas.items():
                 w = self.params[name]
-                # The product in the weights' dtype (as Lightricks fuses), the sum in fp32 then rounded once.
-                delta = (b.to(w.device, w.dtype) * (strength * scale)) @ a.to(w.device, w.dtype)
-                w.copy_((w.float() + delta.float()).to(w.dtype))
+                if w.dtype != torch.float8_e4m3fn:  # the sum in fp32, then rounded once
+                    w.copy_((w.float() + self._delta(b, a, scale, strength, w).float()).to(w.dtype))
+
+    def _requantize(self, names) -> None:
+        """Each float8 weight among `names` := quantize(dequantize(its base) + the active LoRAs' deltas)."""
+        import torch
+
+        from ..quant import quantize_tensor
+
+        with torch.no_grad():
+            for name in sorted(names):
+                w = self.params[name]
+                if w.dtype != torch.float8_e4m3fn:
+                    continue
+                scale = self.params[name.removesuffix("weight") + "weight_scale"]
+                codes, scales = self.base.setdefault(name, (w.detach().clone(), scale.detach().clone()))
+                deltas = [(self._file(path).deltas[name], strength) for path, strength in self.active
+                          if name in self._file(path).deltas]
+                if not deltas:  # the last LoRA on it left: the base bits, and no copy held any more
+                    w.copy_(codes)
+                    scale.copy_(scales)
+                    del self.base[name]
+                    continue
+                total = codes.float() * scales[:, None]
+                for (b, a, s), strength in deltas:
+                    total += self._delta(b, a, s, strength, w).float()
+                fused, fused_scale = quantize_tensor(total)
+                w.copy_(fused)
+                scale.copy_(fused_scale)
