@@ -500,7 +500,7 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
-                                      seed, 1, randomize, compile=compile, quantize=quantize, echo=typer.echo)
+                                      seed, 1, randomize, compile=compile, quantize=quantize)
     on_gpu = where.type == "cuda"
     for r in records:
         r.update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),

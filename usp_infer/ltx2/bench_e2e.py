@@ -170,7 +170,7 @@ def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
 
 def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
                   device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize,
-                  compile: bool = False, quantize: str = "none", echo=print) -> list[dict]:
+                  compile: bool = False, quantize: str = "none") -> list[dict]:
     """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
     one record each. quantize "fp8": then the same again with the blocks' linears in float8 (as generate
     --quantize fp8), in the same launch (a stage-2 LoRA fused into the float8 weights as generate does)."""

@@ -240,7 +240,9 @@ class Fuser:
                 if w.dtype != torch.float8_e4m3fn:
                     continue
                 scale = self.params[name.removesuffix("weight") + "weight_scale"]
-                codes, scales = self.base.setdefault(name, (w.detach().clone(), scale.detach().clone()))
+                if name not in self.base:  # before its first LoRA: the codes every later set starts from
+                    self.base[name] = (w.detach().clone(), scale.detach().clone())
+                codes, scales = self.base[name]
                 deltas = [(self._file(path).deltas[name], strength) for path, strength in self.active
                           if name in self._file(path).deltas]
                 if not deltas:  # the last LoRA on it left: the base bits, and no copy held any more
