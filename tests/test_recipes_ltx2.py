@@ -364,11 +364,11 @@ def test_bench_recipe_quantized_runs_float8_blocks(tmp_path):
         quant.FP8Linear.forward = real
 
 
-def _fp8_transformer(model: Path):
+def _fp8_transformer(model: Path, dtype: torch.dtype = torch.float32):
     from usp_infer import quant
     from usp_infer.ltx2.model import load_transformer
 
-    return quant.quantize_(load_transformer(model / "transformer", "cpu", torch.float32))
+    return quant.quantize_(load_transformer(model / "transformer", "cpu", dtype))
 
 
 def _expected_fp8(base: dict, files: list, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +397,7 @@ def test_a_lora_fuses_into_float8_weights_from_their_base_codes(tiny):
     base = {k: v.clone() for k, v in transformer.state_dict().items()}
     fuser = lora.Fuser(transformer)
     assert fuser.dtype == torch.float32
+    assert lora.Fuser(_fp8_transformer(model, torch.bfloat16)).dtype == torch.bfloat16  # not the scales' fp32
     both = [(files["lightricks"], 0.8), (files["stage2"], 1.0)]
     fuser.use([recipes.LoraSpec(str(p), s) for p, s in both])
     state = transformer.state_dict()
