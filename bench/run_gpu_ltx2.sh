@@ -9,6 +9,8 @@
 #                                              # diffusers and PyAV wheels in .whl/): two-stage distilled at
 #                                              # 1536x1024x121, two-stage dev and distilled at 768x512x121 output
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8 # two-stage distilled 1536x1024x121, bf16 then fp8, compiled
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-768-fp8 # two-stage dev 768x512x121, bf16 then fp8, compiled
+#   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
@@ -77,6 +79,12 @@ recipes-768)  # the 768x512x121 half of `recipes`
 recipes-fp8)  # issue 25's: <= 8 s two-stage distilled in fp8 (bf16 and fp8 rows from the same launch and weights)
   bench e2e-1536-fp8 540 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8
   ;;
+step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's <= 900 ms)
+  bench ltx23-6144-fp8 220 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
+  ;;
+recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
+  bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
+  ;;
 one-branch)
   bench ltx23-6144-1branch 110 --shape ltx-2.3-22b $S6 --branches 1 --warmup 2 --steps 5 --compile
   ;;
@@ -88,7 +96,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-768, recipes-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-768, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac

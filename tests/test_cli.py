@@ -211,6 +211,27 @@ def test_one_step_makes_a_video(tmp_path):
     assert np.isfinite(frames).all() and frames.std() > 0
 
 
+@pytest.mark.parametrize("model", ["ltx-tiny", "ltx2-tiny"])
+def test_pixel_outputs_get_uint8_frames_from_the_decode(model, tmp_path, monkeypatch):
+    """An mp4 or png output has the decode convert to uint8 where the video is (a quarter of the bytes to the
+    host), an npz keeps the floats; the writer gets exactly the pixels it would have made of the floats."""
+    from usp_infer import media
+
+    asked, written = [], {}
+    real_frames, real_write = media.video_frames, media.write_video
+    monkeypatch.setattr(media, "video_frames", lambda video, uint8=False: asked.append(uint8) or real_frames(video, uint8))
+    monkeypatch.setattr(media, "write_video", lambda path, frames, **kw: written.setdefault(Path(path).name, frames)
+                        is not None and real_write(path, frames, **kw))
+    for name in ("v.mp4", "v.npz", "frames"):
+        result = cli("generate", "--model", model, "--prompt", "a fox", *FAST, "--width", "64", "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    assert asked == [True, False, True]
+    pixels = np.stack(list(media._to_uint8(np.load(tmp_path / "v.npz")["frames"])))
+    assert written["v.mp4"].dtype == written["frames"].dtype == np.uint8
+    np.testing.assert_array_equal(written["v.mp4"], pixels)
+    np.testing.assert_array_equal(written["frames"], pixels)
+
+
 def test_make_tiny_into_a_used_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = cli("make-tiny", tmp_path)

@@ -284,6 +284,50 @@ def test_four_branches_in_one_batch(models, timestep):
     assert rel_err(got[0][0], got[0][1]) > 1e-3  # the uncond text is really another text
 
 
+@pytest.mark.parametrize("timestep", ["sample", "i2v"])
+def test_perturbed_row_starts_from_the_cond_row_at_the_first_stg_block(models, timestep):
+    """stg_source, as BranchForward batches the four branches (text rows cond, uncond, cond, cond): the outputs
+    equal diffusers' three calls and the whole computation, while the perturbed row skips the blocks before the
+    first STG block (LTX-2.3 weights; LTX-2.0 ones have nothing to perturb, so nothing to share)."""
+    ref, ours, kwargs = models
+    cond = make_inputs(kwargs, batch=1, timestep=timestep, seed=2)
+    uncond = make_inputs(kwargs, batch=1, timestep=timestep, seed=3)
+    batch = {k: None if v is None else torch.cat([v] * 4) for k, v in cond.items()}
+    texts = ("text", "audio_text", "text_mask", "audio_text_mask")
+    for k in texts:
+        batch[k][1] = uncond[k][0]
+    flags = dict(stg_blocks=(1,), stg_rows=torch.tensor([False, False, True, False]),
+                 isolate_rows=torch.tensor([False, False, False, True]))
+    ours_inputs = dict(batch, **{k: torch.cat([cond[k], uncond[k]]) for k in texts})  # one row per prompt
+    calls = []
+
+    def video_self(q, k, v):
+        calls.append(q.shape[0])
+        return LOCAL_ATTENTION.video_self(q, k, v)
+
+    spied = LTX2Attention(**dict(asdict(LOCAL_ATTENTION), video_self=video_self))
+    shared = run_ours(ours, ours_inputs, attn=spied, text_rows=(0, 1, 0, 0), stg_source=0, **flags)
+    whole = run_ours(ours, ours_inputs, text_rows=(0, 1, 0, 0), **flags)
+    cross = dict(use_cross_timestep=ours.use_cross_timestep)
+    pair_expected = run_reference(ref, rows(batch, slice(0, 2)), **cross)
+    perturbed = run_reference(ref, rows(batch, slice(2, 3)), spatio_temporal_guidance_blocks=[1], **cross)
+    isolated = run_reference(ref, rows(batch, slice(3, 4)), isolate_modalities=True, **cross)
+    expected = tuple(torch.cat([pair_expected[j], perturbed[j], isolated[j]]) for j in range(2))
+    for g, w, e in zip(shared, whole, expected):
+        for row in range(4):
+            assert rel_err(g[row], e[row]) <= RTOL, (row, rel_err(g[row], e[row]))
+        assert rel_err(g, w) <= RTOL  # the same function; the prefix's GEMMs have one row fewer
+    if kwargs.get("perturbed_attn"):
+        assert calls == [3, 4]  # block 0 without the perturbed row, block 1 with it
+        assert rel_err(shared[0][2], shared[0][0]) > 1e-3  # and the perturbation is applied from block 1
+    else:
+        assert calls == [4, 4]
+    with pytest.raises(ValueError, match="stg_source 2: need a batch row .* neither STG nor isolated"):
+        run_ours(ours, ours_inputs, text_rows=(0, 1, 0, 0), stg_source=2, **flags)
+    with pytest.raises(ValueError, match="stg_source 1: every STG row must share its text row"):
+        run_ours(ours, ours_inputs, text_rows=(0, 1, 0, 0), stg_source=1, **flags)
+
+
 def test_each_attention_function_is_used():
     ref = make_reference(CONFIGS["ltx2.3"])
     ours = from_reference(ref)
@@ -432,8 +476,35 @@ def test_flops_match_counted_matmuls():
         with FlopCounterMode(display=False) as counter:  # an isolated last row runs no audio<->video attention
             run_ours(ours, inputs, attn=counted, isolate_rows=torch.tensor([False, True]))
         assert flops(ours.cfg, S, S_A, L, batch=2, isolated=1)["total"] == counter.get_total_flops(), name
+        # A perturbed row sharing block 0 with the cond row (one text row for all three) runs one block fewer:
+        # what flops() takes off is that block's per-row work, less the text K/V, which run once per prompt anyway;
+        # the kept rows' per-sample embeddings are made once more for the prefix (a few small GEMMs).
+        three = {k: None if v is None else (v[:1] if k.endswith("text") else torch.cat([v[:1]] * 3))
+                 for k, v in inputs.items()}
+        flags = dict(stg_blocks=(1,), stg_rows=torch.tensor([False, True, False]),
+                     isolate_rows=torch.tensor([False, False, True]), text_rows=(0, 0, 0))
+        counts = []
+        for source in (None, 0):
+            with FlopCounterMode(display=False) as counter:
+                run_ours(ours, three, attn=counted, stg_source=source, **flags)
+            counts.append(counter.get_total_flops())
+        d, da = ours.cfg.inner_dim, ours.cfg.audio_inner_dim
+        text_kv = 2 * 2 * L * (d * d + da * da)
+        shared = 1 if ours.cfg.perturbed_attn else 0
+        kept = [0, 2]
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ours._condition(three["text"], three["audio_text"], three["text_mask"], three["audio_text_mask"],
+                            *(three[k][kept] for k in ("timestep", "audio_timestep", "sigma", "audio_sigma")),
+                            flags["isolate_rows"][kept], (0, 0), torch.float32)
+        prefix = counter.get_total_flops() if shared else 0
+        saved = flops(ours.cfg, S, S_A, L, 3, 1)["total"] - flops(ours.cfg, S, S_A, L, 3, 1, shared)["total"]
+        assert counts[0] - counts[1] == (saved - text_kv - prefix if shared else 0), name
+        assert saved > 0 if shared else saved == 0, name
     real = flops(SHAPES["ltx-2.3-22b"], 6144, 126, 1024, batch=4)
     assert 7e14 < real["total"] < 9e14  # REFERENCE.md: about 800 TFLOP per 4-branch step at 768x512x121
+    # the perturbed row from block 28 on: 20 of its 48 blocks, so about 28/48 of a branch's quarter less
+    shared = flops(SHAPES["ltx-2.3-22b"], 6144, 126, 1024, batch=4, isolated=1, shared_blocks=28)
+    assert 0.85 < shared["total"] / flops(SHAPES["ltx-2.3-22b"], 6144, 126, 1024, batch=4, isolated=1)["total"] < 0.87
 
 
 def test_input_validation(models):

@@ -136,6 +136,37 @@ def test_mp4_frames_convert_in_order_into_the_encoders_buffers(tmp_path):
     np.testing.assert_array_equal(decode(tmp_path / "threaded.mp4"), decode(tmp_path / "plain.mp4"))
 
 
+def test_uint8_frames_from_the_device_are_what_the_writers_make_of_float_ones(tmp_path):
+    """video_frames(uint8=True) converts where the video is, to the pixels the writers make of the float frames
+    (ties, clipping, every frame in place); the mp4 writer's frames and the png files are then the same, an npz
+    refuses them (it keeps the floats) and a non-finite decode is refused before any conversion."""
+    gen = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 5, 16, 18, generator=gen) * 2.4 - 1.2  # a VAE's output in [-1, 1], and beyond
+    video[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, 254.5]) / 255 * 2 - 1  # halves after /2 + 0.5, * 255
+    floats, pixels = media.video_frames(video), media.video_frames(video, uint8=True)
+    assert floats.dtype == np.float32 and pixels.dtype == np.uint8 and pixels.shape == (5, 16, 18, 3)
+    np.testing.assert_array_equal(pixels, np.stack(list(media._to_uint8(floats))))
+    assert pixels.flags.c_contiguous and not (pixels[1] == pixels[2]).all()
+    def into():  # what the mp4 writer gives each frame: a buffer of its own
+        out = np.full((16, 18, 3), 7, np.uint8)
+        return out, out
+
+    handed = [np.stack(list(media._to_uint8(f, into))) for f in (floats, pixels)]
+    np.testing.assert_array_equal(handed[0], pixels)
+    np.testing.assert_array_equal(handed[1], pixels)
+    write_video(tmp_path / "f", floats, fps=24)
+    write_video(tmp_path / "p", pixels, fps=24)
+    assert [p.read_bytes() for p in sorted((tmp_path / "f").iterdir())] == \
+        [p.read_bytes() for p in sorted((tmp_path / "p").iterdir())]
+    with pytest.raises(ValueError, match="stores the decoded frames as float32"):
+        write_video(tmp_path / "x.npz", pixels, fps=24, latents=_latents())
+    video[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        media.video_frames(video, uint8=True)
+    assert [media.uint8_frames_suffice(p) for p in ("a.mp4", "a.npz", "f/%04d.png", "d", "a.wav")] == \
+        [True, False, True, True, True]
+
+
 def test_mp4_odd_size_rejected(tmp_path):
     with pytest.raises(ValueError, match="even"):
         write_video(tmp_path / "odd.mp4", _frames()[:, :63], fps=24)

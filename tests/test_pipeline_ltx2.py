@@ -83,7 +83,8 @@ class DiffusersLTX2(torch.nn.Module):
         self.calls = []  # batch sizes, so tests can see batched vs sequential
 
     def forward(self, video, audio, text, audio_text, text_mask, audio_text_mask, timestep, audio_timestep,
-                sigma, audio_sigma, rope, attn=None, stg_blocks=(), stg_rows=None, isolate_rows=None, text_rows=None):
+                sigma, audio_sigma, rope, attn=None, stg_blocks=(), stg_rows=None, isolate_rows=None, text_rows=None,
+                stg_source=None):  # diffusers runs the perturbed rows whole
         self.calls.append(video.shape[0])
         if text_rows is not None:  # one row per prompt -> one per batch row, as diffusers takes them
             rows = list(text_rows)

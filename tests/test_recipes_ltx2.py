@@ -427,6 +427,39 @@ def test_a_lora_fuses_into_float8_weights_from_their_base_codes(tiny):
     assert fuser.base == {}
 
 
+def test_a_lora_fuses_into_bf16_weights_rounded_once_and_leaves_again(tiny):
+    """Model-dtype weights: w + strength * alpha / rank * B A in one in-place GEMM, within an ulp of the delta and
+    one of the sum (the CPU's bf16 GEMM may round the product before adding; cuBLAS adds in fp32); taking the LoRA
+    out again comes back within those; untouched weights keep their bits; a dropped strength or delta fails."""
+    from safetensors.torch import load_file
+
+    from usp_infer.ltx2.model import load_transformer
+
+    _, model, files = tiny
+    transformer = load_transformer(model / "transformer", "cpu", torch.bfloat16)
+    base = {k: v.clone() for k, v in transformer.state_dict().items()}
+    fuser = lora.Fuser(transformer)
+    fuser.use([recipes.LoraSpec(str(files["lightricks"]), 0.8)])
+    tensors, state = load_file(files["lightricks"]), transformer.state_dict()
+    touched, bounds = set(lora.load(files["lightricks"]).deltas), {}
+    for name in [n for n in touched if n.startswith("transformer_blocks.")]:  # their file keys are their names
+        key = "diffusion_model." + name.removesuffix(".weight")
+        # the factors in the model dtype (as Lightricks fuses), the rest exact: no alpha key, alpha / rank = 1
+        a, b = (tensors[key + f".lora_{x}.weight"].bfloat16().float() for x in "AB")
+        delta = 0.8 * (b @ a)
+        exact = base[name].float() + delta
+        ulp = (exact.abs() + delta.abs()) * 2**-7 + 2**-126  # bf16 keeps 8 significant bits
+        assert ((state[name].float() - exact).abs() <= ulp).all(), name
+        assert not torch.equal(state[name], base[name]), name
+        bounds[name] = 2 * ulp  # the way back rounds as often again
+    fuser.use([])
+    for name, tensor in transformer.state_dict().items():
+        if name in bounds:
+            assert ((tensor.float() - base[name].float()).abs() <= bounds[name]).all(), name
+        elif name not in touched:
+            assert torch.equal(tensor, base[name]), name
+
+
 def test_fp8_with_a_lora_is_the_model_dtype_lora_within_the_fp8_bound(tiny, tmp_path):
     """generate --quantize fp8 --lora: as close to the fp32 LoRA run as fp8 is to fp32 (the tiny model's bound,
     tests/test_quant.py), and nearer to it than fp8 without the LoRA is (a LoRA silently dropped in fp8 fails)."""

@@ -306,7 +306,9 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     if s.ltx2:
         from .ltx2 import bench as bench_ltx2
 
-        parts, text_tokens = bench_ltx2.step_flops(s.cfg, s), bench_ltx2.TEXT_TOKENS
+        ours = not implementation.startswith("diffusers")  # diffusers runs every branch's every block
+        parts = bench_ltx2.step_flops(s.cfg, s, (case.layout[0] if case else 1) if ours else None)
+        text_tokens = bench_ltx2.TEXT_TOKENS
         exchange = bench_ltx2.v2a_exchange_bytes(s.cfg, s.tokens, bench_ltx2.audio_tokens(s.num_frames), s.branches,
                                                  case.layout[1] * case.layout[2] if case else 1)
     else:

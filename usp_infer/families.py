@@ -13,7 +13,8 @@ saved from), never from its path. A family is a folder of the package with the s
   usp_infer/<family>/pipeline.py  its pipeline:
     encode_prompts(model_dir, device, dtype, requests) -> text cache (rank 0, before the transformer loads)
     load_components(model_dir, device, dtype, main=, text_encoder=) -> components
-    generate(components, request, plan, progress, vae_tiling, say) -> result with .frames, .outputs()
+    generate(components, request, plan, progress, vae_tiling, say, uint8_frames) -> result with .frames,
+      .outputs(); uint8_frames: the frames as media.video_frames(uint8=True) makes them (mp4 / png outputs)
     compile_blocks(transformer)
   usp_infer/<family>/tiny.py      the tiny random-weight folder writer (make-tiny, tests)
   usp_infer/<family>/bench.py     its `usp-infer bench` workload: random model, one timed step, FLOPs

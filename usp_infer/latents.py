@@ -95,7 +95,7 @@ def _decode(latents: np.ndarray, meta: dict, output: Path, request: GenerateRequ
     from diffusers import AutoencoderKLLTXVideo
 
     from .ltx_video.pipeline import decode_latents, needs_tiling
-    from .media import sidecar_path, write_json_atomic, write_video
+    from .media import sidecar_path, uint8_frames_suffice, write_json_atomic, write_video
     from .sidecar import config_hash, versions
 
     def say(message: str) -> None:
@@ -112,7 +112,7 @@ def _decode(latents: np.ndarray, meta: dict, output: Path, request: GenerateRequ
     tiling = needs_tiling(vae, tuple(x.shape), place, s.vae_tiling)
     say("decoding" + (" in tiles" if tiling else ""))
     with torch.no_grad():
-        frames = decode_latents(vae, x, decode_t, tiling)
+        frames = decode_latents(vae, x, decode_t, tiling, uint8_frames_suffice(output))
     decode_s, start = time.perf_counter() - start, time.perf_counter()
     say(f"writing {output}")
     written = write_video(output, frames, fps=meta["fps"], latents=latents, overwrite=s.overwrite)

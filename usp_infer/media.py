@@ -51,6 +51,11 @@ def output_kind(path: Path | str) -> str:
     raise ValueError(f"unsupported output {text!r}: use {SUPPORTED_OUTPUTS}")
 
 
+def uint8_frames_suffice(output: Path | str) -> bool:
+    """Whether an output takes the frames as 8-bit pixels only (all but npz, which keeps the decoded floats)."""
+    return output_kind(output) != "npz"
+
+
 def sidecar_path(output: Path | str) -> Path:
     """Where the JSON metadata of an output goes.
 
@@ -77,7 +82,8 @@ def write_video(
     audio_sample_rate: int | None = None,
     audio_latents: np.ndarray | None = None,
 ) -> list[Path]:
-    """Write float frames (F, H, W, 3) in [0, 1] as mp4, png frames or npz; returns the paths written.
+    """Write frames (F, H, W, 3) as mp4, png frames or npz; returns the paths written. Frames are float in
+    [0, 1], or uint8 already converted as the mp4 and png writers would (`video_frames`); npz needs float ones.
 
     With `audio` (float (channels, samples) in [-1, 1], mono or stereo) and its sample rate, the mp4
     gets an AAC stereo track, the npz also stores `audio`, `audio_sample_rate` and `audio_latents` (the
@@ -99,6 +105,8 @@ def write_video(
     if kind == "mp4":
         return [_write_mp4(path, frames, fps, overwrite, audio, audio_sample_rate)]
     if kind == "npz":
+        if frames.dtype == np.uint8:
+            raise ValueError(f"output {path} stores the decoded frames as float32: got them as uint8")
         return [_write_npz(path, frames, latents, overwrite, audio, audio_sample_rate, audio_latents)]
     return _write_pngs(path, frames, overwrite)
 
@@ -185,9 +193,25 @@ def load_image(path: Path, height: int, width: int, crf: int = 0) -> torch.Tenso
     return (2.0 * pixels - 1.0).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
+def video_frames(video: torch.Tensor, uint8: bool = False) -> np.ndarray:
+    """A VAE's output (3, F, H, W) in [-1, 1] -> host frames (F, H, W, 3): float32 in [0, 1], or with `uint8`
+    the pixels the mp4 and png writers would make of those (the same float32 ops, bit for bit), converted where
+    the video is: a quarter of the bytes cross to the host and the writer has nothing left to convert."""
+    frames = (video.float() / 2 + 0.5).clamp(0, 1)
+    if not bool(torch.isfinite(frames).all()):
+        raise ValueError("frames contain NaN or inf; the generation diverged, nothing was written")
+    if uint8:
+        frames = frames.mul_(255.0).round_().to(torch.uint8)  # round half to even, as np.rint
+    # (3, F, H, W) -> (F, H, W, 3), made contiguous where the video is: one plain copy to the host, and frames
+    # the writer reads row by row (a strided view costs it ~1.7x)
+    return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+    if frames.dtype == np.uint8:  # video_frames made them, after its finite check
+        return frames
     with np.errstate(invalid="ignore", over="ignore"):  # a sum is finite iff every value is (or it overflowed)
         finite = np.isfinite(frames.sum(dtype=np.float32)) or np.isfinite(frames).all()
     if not finite:
@@ -220,7 +244,8 @@ def _stereo(audio: np.ndarray) -> np.ndarray:
 
 
 def _to_uint8(frames: np.ndarray, into=None) -> Iterator:
-    """Frame by frame, in order, uint8 (H, W, 3) = round(clip(x, 0, 1) * 255) in the frames' own float type.
+    """Frame by frame, in order, uint8 (H, W, 3) = round(clip(x, 0, 1) * 255) in the frames' own float type
+    (uint8 frames as they are).
 
     `into()`, if given, makes each frame's destination: (what to yield, its uint8 (H, W, 3) view), so the mp4
     writer gets frames converted straight into the encoder's buffers. The frames convert in worker threads (numpy
@@ -229,6 +254,11 @@ def _to_uint8(frames: np.ndarray, into=None) -> Iterator:
 
     def convert(frame):
         held, out = into() if into else (None, None)
+        if frame.dtype == np.uint8:
+            if out is None:
+                return frame
+            np.copyto(out, frame)
+            return held
         if out is None:
             held = out = np.empty(frame.shape, np.uint8)
         work = np.clip(frame, 0.0, 1.0)

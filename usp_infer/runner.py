@@ -197,6 +197,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
         fingerprint,
         remove_stale_temps,
         sidecar_path,
+        uint8_frames_suffice,
         write_json_atomic,
         write_video,
     )
@@ -260,7 +261,8 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
         try:
             try:
                 result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
-                                       vae_tiling=s.vae_tiling, say=said)
+                                       vae_tiling=s.vae_tiling, say=said,
+                                       uint8_frames=uint8_frames_suffice(item.output))
             except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
                 kept = keep_latents(item, s, e.result)
                 raise RuntimeError(

@@ -103,11 +103,19 @@ def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None
     return step, state
 
 
-def step_flops(cfg: LTX2Config, s) -> dict[str, float]:
+def step_flops(cfg: LTX2Config, s, cfg_degree: int | None = 1) -> dict[str, float]:
+    """The FLOPs of one step's forwards as this code runs them on a cfg degree (None: as diffusers' pipeline
+    runs them): the perturbed row skips the blocks before the first STG block where it shares a batch with the
+    cond row (batched branches, both on one cfg rank: run_branches puts branch j on rank j % degree)."""
     grid = s.grid
-    names = [n for n in guidance(cfg, s.branches).branches() if n != "perturbed" or cfg.perturbed_attn]
+    g = guidance(cfg, s.branches)
+    names = [n for n in g.branches() if n != "perturbed" or cfg.perturbed_attn]
+    shared = 0
+    if cfg_degree is not None and s.branch_mode == "batched" and "perturbed" in names:
+        if names.index("perturbed") % cfg_degree == names.index("cond") % cfg_degree:
+            shared = min(g.stg_blocks)
     parts = flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, len(names),
-                  isolated=names.count("isolated"))
+                  isolated=names.count("isolated"), shared_blocks=shared)
     parts.pop("total")  # the record sums the parts itself
     return parts
 

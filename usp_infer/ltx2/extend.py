@@ -40,7 +40,8 @@ def join(req, frames: np.ndarray, waveform: np.ndarray | None, rate: int) -> tup
 
     clip, fps = read_video(req.extend)
     k = req.extend_frames
-    video = np.concatenate([clip.astype(np.float32) / 255.0, frames[k:]])
+    # the clip's decoded pixels as they are (frames in uint8), or as floats the writers round back to them
+    video = np.concatenate([clip if frames.dtype == np.uint8 else clip.astype(np.float32) / 255.0, frames[k:]])
     if waveform is None:
         return video, None
     try:

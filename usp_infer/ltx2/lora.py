@@ -225,8 +225,11 @@ class Fuser:
         with torch.no_grad():
             for name, (b, a, scale) in self._file(path).deltas.items():
                 w = self.params[name]
-                if w.dtype != torch.float8_e4m3fn:  # the sum in fp32, then rounded once
-                    w.copy_((w.float() + self._delta(b, a, scale, strength, w).float()).to(w.dtype))
+                if w.dtype != torch.float8_e4m3fn:
+                    # w + s B A in one GEMM: the product accumulated and added in fp32, rounded once, in place
+                    # (no fp32 copies of the weight: ~4 bytes moved per weight instead of ~36)
+                    b, a = (t.to(w.device, w.dtype, non_blocking=True) for t in (b, a))
+                    w.addmm_(b, a, alpha=strength * scale)
 
     def _requantize(self, names) -> None:
         """Each float8 weight among `names` := quantize(dequantize(its base) + the active LoRAs' deltas)."""

@@ -611,6 +611,7 @@ class LTX2Transformer(nn.Module):
         isolate_rows: Tensor | None = None,
         text_rows: tuple[int, ...] | None = None,
         stg_audio: bool = True,
+        stg_source: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
@@ -622,12 +623,69 @@ class LTX2Transformer(nn.Module):
         prompt and text_rows[b] names batch row b's; the text's keys and values are then projected once per
         prompt. Rows sharing a prompt must share sigma and audio_sigma (they modulate the text).
         stg_audio False: STG perturbs the video's self-attention alone (Lightricks' audio-to-video).
+        stg_source: a row that is neither STG nor isolated and shares its text row with every STG row, whose
+        inputs (video, audio, timesteps) the caller vouches are the STG rows' own (the perturbed branch is the
+        cond branch with some blocks perturbed): the STG rows are then not computed before the first STG block,
+        where they start as copies of that row's hidden states. The same function, fewer FLOPs: LTX-2.3's
+        perturbed branch runs 20 of its 48 blocks.
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
-                           (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows, text_rows)
+                           (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows, text_rows,
+                           stg_source)
         cfg, B, dtype = self.cfg, video.shape[0], video.dtype
         x, a = self.proj_in(video), self.audio_proj_in(audio)
+        per_row = (timestep, audio_timestep, sigma, audio_sigma, isolate_rows, text_rows)
+        context = (text, audio_text, text_mask, audio_text_mask)
+        c, head = self._condition(*context, *per_row, dtype)
 
+        if stg_rows is None:
+            stg_rows = torch.ones(B, dtype=torch.bool)
+        stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
+        # Only blocks built with perturbed_attn (LTX-2.3 weights) can be perturbed; diffusers ignores the STG
+        # blocks of an LTX-2.0 model, and so does this.
+        perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
+        first = 0
+        if stg_source is not None and perturbed:
+            # Before the first perturbed block an STG row computes what its source row computes: run the other
+            # rows alone that far, then give each STG row a copy of its source's hidden states.
+            flags = stg_rows.tolist()
+            kept = [i for i in range(B) if not flags[i]]
+            first = min(perturbed)
+            pick = lambda t: None if t is None else (  # noqa: E731  the kept rows of a per-row input
+                tuple(t[i] for i in kept) if isinstance(t, tuple) else t[kept])
+            prefix, _ = self._condition(*context, *map(pick, per_row), dtype)
+            xk, ak = x[kept], a[kept]
+            for block in self.transformer_blocks[:first]:
+                xk, ak = block(xk, ak, prefix, rope, attn, None, stg_audio)
+            source = [kept.index(stg_source if flags[i] else i) for i in range(B)]
+            x, a = xk[source], ak[source]
+        for i, block in enumerate(self.transformer_blocks[first:], start=first):
+            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
+
+        video_embedded, runs, audio_embedded = head
+        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], runs, _SHIFT_SCALE)
+        x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
+        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
+        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
+        return self.proj_out(x), self.audio_proj_out(a)
+
+    def _condition(
+        self,
+        text: Tensor,
+        audio_text: Tensor,
+        text_mask: Tensor | None,
+        audio_text_mask: Tensor | None,
+        timestep: Tensor,
+        audio_timestep: Tensor,
+        sigma: Tensor,
+        audio_sigma: Tensor,
+        isolate_rows: Tensor | None,
+        text_rows: tuple[int, ...] | None,
+        dtype: torch.dtype,
+    ) -> tuple[_Conditioning, tuple]:
+        """What every block of a batch reads (see forward), and the output head's (video embedding, runs, audio
+        embedding)."""
+        cfg, B, device = self.cfg, timestep.shape[0], timestep.device
         # Per-token timesteps take few values (two in image-to-video): embed each once, modulate per run of tokens.
         if timestep.ndim == 2:
             t, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S_v)
@@ -655,24 +713,10 @@ class LTX2Transformer(nn.Module):
         audio_text, audio_text_bias = _text_bias(audio_text, audio_text_mask, dtype)
         rows = None if text_rows is None else list(text_rows)
         text_bias, audio_text_bias = (None if t is None else _per_row(rows, t)[0] for t in (text_bias, audio_text_bias))
-        cross_rows, keep_cross = _cross_rows(isolate_rows, B, x.device, dtype)
+        cross_rows, keep_cross = _cross_rows(isolate_rows, B, device, dtype)
         c = _Conditioning(video_temb, runs, audio_temb, video_cross, video_cross_runs, audio_cross, prompt,
                           audio_prompt, text, audio_text, text_bias, audio_text_bias, rows, cross_rows, keep_cross)
-
-        if stg_rows is None:
-            stg_rows = torch.ones(B, dtype=torch.bool)
-        stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
-        # Only blocks built with perturbed_attn (LTX-2.3 weights) can be perturbed; diffusers ignores the STG
-        # blocks of an LTX-2.0 model, and so does this.
-        perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
-        for i, block in enumerate(self.transformer_blocks):
-            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
-
-        shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], runs, _SHIFT_SCALE)
-        x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), scale)  # scale holds 1 + scale
-        shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
-        a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
-        return self.proj_out(x), self.audio_proj_out(a)
+        return c, (video_embedded, runs, audio_embedded)
 
     def _check_inputs(
         self,
@@ -689,6 +733,7 @@ class LTX2Transformer(nn.Module):
         stg_rows: Tensor | None,
         isolate_rows: Tensor | None,
         text_rows: tuple[int, ...] | None,
+        stg_source: int | None,
     ) -> None:
         cfg = self.cfg
         B, S, S_a = video.shape[0], video.shape[1], audio.shape[1]
@@ -725,6 +770,15 @@ class LTX2Transformer(nn.Module):
             if rows is not None and (rows.dtype != torch.bool or tuple(rows.shape) != (B,)):
                 raise ValueError(f"{name}: need ({B},) bool, one flag per batch row, got {rows.dtype} "
                                  f"{tuple(rows.shape)}")
+        if stg_source is not None:
+            stg = [True] * B if stg_rows is None else stg_rows.tolist()
+            isolated = [False] * B if isolate_rows is None else isolate_rows.tolist()
+            if not 0 <= stg_source < B or stg[stg_source] or isolated[stg_source]:
+                raise ValueError(f"stg_source {stg_source}: need a batch row (0..{B - 1}) that is neither STG nor "
+                                 "isolated")
+            if text_rows is None or any(f and text_rows[i] != text_rows[stg_source] for i, f in enumerate(stg)):
+                raise ValueError(f"stg_source {stg_source}: every STG row must share its text row (text_rows "
+                                 f"{text_rows})")
 
 
 def load_transformer(
@@ -745,10 +799,12 @@ def load_transformer(
 
 
 def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int,
-          isolated: int = 0) -> dict[str, float]:
+          isolated: int = 0, shared_blocks: int = 0) -> dict[str, float]:
     """Analytic forward FLOPs (2 per multiply-add) by part; each attention counts its projections and its
     score/value products. "other" is the input/output and caption projections, timestep embeddings and gates.
-    `isolated` of the batch rows are modality-isolated: they run no audio<->video attention."""
+    `isolated` of the batch rows are modality-isolated: they run no audio<->video attention. `shared_blocks`:
+    block evaluations a perturbed row does not run (the blocks before the first STG block, where it starts
+    from the cond row's hidden states: forward's stg_source), summed over such rows."""
     Sv, Sa, L = video_tokens, audio_tokens, text_tokens
     d, da = cfg.inner_dim, cfg.audio_inner_dim
 
@@ -768,7 +824,11 @@ def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: in
         "other": 2 * 2 * (cfg.gated_attn * Sv * d * cfg.num_attention_heads
                           + cfg.audio_gated_attn * Sa * da * cfg.audio_num_attention_heads),
     }
-    result = {k: v * cfg.num_layers for k, v in per_block.items()}
+    # Block evaluations: every row through every block, less the shared ones; no isolated row runs the
+    # audio<->video attentions (a perturbed row sharing blocks is never isolated).
+    runs = batch * cfg.num_layers - shared_blocks
+    result = {k: float(v * (runs - isolated * cfg.num_layers if k == "audio_video_cross_attention" else runs))
+              for k, v in per_block.items()}
     caption = 2 * L * (cfg.caption_channels * (d + da) + d * d + da * da) if cfg.use_prompt_embeddings else 0
     # One embedding per sample (per distinct timestep for per-token ones): 256 -> D -> D -> n*D.
     embedders = [(d, 9 if cfg.cross_attn_mod else 6), (da, 9 if cfg.audio_cross_attn_mod else 6),
@@ -777,8 +837,6 @@ def flops(cfg: LTX2Config, video_tokens: int, audio_tokens: int, text_tokens: in
         embedders += [(d, 2), (da, 2)]
     embeddings = sum(2 * (256 * dim + dim * dim + dim * n * dim) for dim, n in embedders)
     io = 2 * (Sv * d * (cfg.in_channels + cfg.out_channels) + Sa * da * (cfg.audio_in_channels + cfg.audio_out_channels))
-    result["other"] += caption + embeddings + io
-    result = {k: float(v * (batch - isolated if k == "audio_video_cross_attention" else batch))
-              for k, v in result.items()}
+    result["other"] += float((caption + embeddings + io) * batch)
     result["total"] = sum(result.values())
     return result

@@ -334,7 +334,7 @@ def guide(
 
 @dataclass
 class Result:
-    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1]; main rank only
+    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1] (or uint8: generate's uint8_frames); main rank only
     audio: np.ndarray | None  # (channels, samples) float32 in [-1, 1]; main rank only
     sample_rate: int
     latents: np.ndarray | None  # (C, F', H', W') float32, what the video VAE decodes
@@ -399,6 +399,8 @@ class BranchForward:
             stg_rows=rows("perturbed") if "perturbed" in names else None,
             isolate_rows=rows("isolated") if "isolated" in names else None,
             text_rows=tuple(distinct.index(p) for p in prompts) if len(distinct) < b else None,
+            # the perturbed branch is the cond branch up to the first STG block: computed from there on only
+            stg_source=names.index("cond") if "perturbed" in names and "cond" in names else None,
             **extra,
         )
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
@@ -444,15 +446,16 @@ class Denoiser:
 
 @torch.no_grad()
 def generate(c: Components, req: LTX2Request, plan: Plan | None = None, progress: bool = True,
-             vae_tiling: bool = False, say: Callable[[str], None] | None = None) -> Result:
+             vae_tiling: bool = False, say: Callable[[str], None] | None = None, uint8_frames: bool = False) -> Result:
     """One video with sound, one stage (stages.generate runs two); `say` hears what is happening around the
-    step bar (the main rank's only)."""
+    step bar (the main rank's only); uint8_frames: Result.frames as the mp4 / png writers take them."""
     say = say or (lambda message: None)
     plan = plan or Plan.build(ParallelConfig(), str(c.device))  # one process: no process group
     start = time.perf_counter()
     stage = run_one_stage(c, req, plan, progress, say, torch.Generator("cpu").manual_seed(req.seed))
     phases = {"stage1_s": time.perf_counter() - start - stage.encode_text_time}
-    return finish(c, req, plan, stage, {"name": req.recipe.name, "stage1": stage.record}, phases, vae_tiling, say)
+    return finish(c, req, plan, stage, {"name": req.recipe.name, "stage1": stage.record}, phases, vae_tiling, say,
+                  uint8_frames)
 
 
 @dataclass
@@ -571,8 +574,9 @@ def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: di
 
 
 def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: dict, phases: dict,
-           vae_tiling: bool, say: Callable[[str], None]) -> Result:
-    """Decode the last stage's latents on the main rank (the others return timings only)."""
+           vae_tiling: bool, say: Callable[[str], None], uint8_frames: bool = False) -> Result:
+    """Decode the last stage's latents on the main rank (the others return timings only); uint8_frames: the
+    frames as the mp4 / png writers take them (decode_video)."""
     lay, times = stage.layout, stage.step_times
     if not plan.is_main:
         return Result(None, None, c.sample_rate, None, None, times, encode_text_time=stage.encode_text_time,
@@ -581,7 +585,7 @@ def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: di
     say("decoding" + (" in tiles" if vae_tiling else ""))
     if vae_tiling:
         c.vae.enable_tiling()
-    frames, latents = decode_video(c, stage.video, lay)
+    frames, latents = decode_video(c, stage.video, lay, uint8_frames)
     phases["video_decode_s"] = time.perf_counter() - start
     rate = c.sample_rate
     if req.audio_input is not None:  # the output carries the given sound itself, as Lightricks' A2V returns it
@@ -601,8 +605,11 @@ def finish(c: Components, req: LTX2Request, plan: Plan, stage: Stage, recipe: di
 
 
 @torch.no_grad()
-def decode_video(c: Components, tokens: torch.Tensor, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """Packed normalised video latents -> frames (F, H, W, 3) in [0, 1], and the latents the VAE decoded."""
+def decode_video(c: Components, tokens: torch.Tensor, lay: Layout, uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Packed normalised video latents -> frames (F, H, W, 3) in [0, 1] (uint8: media.video_frames), and the
+    latents the VAE decoded."""
+    from ..media import video_frames
+
     mean, std = _video_stats(c.vae)
     latents = unpack_video(tokens.float().cpu(), lay.frames, lay.height, lay.width)
     latents = latents * std / c.vae.config.scaling_factor + mean
@@ -610,10 +617,7 @@ def decode_video(c: Components, tokens: torch.Tensor, lay: Layout) -> tuple[np.n
     if c.vae.config.timestep_conditioning:  # the real 2.x VAEs are not; diffusers' default decode_timestep is 0
         decode_t = torch.zeros(1, device=c.device, dtype=c.vae.dtype)
     video = c.vae.decode(latents.to(c.device, c.vae.dtype), decode_t, return_dict=False)[0]
-    # (3, F, H, W) -> (F, H, W, 3), made contiguous where the video is: one plain copy to the host, and frames
-    # the writer reads row by row (a strided view costs it ~1.7x)
-    frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous().cpu().numpy()
-    return frames, latents[0].numpy()
+    return video_frames(video[0], uint8), latents[0].numpy()
 
 
 @torch.no_grad()

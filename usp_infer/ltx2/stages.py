@@ -95,15 +95,16 @@ def upsample(c: p.Components, folder: str, tokens: torch.Tensor, lay: p.Layout) 
 
 
 def generate(c: p.Components, req: LTX2Request, plan=None, progress: bool = True, vae_tiling: bool = False,
-             say=None) -> p.Result:
+             say=None, uint8_frames: bool = False) -> p.Result:
     """The family's generate (families.py): one stage (pipeline.generate), or two with --two-stage."""
     if not req.recipe.two_stage:
-        return p.generate(c, req, plan, progress, vae_tiling, say)
+        return p.generate(c, req, plan, progress, vae_tiling, say, uint8_frames)
     plan = plan or p.Plan.build(p.ParallelConfig(), str(c.device))  # one process: no process group
-    return generate_two_stage(c, req, plan, progress, vae_tiling, say or (lambda message: None))
+    return generate_two_stage(c, req, plan, progress, vae_tiling, say or (lambda message: None), uint8_frames)
 
 
-def generate_two_stage(c: p.Components, req: LTX2Request, plan, progress: bool, vae_tiling: bool, say) -> p.Result:
+def generate_two_stage(c: p.Components, req: LTX2Request, plan, progress: bool, vae_tiling: bool, say,
+                       uint8_frames: bool = False) -> p.Result:
     r = req.recipe
     half = replace(req, height=req.height // 2, width=req.width // 2, recipe=replace(r, two_stage=False))
     generator = torch.Generator("cpu").manual_seed(req.seed)  # rank 0 draws from it, stage 1 then stage 2
@@ -135,4 +136,4 @@ def generate_two_stage(c: p.Components, req: LTX2Request, plan, progress: bool, 
               "stage2": {"steps": len(timesteps), "sigmas": sigmas[:-1].tolist(), "noise_scale": r.stage2_sigmas[0],
                          "guidance": "off", "loras": loras}}
     stage = p.Stage(video, audio, lay, first.text, first.step_times + times, first.encode_text_time, recipe["stage2"])
-    return p.finish(c, req, plan, stage, recipe, phases, vae_tiling, say)
+    return p.finish(c, req, plan, stage, recipe, phases, vae_tiling, say, uint8_frames)

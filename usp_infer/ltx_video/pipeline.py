@@ -101,7 +101,7 @@ def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, re
 
 @dataclass
 class Result:
-    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1]; main rank only
+    frames: np.ndarray | None  # (F, H, W, 3) float32 in [0, 1] (or uint8: generate's uint8_frames); main rank only
     latents: np.ndarray | None  # (C, F', H', W') float32, exactly what the VAE decodes; main rank only
     step_times: list[float] = field(default_factory=list)
     decode_time: float = 0.0
@@ -137,14 +137,18 @@ def decode_memory(vae, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int
     return 6 * values * torch.empty((), dtype=dtype).element_size()
 
 
-def decode_latents(vae, latents: torch.Tensor, decode_t: torch.Tensor | None, tiling: bool) -> np.ndarray:
-    """VAE input latents (1, C, F', H', W') -> frames (F, H, W, 3) float32 in [0, 1]; tiled on request."""
+def decode_latents(vae, latents: torch.Tensor, decode_t: torch.Tensor | None, tiling: bool,
+                   uint8: bool = False) -> np.ndarray:
+    """VAE input latents (1, C, F', H', W') -> frames (F, H, W, 3) float32 in [0, 1] (uint8:
+    media.video_frames); tiled on request."""
+    from ..media import video_frames
+
     if tiling:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
     video = vae.decode(latents.to(vae.dtype), decode_t, return_dict=False)[0]
-    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+    return video_frames(video[0], uint8)
 
 
 def needs_tiling(vae, latent_shape: tuple[int, ...], device: torch.device, asked: bool) -> bool:
@@ -276,8 +280,9 @@ def prepare_inputs(c: Components, req: GenerateRequest, schedule) -> tuple[Input
 
 @torch.no_grad()
 def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = True, vae_tiling: bool = False,
-             say=lambda message: None) -> Result:
-    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop."""
+             say=lambda message: None, uint8_frames: bool = False) -> Result:
+    """`say` prints what is happening (the main rank's progress lines); the step bar shows the loop;
+    uint8_frames: Result.frames as the mp4 / png writers take them (media.video_frames)."""
     from tqdm import tqdm
 
     t_cfg = c.transformer.cfg
@@ -355,7 +360,7 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
     else:
         say("decoding" + (" in tiles" if tiling else ""))
     try:
-        result.frames = decode_latents(c.vae, latents, decode_t, tiling)
+        result.frames = decode_latents(c.vae, latents, decode_t, tiling, uint8_frames)
     except (RuntimeError, MemoryError) as e:  # out of memory (torch raises RuntimeError on the CPU), a kernel failure
         raise DecodeError(f"the VAE decode failed ({type(e).__name__}: {e})", result) from e
     result.decode_time = time.perf_counter() - start
