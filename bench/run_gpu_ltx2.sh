@@ -8,6 +8,7 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes # whole LTX-2.3 generations by phase, compiled (bench --recipe; needs
 #                                              # diffusers and PyAV wheels in .whl/): two-stage distilled at
 #                                              # 1536x1024x121, two-stage dev and distilled at 768x512x121 output
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-1536 # (recipes-768) one half of `recipes`
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8 # two-stage distilled 1536x1024x121, bf16 then fp8, compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-768-fp8 # two-stage dev 768x512x121, bf16 then fp8, compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
@@ -73,6 +74,9 @@ recipes)  # issue 23's targets: <= 12 s (two-stage distilled, 1536x1024x121), <=
   bench e2e-1536 330 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile
   bench e2e-768 250 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled --compile
   ;;
+recipes-1536)  # the 1536x1024x121 half of `recipes`
+  bench e2e-1536 330 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile
+  ;;
 recipes-768)  # the 768x512x121 half of `recipes`
   bench e2e-768 250 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled --compile
   ;;
@@ -80,7 +84,7 @@ recipes-fp8)  # issue 25's: <= 8 s two-stage distilled in fp8 (bf16 and fp8 rows
   bench e2e-1536-fp8 540 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8
   ;;
 step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's <= 900 ms)
-  bench ltx23-6144-fp8 220 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
+  bench ltx23-6144-fp8 200 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
   ;;
 recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
@@ -96,7 +100,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-768, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac
