@@ -7,7 +7,10 @@
 
 Rows are `implementation == "usp-infer"` records with two or more ranks; each is predicted with the
 constants of the code that ran it (costs.json set '2026-11-28'; run1 and run2 ran copies before the
-16-byte-word ones: copy_tbps 1.39). Where a row helped fit a constant, the table says so.
+16-byte-word ones: copy_tbps 1.39). Where a row's step time set a constant, the table says so. With --rank-share
+a row with a share of its layout, token count, compile setting and a2a mode takes that measured share in place of
+the modelled compute; the shares ran run3's code (8c0ba2b), so a run1/run2 row adds the modelled difference of
+its slower layout copies.
 """
 
 from __future__ import annotations
@@ -78,22 +81,36 @@ def load_rows() -> list[dict]:
     return rows
 
 
+RANK_SHARE = ROOT / "bench/results/2026-12-04-h200x1/rank-share"  # one rank's shares of 8c0ba2b (run3's code)
+
+
 def rank_share_compute(folder: Path) -> dict:
-    """(shape, tokens, layout, compiled) -> ms of one rank's share, from bench/rank_share.py records."""
+    """(shape, tokens, layout, compiled, a2a mode) -> ms of one rank's share, from bench/rank_share.py records."""
     found = {}
     for path in sorted(folder.glob("*.json")):
         for r in json.loads(path.read_text()):
             if r.get("implementation") == "usp-infer":
-                found[r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"]] = r["ms_per_step"]
+                key = r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"], r["a2a_mode"]
+                found[key] = r["ms_per_step"]
     return found
 
 
-def _with_rank_share(p: cm.Prediction, w: cm.Workload, lay: tuple, measured: float, costs: dict) -> float:
-    """The measured per-rank step, less the loopback's own copies (each payload read and written once at the copy
-    rate), plus the modelled exposed exchange; the host floor as the model has it."""
-    copies = sum(2 * b for b in cm.exchange_bytes(w, lay).values()) / (costs["copy_tbps"]["value"] * 1e9)
+def loopback_copies_ms(w: cm.Workload, lay: tuple, costs: dict) -> float:
+    """What bench/loopback.py adds to a share in place of the exchanges: each all-to-all and ring payload copied
+    once (read and written), the cfg gather's into every slot; all-reduces move nothing."""
+    b = cm.exchange_bytes(w, lay)
+    moved = b["ulysses_all_to_all"] + b["ring_p2p"] + b["cfg_gather"] * lay[0]
+    return 2 * moved / (costs["copy_tbps"]["value"] * 1e9)
+
+
+def _with_rank_share(p: cm.Prediction, share_code: cm.Prediction, w: cm.Workload, lay: tuple, measured: float,
+                     costs: dict) -> float:
+    """The measured per-rank step, less the loopback's own copies, plus the modelled exposed exchange; the host
+    floor as the model has it. `share_code` is the model for the code the share was timed with: a row of other code
+    (run1, run2: slower layout copies) gets the modelled difference of its layout copies on top."""
+    code = p.parts["layout_copies"] - share_code.parts["layout_copies"]
     exposed = p.parts["all_to_all"] + p.parts["ring_exposed"] + p.parts["small_collectives"]
-    return max(measured - copies + exposed, p.parts["host"])
+    return max(measured - loopback_copies_ms(w, lay, costs) + code + exposed, p.parts["host"])
 
 
 def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dict], float]:
@@ -106,17 +123,19 @@ def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dic
         lay = (r["cfg"], r["ring"], r["ulysses"])
         w = record_workload(r)
         p = cm.predict(w, lay, costs)
-        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"]))
+        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"], r["a2a_mode"]))
         if share is not None:
-            p = cm.Prediction(lay, _with_rank_share(p, w, lay, share, costs), p.parts)
+            p = cm.Prediction(lay, _with_rank_share(p, cm.predict(w, lay, base), w, lay, share, base), p.parts)
         key = (r["run"], r["shape"], r["tokens"], lay, r["a2a_mode"])
-        out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1,
+        out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1, "share": share,
                     "fitted": CALIBRATION.get(key) if r.get("overlap_chunks", 1) == 1 and not r["compiled"] else None})
     return out, max(abs(x["error"]) for x in out)
 
 
-def winners(out: list[dict]) -> list[tuple]:
-    """Per launch group (run, shape, tokens, world, mode, chunks, compile): the measured and the predicted fastest."""
+def winners(out: list[dict], strict: bool = False) -> list[tuple]:
+    """Per launch group (run, shape, tokens, world, mode, chunks, compile): the measured fastest and the layout the
+    chooser picks from the predictions (ties within 1% to the larger Ulysses degree: costmodel.fastest); `strict`:
+    the predicted fastest."""
     groups: dict[tuple, list[dict]] = {}
     for x in out:
         key = (x["run"], x["shape"], x["tokens"], x["branch_mode"], x["world_size"], x["a2a_mode"],
