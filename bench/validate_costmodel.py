@@ -28,9 +28,11 @@ from usp_infer.parallel import costmodel as cm
 
 RECORDS = ["bench/results/2026-11-28-h200x4/run*/*.json", "bench/results/2026-11-28-h200x2-check/*.json"]
 BEFORE_WORD_COPIES = {"run1-core", "run2-final"}  # their usp.py packed with torch.stack / per-element copy_
-# Rows a constant was fitted on (costs.json says which): predictions elsewhere, calibration here.
+# Rows whose step time set a constant (costs.json says which): predictions elsewhere, calibration here. The
+# all-to-all overlap is bench --comm-share's exposed exchange, step - step with local copies + the copies.
 CALIBRATION = {
-    ("run2-final", "ltx-video-13b", 6144, (1, 4, 1), "direct"): "ring_merge_tbps",
+    ("run3-ulysses", "ltx-video-13b", 6144, (1, 1, 2), "direct"): "all_to_all_overlap",
+    ("run3-ulysses", "ltx-video-13b", 6144, (1, 1, 4), "direct"): "all_to_all_overlap",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "direct"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "functional"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 2, 1), "direct"): "host_ms_per_ring_step",
@@ -207,6 +209,28 @@ def calibrate() -> dict:
     return found
 
 
+def ring_merge_tbps(folder: Path = RANK_SHARE) -> float:
+    """ring_merge_tbps from one rank's shares (eager, direct, 13B, 6,144 tokens, the 2026-11-28 code): a ring
+    layout's share less the Ulysses 4 share is its merges plus what else differs between the two as the model counts
+    it (attention in ring chunks, the loopback's copies, Ulysses's layout copies; GEMMs and the memory-bound passes
+    are the same); the merges' bytes over that time, ring 4 and Ulysses 2 x ring 2 pooled."""
+    costs = cm.load_costs("2026-11-28")
+    shares = rank_share_compute(folder)
+    work = shape_workload("ltx-video-13b", 512, 768, 121, 3, text_tokens=24)
+    probe = {**costs, "ring_merge_tbps": {"value": 1.0}}  # ring_merge in ms = GB merged
+
+    def other(lay: tuple) -> tuple[float, float]:  # (the share less the modelled rest, the merges' GB)
+        p = cm.predict(work, lay, probe).parts
+        share = shares["ltx-video-13b", 6144, lay, False, "direct"]
+        return share - loopback_copies_ms(work, lay, costs) - p["attention"] - p["layout_copies"], p["ring_merge"]
+
+    base, _ = other((1, 1, 4))
+    found = [other(lay) for lay in ((1, 4, 1), (1, 2, 2))]
+    for lay, (ms, gb) in zip(((1, 4, 1), (1, 2, 2)), found):
+        print(f"ring merges, {_lay(lay)}: {ms - base:.1f} ms for {gb:.1f} GB: {gb / (ms - base):.2f} TB/s")
+    return round(sum(gb for _, gb in found) / sum(ms - base for ms, _ in found), 2)
+
+
 def print_predictions() -> None:
     costs = cm.load_costs("current")
     for shape, sizes, branches in (("ltx-2.3-22b", ((512, 768, 121), (1024, 1536, 121)), 4),
@@ -230,7 +254,7 @@ def main() -> None:
     ap.add_argument("--rank-share", type=Path, help="folder of bench/rank_share.py records (one GPU, the same code)")
     args = ap.parse_args()
     if args.calibrate:
-        print(json.dumps(calibrate(), indent=1))
+        print(json.dumps({**calibrate(), "ring_merge_tbps": ring_merge_tbps()}, indent=1))
     elif args.predict:
         print_predictions()
     else:
