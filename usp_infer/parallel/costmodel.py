@@ -284,9 +284,17 @@ def ranked(world: int, w: Workload, costs: dict | None = None, max_cfg: int | No
     order = sorted((predict(w, lay, costs) for lay in candidates(world, w, max_cfg)), key=lambda p: p.ms)
     if not order:
         return order
-    close = [p for p in order if p.ms <= order[0].ms * (1 + _value(costs, "tie_fraction"))]
-    first = min(close, key=lambda p: (-p.layout[2], p.layout[1]))
+    first = fastest(order, costs)
     return [first] + [p for p in order if p is not first]
+
+
+def fastest(predictions: list[Prediction], costs: dict | None = None) -> Prediction:
+    """The chooser's pick: the fastest prediction, or among those within `tie_fraction` of it the one with the
+    larger Ulysses degree (then the smaller ring degree)."""
+    costs = costs or load_costs()
+    top = min(p.ms for p in predictions)
+    close = [p for p in predictions if p.ms <= top * (1 + _value(costs, "tie_fraction"))]
+    return min(close, key=lambda p: (-p.layout[2], p.layout[1]))
 
 
 def choose(world: int, w: Workload, costs: dict | None = None) -> Choice | None:
