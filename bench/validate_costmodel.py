@@ -28,11 +28,8 @@ from usp_infer.parallel import costmodel as cm
 
 RECORDS = ["bench/results/2026-11-28-h200x4/run*/*.json", "bench/results/2026-11-28-h200x2-check/*.json"]
 BEFORE_WORD_COPIES = {"run1-core", "run2-final"}  # their usp.py packed with torch.stack / per-element copy_
-# Rows whose step time set a constant (costs.json says which): predictions elsewhere, calibration here. The
-# all-to-all overlap is bench --comm-share's exposed exchange, step - step with local copies + the copies.
+# Rows whose step time set a constant (costs.json says which): predictions elsewhere, calibration here.
 CALIBRATION = {
-    ("run3-ulysses", "ltx-video-13b", 6144, (1, 1, 2), "direct"): "all_to_all_overlap",
-    ("run3-ulysses", "ltx-video-13b", 6144, (1, 1, 4), "direct"): "all_to_all_overlap",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "direct"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "functional"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 2, 1), "direct"): "host_ms_per_ring_step",

@@ -3,8 +3,8 @@
     step = max(gpu, host)
     gpu  = per-rank compute (GEMMs, attention, memory-bound passes, the exchanges' layout copies and
            ring merges, at rates measured on one GPU) + exposed exchange time (the bytes the code's
-           collectives carry, at bandwidths from the recorded profiles, less the overlap measured
-           with `bench --comm-share`)
+           collectives carry, at bandwidths from the recorded profiles, less what overlaps them:
+           nothing today, as the profiles show)
     host = launch-bound floor: per layer, per all-to-all and per ring step host costs (measured)
 
 Plain functions over plain data; torch-free, so `info` and the CLI's layout choice stay fast. The
