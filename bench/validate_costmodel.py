@@ -7,7 +7,10 @@
 
 Rows are `implementation == "usp-infer"` records with two or more ranks; each is predicted with the
 constants of the code that ran it (costs.json set '2026-11-28'; run1 and run2 ran copies before the
-16-byte-word ones: copy_tbps 1.39). Where a row helped fit a constant, the table says so.
+16-byte-word ones: copy_tbps 1.39). Where a row's step time set a constant, the table says so. With --rank-share
+a row with a share of its layout, token count, compile setting and a2a mode takes that measured share in place of
+the modelled compute; the shares ran run3's code (8c0ba2b), so a run1/run2 row adds the modelled difference of
+its slower layout copies.
 """
 
 from __future__ import annotations
@@ -25,9 +28,8 @@ from usp_infer.parallel import costmodel as cm
 
 RECORDS = ["bench/results/2026-11-28-h200x4/run*/*.json", "bench/results/2026-11-28-h200x2-check/*.json"]
 BEFORE_WORD_COPIES = {"run1-core", "run2-final"}  # their usp.py packed with torch.stack / per-element copy_
-# Rows a constant was fitted on (costs.json says which): predictions elsewhere, calibration here.
+# Rows whose step time set a constant (costs.json says which): predictions elsewhere, calibration here.
 CALIBRATION = {
-    ("run2-final", "ltx-video-13b", 6144, (1, 4, 1), "direct"): "ring_merge_tbps",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "direct"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 1, 2), "functional"): "host_ms_per_all_to_all",
     ("run1-core", "ltx-video-2b", 640, (1, 2, 1), "direct"): "host_ms_per_ring_step",
@@ -38,8 +40,10 @@ BRANCHES = {1: ("cond",), 2: ("uncond", "cond"), 3: ("uncond", "cond", "perturbe
 
 def shape_workload(shape: str, height: int, width: int, frames: int, branches: int, *, text_tokens: int | None = None,
                    batched: bool = True, compiled: bool = False, a2a_mode: str = "direct",
-                   dtype_bytes: int = 2) -> cm.Workload:
-    """The bench's workload of a named shape (bench.SHAPES), as the cost model sees it."""
+                   dtype_bytes: int = 2, stg_shared: bool = False) -> cm.Workload:
+    """The bench's workload of a named shape (bench.SHAPES), as the cost model sees it. `stg_shared`: LTX-2's
+    perturbed row starts at the bench's STG block (block 28, or the last) where it shares a forward with cond, as
+    the code does since 2026-12-07; the LTX-2 records before ran it through every block."""
     from usp_infer.bench import SHAPES, latent_grid
 
     cfg = SHAPES[shape]
@@ -55,8 +59,11 @@ def shape_workload(shape: str, height: int, width: int, frames: int, branches: i
         names = ("cond", "uncond", "perturbed", "isolated")[:branches]
     if audio is not None and not cfg.perturbed_attn:
         names = tuple(n for n in names if n != "perturbed")
+    # LTX-2 only (LTX-Video keeps full perturbed rows); the block of ltx2/bench.py's guidance()
+    first = min(28, cfg.num_layers - 1) if stg_shared and audio is not None and "perturbed" in names else None
     return cm.Workload(cfg.num_layers, video, text_tokens if text_tokens is not None else 24, names, audio, batched,
-                       compiled, a2a_mode, text_kv_per_prompt=audio is not None, dtype_bytes=dtype_bytes)
+                       compiled, a2a_mode, text_kv_per_prompt=audio is not None, dtype_bytes=dtype_bytes,
+                       stg_first_block=first)
 
 
 def record_workload(r: dict) -> cm.Workload:
@@ -78,22 +85,36 @@ def load_rows() -> list[dict]:
     return rows
 
 
+RANK_SHARE = ROOT / "bench/results/2026-12-04-h200x1/rank-share"  # one rank's shares of 8c0ba2b (run3's code)
+
+
 def rank_share_compute(folder: Path) -> dict:
-    """(shape, tokens, layout, compiled) -> ms of one rank's share, from bench/rank_share.py records."""
+    """(shape, tokens, layout, compiled, a2a mode) -> ms of one rank's share, from bench/rank_share.py records."""
     found = {}
     for path in sorted(folder.glob("*.json")):
         for r in json.loads(path.read_text()):
             if r.get("implementation") == "usp-infer":
-                found[r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"]] = r["ms_per_step"]
+                key = r["shape"], r["tokens"], (r["cfg"], r["ring"], r["ulysses"]), r["compiled"], r["a2a_mode"]
+                found[key] = r["ms_per_step"]
     return found
 
 
-def _with_rank_share(p: cm.Prediction, w: cm.Workload, lay: tuple, measured: float, costs: dict) -> float:
-    """The measured per-rank step, less the loopback's own copies (each payload read and written once at the copy
-    rate), plus the modelled exposed exchange; the host floor as the model has it."""
-    copies = sum(2 * b for b in cm.exchange_bytes(w, lay).values()) / (costs["copy_tbps"]["value"] * 1e9)
+def loopback_copies_ms(w: cm.Workload, lay: tuple, costs: dict) -> float:
+    """What bench/loopback.py adds to a share in place of the exchanges: each all-to-all and ring payload copied
+    once (read and written), the cfg gather's into every slot; all-reduces move nothing."""
+    b = cm.exchange_bytes(w, lay)
+    moved = b["ulysses_all_to_all"] + b["ring_p2p"] + b["cfg_gather"] * lay[0]
+    return 2 * moved / (costs["copy_tbps"]["value"] * 1e9)
+
+
+def _with_rank_share(p: cm.Prediction, share_code: cm.Prediction, w: cm.Workload, lay: tuple, measured: float,
+                     costs: dict) -> float:
+    """The measured per-rank step, less the loopback's own copies, plus the modelled exposed exchange; the host
+    floor as the model has it. `share_code` is the model for the code the share was timed with: a row of other code
+    (run1, run2: slower layout copies) gets the modelled difference of its layout copies on top."""
+    code = p.parts["layout_copies"] - share_code.parts["layout_copies"]
     exposed = p.parts["all_to_all"] + p.parts["ring_exposed"] + p.parts["small_collectives"]
-    return max(measured - copies + exposed, p.parts["host"])
+    return max(measured - loopback_copies_ms(w, lay, costs) + code + exposed, p.parts["host"])
 
 
 def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dict], float]:
@@ -106,17 +127,19 @@ def validate(rows: list[dict], rank_share: dict | None = None) -> tuple[list[dic
         lay = (r["cfg"], r["ring"], r["ulysses"])
         w = record_workload(r)
         p = cm.predict(w, lay, costs)
-        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"]))
+        share = (rank_share or {}).get((r["shape"], r["tokens"], lay, r["compiled"], r["a2a_mode"]))
         if share is not None:
-            p = cm.Prediction(lay, _with_rank_share(p, w, lay, share, costs), p.parts)
+            p = cm.Prediction(lay, _with_rank_share(p, cm.predict(w, lay, base), w, lay, share, base), p.parts)
         key = (r["run"], r["shape"], r["tokens"], lay, r["a2a_mode"])
-        out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1,
+        out.append({**r, "layout": lay, "predicted": p.ms, "error": p.ms / r["ms_per_step"] - 1, "share": share,
                     "fitted": CALIBRATION.get(key) if r.get("overlap_chunks", 1) == 1 and not r["compiled"] else None})
     return out, max(abs(x["error"]) for x in out)
 
 
-def winners(out: list[dict]) -> list[tuple]:
-    """Per launch group (run, shape, tokens, world, mode, chunks, compile): the measured and the predicted fastest."""
+def winners(out: list[dict], strict: bool = False) -> list[tuple]:
+    """Per launch group (run, shape, tokens, world, mode, chunks, compile): the measured fastest and the layout the
+    chooser picks from the predictions (ties within 1% to the larger Ulysses degree: costmodel.fastest); `strict`:
+    the predicted fastest."""
     groups: dict[tuple, list[dict]] = {}
     for x in out:
         key = (x["run"], x["shape"], x["tokens"], x["branch_mode"], x["world_size"], x["a2a_mode"],
@@ -127,7 +150,10 @@ def winners(out: list[dict]) -> list[tuple]:
         if len({x["layout"] for x in xs}) < 2:
             continue
         measured = min(xs, key=lambda x: x["ms_per_step"])["layout"]
-        predicted = min(xs, key=lambda x: x["predicted"])["layout"]
+        if strict:
+            predicted = min(xs, key=lambda x: x["predicted"])["layout"]
+        else:
+            predicted = cm.fastest([cm.Prediction(x["layout"], x["predicted"]) for x in xs]).layout
         result.append((key, measured, predicted))
     return result
 
@@ -150,10 +176,28 @@ def print_validation(rank_share: Path | None = None) -> None:
     print(f"\n{len(out)} rows; max |error| {100 * worst:.1f}%; mean {100 * sum(abs(x['error']) for x in out) / len(out):.1f}%")
     big = [x for x in out if not (x["shape"] == "ltx-video-2b" and x["tokens"] == 640)]
     print(f"without the host-bound 2B 640-token rows: {len(big)} rows, max |error| {100 * max(abs(x['error']) for x in big):.1f}%")
-    print(f"fastest layout right in {right} of {len(wins)} launch groups")
+    measured = [abs(x["error"]) for x in out if x["share"] is not None]
+    if measured:
+        print(f"rows with a measured share: {len(measured)}, max |error| {100 * max(measured):.1f}%, "
+              f"mean {100 * sum(measured) / len(measured):.1f}%")
+    print(f"fastest layout right in {right} of {len(wins)} launch groups (the chooser's pick, ties within 1% to the "
+          f"larger Ulysses degree)")
     for key, m, p in wins:
         if m != p:
-            print(f"  wrong: {key}: measured {_lay(m)}, predicted {_lay(p)}")
+            print(f"  wrong: {key}: measured {_lay(m)}, chosen {_lay(p)}")
+    strict = winners(out, strict=True)
+    print(f"strictly fastest predicted: right in {sum(m == p for _, m, p in strict)} of {len(strict)}")
+    for key, m, p in strict:
+        if m != p:
+            print(f"  other: {key}: measured {_lay(m)} ({_ms(out, key, m)}), predicted fastest {_lay(p)} "
+                  f"({_ms(out, key, p)})")
+
+
+def _ms(out: list[dict], key: tuple, lay: tuple) -> str:
+    """measured / predicted ms of one layout of a launch group."""
+    x = next(x for x in out if x["layout"] == lay and (x["run"], x["shape"], x["tokens"], x["branch_mode"],
+             x["world_size"], x["a2a_mode"], x.get("overlap_chunks", 1), x["compiled"]) == key)
+    return f"measured {x['ms_per_step']:,.1f}, predicted {x['predicted']:,.1f}"
 
 
 CURRENT = {  # one-GPU records of today's code: (file, shape, height, width, frames, eager ms, compiled ms)
@@ -188,14 +232,52 @@ def calibrate() -> dict:
     return found
 
 
+def ring_merge_tbps(folder: Path = RANK_SHARE) -> float:
+    """ring_merge_tbps from one rank's shares (eager, direct, 13B, 6,144 tokens, the 2026-11-28 code): a ring
+    layout's share less the Ulysses 4 share is its merges plus what else differs between the two as the model counts
+    it (attention in ring chunks, the loopback's copies, Ulysses's layout copies; GEMMs and the memory-bound passes
+    are the same); the merges' bytes over that time, ring 4 and Ulysses 2 x ring 2 pooled."""
+    costs = cm.load_costs("2026-11-28")
+    shares = rank_share_compute(folder)
+    work = shape_workload("ltx-video-13b", 512, 768, 121, 3, text_tokens=24)
+    probe = {**costs, "ring_merge_tbps": {"value": 1.0}}  # ring_merge in ms = GB merged
+
+    def other(lay: tuple) -> tuple[float, float]:  # (the share less the modelled rest, the merges' GB)
+        p = cm.predict(work, lay, probe).parts
+        share = shares["ltx-video-13b", 6144, lay, False, "direct"]
+        return share - loopback_copies_ms(work, lay, costs) - p["attention"] - p["layout_copies"], p["ring_merge"]
+
+    base, _ = other((1, 1, 4))
+    found = [other(lay) for lay in ((1, 4, 1), (1, 2, 2))]
+    for lay, (ms, gb) in zip(((1, 4, 1), (1, 2, 2)), found):
+        print(f"ring merges, {_lay(lay)}: {ms - base:.1f} ms for {gb:.1f} GB: {gb / (ms - base):.2f} TB/s")
+    return round(sum(gb for _, gb in found) / sum(ms - base for ms, _ in found), 2)
+
+
+# One-GPU eager records of LTX-2.3 from the code before the STG sharing (the perturbed row ran every block).
+ONE_GPU_LTX23 = {(512, 768): "2026-12-01-h200x1-b/ab3-ltx23-6144.json",
+                 (1024, 1536): "2026-12-01-h200x1-b/final-ltx23-24576.json"}
+
+
 def print_predictions() -> None:
+    """Today's code on 2, 4, 8 H200: LTX-2.3 with the perturbed row sharing the cond row's first 28 blocks where
+    both run in one forward, and LTX-Video 13B. LTX-2.3's one-GPU step with the sharing is not measured yet: it is
+    given as the record before it times the FLOP ratio the model counts."""
     costs = cm.load_costs("current")
     for shape, sizes, branches in (("ltx-2.3-22b", ((512, 768, 121), (1024, 1536, 121)), 4),
                                    ("ltx-video-13b", ((512, 768, 121),), 3)):
         for h, w, f in sizes:
-            work = shape_workload(shape, h, w, f, branches)
+            work = shape_workload(shape, h, w, f, branches, stg_shared=True)
             one = cm.predict(work, (1, 1, 1), costs).ms
-            print(f"\n{shape} {w}x{h}x{f} ({work.video.tokens:,} video tokens), {len(work.branches)} branches: 1 GPU {one:,.1f} ms")
+            print(f"\n{shape} {w}x{h}x{f} ({work.video.tokens:,} video tokens), {len(work.branches)} branches: 1 GPU "
+                  f"{one:,.1f} ms predicted")
+            if (h, w) in ONE_GPU_LTX23 and shape == "ltx-2.3-22b":
+                before = shape_workload(shape, h, w, f, branches)
+                ratio = cm.step_flops(work) / cm.step_flops(before)
+                measured = _one_gpu_ms(ONE_GPU_LTX23[h, w], False)
+                model = cm.predict(before, (1, 1, 1), costs).ms
+                print(f"  one GPU before the sharing: measured {measured:,.1f} ms (model {model:,.1f}); "
+                      f"FLOP ratio with it {ratio:.4f}: {measured * ratio:,.1f} ms (not measured)")
             for world in (2, 4, 8):
                 order = cm.ranked(world, work, costs)
                 best, nxt = order[0], order[1] if len(order) > 1 else None
@@ -211,7 +293,7 @@ def main() -> None:
     ap.add_argument("--rank-share", type=Path, help="folder of bench/rank_share.py records (one GPU, the same code)")
     args = ap.parse_args()
     if args.calibrate:
-        print(json.dumps(calibrate(), indent=1))
+        print(json.dumps({**calibrate(), "ring_merge_tbps": ring_merge_tbps()}, indent=1))
     elif args.predict:
         print_predictions()
     else:

@@ -17,6 +17,7 @@ from usp_infer.parallel import costmodel as cm
 ROOT = Path(__file__).resolve().parent.parent
 B1, B2, B3 = ("cond",), ("uncond", "cond"), ("uncond", "cond", "perturbed")
 B4 = B3 + ("isolated",)
+L2 = ("cond", "uncond", "perturbed", "isolated")  # LTX-2's batch order (ltx2/request.py LTX2Guidance.branches)
 
 
 def _validator():
@@ -31,9 +32,11 @@ def ltx_video(tokens: int, branches: tuple[str, ...], heads: int = 32) -> cm.Wor
     return cm.Workload(48, cm.Stream(tokens, heads, 4096 // heads), 24, branches)
 
 
-def ltx2(tokens: int, branches: tuple[str, ...]) -> cm.Workload:
-    """LTX-2.3's widths: video 32 x 128, audio 32 x 64 at 126 tokens (121 frames), 1,024 text tokens."""
-    return cm.Workload(48, cm.Stream(tokens, 32, 128), 1024, branches, cm.Stream(126, 32, 64), text_kv_per_prompt=True)
+def ltx2(tokens: int, branches: tuple[str, ...], stg: int | None = None, batched: bool = True) -> cm.Workload:
+    """LTX-2.3's widths: video 32 x 128, audio 32 x 64 at 126 tokens (121 frames), 1,024 text tokens; `stg` the
+    first STG block, from which on a perturbed row sharing a forward with cond is computed (None: every block)."""
+    return cm.Workload(48, cm.Stream(tokens, 32, 128), 1024, branches, cm.Stream(126, 32, 64), batched=batched,
+                       text_kv_per_prompt=True, stg_first_block=stg)
 
 
 # (world, workload, expected layout, why): each derived by hand from what the layouts do, not read off the model.
@@ -52,6 +55,14 @@ CHOICES = [
     (4, ltx2(6144, B4), (4, 1, 1), "one branch per rank: no all-to-all, no merge; audio is replicated anyway"),
     (3, ltx2(6144, B4), (1, 3, 1), "cfg 3 splits 4 branches 2 + 1 + 1 (half a step on one rank); ring 3 does a third plus merges"),
     (8, ltx_video(6144, B3), (1, 1, 8), "3 branches split badly over 2, 4 or 8 cfg ranks; Ulysses 8 divides 32 heads"),
+    # LTX-2.3 as it runs: the perturbed row starts at block 28 of 48 where it shares a forward with cond.
+    (2, ltx2(6144, L2, stg=28), (1, 1, 2), "cfg 2 puts cond + perturbed (1.42 rows) on one rank and uncond + "
+     "isolated (2 full rows) on the other, which sets the pace; Ulysses 2 carries 3.42 rows over 2 ranks (1.71) "
+     "plus its exchange"),
+    (4, ltx2(6144, L2, stg=28), (1, 1, 4), "cfg 4 runs one branch per rank and shares nothing: 1 row; Ulysses 4 "
+     "carries 3.42 / 4 = 0.85 rows plus an exchange of ~3% of a step"),
+    (2, ltx2(6144, L2, stg=28, batched=False), (2, 1, 1), "one branch per forward shares nothing: as without the "
+     "sharing, cfg 2 splits the 4 branches 2 + 2 with no all-to-all"),
 ]
 
 
@@ -77,15 +88,67 @@ def test_ties_go_to_the_larger_ulysses_degree():
     assert cm.ranked(2, work)[0].layout == (2, 1, 1)  # clearly faster: cfg 2 (one branch each, no exchange)
     costs = {**cm.load_costs(), "tie_fraction": {"value": 10.0}}  # every prediction within the tie band
     assert cm.ranked(2, work, costs)[0].layout == (1, 1, 2)
-    # 8 ranks, 2 branches: cfg 2 x Ulysses 4 is predicted < 1% faster than Ulysses 8, a tie: Ulysses 8 goes first.
-    fast, second = sorted(cm.ranked(8, work), key=lambda p: p.ms)[:2]
-    assert second.ms < fast.ms * 1.01 and cm.choose(8, work).best.layout == (1, 1, 8)
+    # Within 1% the larger Ulysses degree goes first, then the smaller ring degree; beyond it the faster.
+    near = [cm.Prediction((2, 1, 4), 100.0), cm.Prediction((1, 2, 4), 100.4), cm.Prediction((1, 1, 8), 100.9)]
+    assert cm.fastest(near).layout == (1, 1, 8)
+    assert cm.fastest(near[1:2] + near[:1]).layout == (2, 1, 4)  # same Ulysses degree: the smaller ring
+    assert cm.fastest([cm.Prediction((2, 1, 4), 100.0), cm.Prediction((1, 1, 8), 101.5)]).layout == (2, 1, 4)
 
 
 def test_uneven_cfg_split_is_paced_by_the_busier_rank():
     two, one = cm.predict(ltx_video(6144, B2), (1, 1, 1)), cm.predict(ltx_video(6144, B1), (1, 1, 1))
     assert cm.predict(ltx_video(6144, B3), (2, 1, 1)).ms == pytest.approx(two.ms, rel=0.01)
     assert cm.predict(ltx_video(6144, B2), (2, 1, 1)).ms == pytest.approx(one.ms, rel=0.01)
+
+
+def test_stg_sharing_follows_the_branch_placement():
+    """Branch j runs on cfg rank j % cfg; the perturbed row skips blocks 0..27 only in a forward that holds cond."""
+    shared = 28 / 48
+    work = ltx2(6144, L2, stg=28)
+    assert cm.block_rows(work, 1) == pytest.approx([4 - shared])
+    assert cm.block_rows(work, 2) == pytest.approx([2 - shared, 2])  # (cond, perturbed), (uncond, isolated)
+    assert cm.block_rows(work, 3) == [2, 1, 1]  # (cond, isolated), (uncond,), (perturbed,): no pair
+    assert cm.block_rows(work, 4) == [1, 1, 1, 1]
+    assert cm.block_rows(ltx2(6144, L2, stg=28, batched=False), 1) == [4]  # one forward per branch
+    assert cm.block_rows(ltx2(6144, L2), 2) == [2, 2]  # no first STG block: full rows (LTX-Video)
+    assert cm.block_rows(ltx2(6144, ("uncond", "perturbed"), stg=28), 1) == [2]  # no cond to share with
+
+
+def test_stg_sharing_changes_each_ranks_work():
+    """The prediction follows the rows: with cfg 2 the rank of uncond + isolated becomes the slower one (without the
+    sharing cond + perturbed, two cross-modal rows, set the pace) and costs what those two branches cost on one GPU;
+    the exchanges of blocks before 28 carry one row fewer."""
+    work, full = ltx2(6144, L2, stg=28), ltx2(6144, L2)
+    rank0, rank1 = ltx2(6144, ("cond", "perturbed"), stg=28), ltx2(6144, ("uncond", "isolated"), stg=28)
+    assert cm.predict(rank0, (1, 1, 1)).ms < cm.predict(rank1, (1, 1, 1)).ms
+    assert cm.predict(work, (2, 1, 1)).ms == pytest.approx(cm.predict(rank1, (1, 1, 1)).ms, rel=0.01)
+    assert cm.predict(work, (2, 1, 1)).ms < cm.predict(full, (2, 1, 1)).ms
+    assert cm.predict(full, (2, 1, 1)).ms == pytest.approx(cm.predict(ltx2(6144, ("cond", "perturbed")), (1, 1, 1)).ms,
+                                                           rel=0.01)
+    assert cm.predict(work, (4, 1, 1)).ms == pytest.approx(cm.predict(full, (4, 1, 1)).ms)  # nothing shared
+    one, before = cm.predict(work, (1, 1, 1)).ms, cm.predict(full, (1, 1, 1)).ms
+    assert one / before == pytest.approx(cm.step_flops(work) / cm.step_flops(full), rel=0.02)
+    assert cm.step_flops(work) / cm.step_flops(full) == pytest.approx(0.852, abs=0.002)  # per-block work x 3.42 / 4
+    shared, unshared = cm.exchange_bytes(work, (1, 1, 2)), cm.exchange_bytes(full, (1, 1, 2))
+    assert shared["ulysses_all_to_all"] / unshared["ulysses_all_to_all"] == pytest.approx((4 * 48 - 28) / (4 * 48))
+    # cross-modal rows (isolated runs none): 2 in blocks 0..27, 3 from 28 on, against 3 in every block
+    assert shared["v2a_merge"] / unshared["v2a_merge"] == pytest.approx((2 * 28 + 3 * 20) / (3 * 48))
+
+
+def test_the_familys_workload_names_the_first_stg_block():
+    """LTX-2 with perturbable weights: the request's first STG block (clamped to the tiny model's 2 blocks); no STG
+    branch or LTX-Video: None."""
+    from usp_infer.families import resolve
+
+    no_stg = {"stg_scale": "0", "audio_stg_scale": "0"}
+    for folder, flags, expected in (("ltx2-tiny", {}, 1), ("ltx2-tiny", no_stg, None),
+                                    ("ltx-tiny", {"stg_scale": "1", "stg_blocks": "1"}, None)):
+        family, configs = resolve(ROOT / "models" / folder)
+        front = family.requests()
+        request = front.build_request({"prompt": "a fox", "height": 64, "width": 96, "num_frames": 9, **flags}, configs)
+        work = front.workload(request, configs)
+        assert work.stg_first_block == expected, (folder, flags)
+        assert ("perturbed" in work.branches) == (folder == "ltx-tiny" or expected is not None)
 
 
 def test_memory_per_rank_against_the_one_gpu_records():
@@ -153,6 +216,16 @@ def _count_collectives() -> tuple[dict, callable]:
     return sent, lambda: [setattr(dist, name, fn) for name, fn in real.items()]
 
 
+def _shares_stg_blocks() -> bool:
+    """Whether this checkout's LTX-2 transformer computes a perturbed row only from the first STG block on when it
+    shares a forward with cond (forward's stg_source): the model's bytes must then count the same."""
+    import inspect
+
+    from usp_infer.ltx2.model import LTX2Transformer
+
+    return "stg_source" in inspect.signature(LTX2Transformer.forward).parameters
+
+
 def _bytes_job() -> dict:
     """One real step of each tiny family's bench workload per layout (the plan, USP attention, ring, the cfg
     gather, the video->audio merge as generate runs them); rank 0's payload per collective."""
@@ -185,7 +258,8 @@ def test_exchange_bytes_are_what_the_collectives_carry():
     v = _validator()
     for (shape, layout), sent in found.items():
         branches = dict(BYTE_SHAPES)[shape]
-        want = cm.exchange_bytes(v.shape_workload(shape, 64, 96, 17, branches, dtype_bytes=4), layout)
+        work = v.shape_workload(shape, 64, 96, 17, branches, dtype_bytes=4, stg_shared=_shares_stg_blocks())
+        want = cm.exchange_bytes(work, layout)
         assert sent == want, (shape, layout)
         assert any(sent.values()) or layout == (1, 1, 1)
 
@@ -266,17 +340,52 @@ def test_auto_layout_under_torchrun_is_said_and_recorded(tmp_path):
     assert choice["runner_up_ms_per_step"] >= choice["predicted_ms_per_step"]
 
 
-def test_exposed_exchange_is_what_comm_share_measured():
-    """Ulysses exchange time on the critical path, 13B, 6,144 tokens, run3 records: step - step with local copies
-    + those copies' own time (bytes at the copy rate) = 28.8 + 8.0 ms at 2 ranks, 7.2 + 4.0 at 4; the model's
-    all-to-all part (kernel-time bandwidth x (1 - overlap)) reproduces both within 15%."""
+PROFILES = ROOT / "bench" / "results" / "2026-11-28-h200x4" / "profiles"
+
+
+def _profile_ms(name: str) -> dict[str, float]:
+    """A committed rank-0 profile (torch.profiler's table): Self CUDA ms per row name, and "total"."""
+    found = {}
+    for line in (PROFILES / name).read_text().splitlines():
+        cells = [c for c in line.strip().split("  ") if c.strip()]
+        if line.startswith("Self CUDA time total:"):
+            found["total"] = float(line.split(":")[1].strip().removesuffix("ms"))
+        elif len(cells) == 11 and cells[6].strip().endswith("s") and cells[6].strip()[0].isdigit():
+            text = cells[6].strip()
+            found[cells[0].strip()] = float(text[:-2]) / (1000 if text.endswith("us") else 1)
+    return found
+
+
+def test_the_exchange_is_on_the_critical_path():
+    """The code waits for each Ulysses exchange at once, so the model counts the whole NCCL kernel time of the
+    rank-0 profiles (13B, 6,144 tokens, 3 branches; 33.1 ms at 2 ranks, 30.1 at 4). The profiles leave no room for
+    more: each one's kernels sum to its step less 3-7 ms of gaps, at 1, 2 and 4 GPUs alike, where hiding 63% of the
+    exchange at 4 ranks (the overlap bench --comm-share suggested) would need 19 ms of idle gaps. --comm-share agrees
+    at 2 ranks (step - step with local copies + the copies); at 4 it reads 11 ms, its local-copy step (251.6 ms)
+    slower than the profile's compute (224 ms of kernels) + copies: costs.json's all_to_all_overlap says why."""
     v = _validator()
-    records = {(r["ulysses"], r["a2a_mode"]): r for r in v.load_rows()
-               if r["run"] == "run3-ulysses" and r["tokens"] == 6144 and not r["compiled"] and r["ring"] == 1}
     costs = cm.load_costs("2026-11-28")
-    for u in (2, 4):
-        r = records[u, "direct"]
-        work = v.record_workload(r)
-        clone = cm.exchange_bytes(work, (1, 1, u))["ulysses_all_to_all"] * 2 / (costs["copy_tbps"]["value"] * 1e9)
-        exposed = r["ms_per_step"] - r["ms_per_step_local_exchange"] + clone
-        assert cm.predict(work, (1, 1, u), costs).parts["all_to_all"] == pytest.approx(exposed, rel=0.15), u
+    rows = {}  # the first eager, direct, one-chunk Ulysses row of each run and degree
+    for r in v.load_rows():
+        if (r["tokens"] == 6144 and r["ring"] == r["cfg"] == 1 and not r["compiled"] and r["a2a_mode"] == "direct"
+                and r.get("overlap_chunks", 1) == 1):
+            rows.setdefault((r["run"], r["ulysses"]), r)
+    one_gpu = json.loads((ROOT / "bench/results/2026-11-28-h200x4/run2-final/13b-6144-w1.json").read_text())
+    steps = {("run2-final", 1): next(r["ms_per_step"] for r in one_gpu
+                                     if r["implementation"] == "usp-infer" and not r["compiled"])}
+    steps |= {key: r["ms_per_step"] for key, r in rows.items()}
+    nccl = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"
+    for name, run, u in (("run2-13b-6144-w1-eager-rank0.txt", "run2-final", 1),
+                         ("run2-13b-6144-w2-u2-eager-rank0.txt", "run2-final", 2),
+                         ("run2-13b-6144-w4-u4-eager-rank0.txt", "run2-final", 4),
+                         ("run3-13b-6144-w4-u4-eager-rank0.txt", "run3-ulysses", 4)):
+        kernels = _profile_ms(name)
+        assert 3.0 < steps[run, u] - kernels["total"] < 7.0, name  # every kernel on the critical path
+        if u > 1:
+            work = v.record_workload(rows[run, u])
+            assert cm.predict(work, (1, 1, u), costs).parts["all_to_all"] == pytest.approx(kernels[nccl], rel=0.1)
+    r = rows["run3-ulysses", 2]
+    work = v.record_workload(r)
+    copies = cm.exchange_bytes(work, (1, 1, 2))["ulysses_all_to_all"] * 2 / (costs["copy_tbps"]["value"] * 1e9)
+    exposed = r["ms_per_step"] - r["ms_per_step_local_exchange"] + copies
+    assert cm.predict(work, (1, 1, 2), costs).parts["all_to_all"] == pytest.approx(exposed, rel=0.15)
