@@ -17,7 +17,8 @@ unit spread, which moves every weight by that much: sqrt(eps^2 + eps^2 + 2 eps^2
 and K (one step = amax / 127, amax ~3.5 sigma) leave ~1.1% in a logit: sqrt(2 eps^2 + 1.1%^2) = 3.9%. The
 checks take 0.08 as the bound (1.5 x the e4m3 estimate) and ask for more than 5x bf16 SDPA's own error
 (~0.3%), so a path that silently stayed in bf16 fails. The kernel must also equal the emulation
-(fp8_attention.reference: the same codes, tiles and online softmax in fp64) to fp32 rounding.
+(fp8_attention.reference: the same codes, tiles and online softmax in fp64) to fp32 rounding, but for the
+rare row where a P value sits so close to a rounding tie that fp32 and fp64 logits round it apart.
 """
 
 import json
@@ -48,6 +49,12 @@ def exact(q, k, v):
 
 def bits(t):
     return t.view(torch.uint8) if t.element_size() == 1 else t.nan_to_num(-1.0)
+
+def rows_off(a, b):
+    # the share of output rows (per query and head) off by more than fp32 rounding: a P code can land on the
+    # other side of a rounding tie in one of the two (fp32 vs fp64 logits), moving its row by up to ~1e-2
+    rows = (a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)
+    return float((rows > 1e-4).double().mean()), float(rows.max())
 
 out = {"prepass": {}, "attention": {}}
 torch.manual_seed(0)
@@ -103,8 +110,9 @@ for name, (B, Sq, Sk, H, D, config, qk, sq, sk, sv) in cases.items():
     emulated, truth = fa.reference(q, k, v, config, qk), exact(q, k, v)
     sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     got32 = fa.fp8_attention(q.float(), k.float(), v.float(), config, qk)  # fp32 in and out: no bf16 rounding
-    out["attention"][name] = dict(vs_emulation=rel(got, emulated), fp32_vs_emulation=rel(got32, fa.reference(
-        q.float(), k.float(), v.float(), config, qk)), error=rel(got, truth), emulation_error=rel(emulated, truth),
+    emulated32 = fa.reference(q.float(), k.float(), v.float(), config, qk)
+    out["attention"][name] = dict(vs_emulation=rel(got, emulated), fp32_vs_emulation=rel(got32, emulated32),
+        fp32_rows_off=rows_off(got32, emulated32), error=rel(got, truth), emulation_error=rel(emulated, truth),
         bf16_sdpa_error=rel(sdpa, truth), shape=list(got.shape), dtype=str(got.dtype),
         finite=bool(got.isfinite().all()))
 
@@ -174,7 +182,8 @@ def test_attention_equals_its_emulation_and_is_within_the_fp8_bound(results, cas
     r = results["attention"][case]
     assert r["finite"] and r["dtype"] == "torch.bfloat16", r
     # The same algorithm: fp32 sums vs fp64 (and the interpreter's truncating bf16 output cast)
-    assert r["fp32_vs_emulation"] < 1e-5 and r["vs_emulation"] < 1e-2, r
+    share, worst = r["fp32_rows_off"]
+    assert r["fp32_vs_emulation"] < 1e-3 and share <= 0.01 and worst < 0.05 and r["vs_emulation"] < 1e-2, r
     assert abs(r["error"] - r["emulation_error"]) < 0.01, r
     # Quantized, not bf16: well above SDPA's own error, below the e4m3 bound
     assert 5 * r["bf16_sdpa_error"] < r["error"] < BOUND, r
@@ -272,6 +281,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _close_to_emulation(got: torch.Tensor, emulated: torch.Tensor) -> bool:
+    """Equal to fp32 rounding but for a few rows (one P code on the other side of a rounding tie: the GPU's
+    exp2 is approximate, the emulation's logits fp64), each still within a few e4m3 steps of one weight."""
+    rows = (got.double() - emulated).norm(dim=-1) / emulated.norm(dim=-1)
+    return _rel(got, emulated) < 1e-3 and float((rows > 1e-4).double().mean()) <= 0.01 and float(rows.max()) < 0.05
+
+
 @fp8
 @pytest.mark.parametrize("qk", ["e4m3", "int8"])
 def test_prepass_bits_on_the_gpu(qk) -> None:
@@ -297,10 +313,30 @@ def test_attention_on_the_gpu_equals_the_emulation(config, qk) -> None:
     for B, Sq, Sk, H, D in ((1, 1000, 1000, 2, 128), (2, 333, 77, 2, 64)):
         q, k, v = (torch.randn(B, S, H, D, device="cuda") for S in (Sq, Sk, Sk))
         emulated = fa.reference(q, k, v, config, qk)  # fp32 in: no bf16 rounding on either side
-        assert _rel(fa.fp8_attention(q, k, v, config, qk), emulated) < 1e-4
+        assert _close_to_emulation(fa.fp8_attention(q, k, v, config, qk), emulated)
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         got = fa.fp8_attention(q, k, v, config, qk)
         truth = torch.nn.functional.scaled_dot_product_attention(
             *(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         assert _rel(got, fa.reference(q, k, v, config, qk)) < 1e-2  # bf16 output rounding
         assert 0.01 < _rel(got, truth) < BOUND
+
+
+@fp8
+def test_nonfinite_inputs_reach_their_outputs_on_the_gpu() -> None:
+    """The GPU's max ignores NaN (numpy's does not): NaN must still reach exactly the outputs it touches."""
+    from usp_infer import fp8_attention as fa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 2, 128, device="cuda").bfloat16() for _ in range(3))
+    bad_q, bad_k, bad_v = q.clone(), k.clone(), v.clone()
+    bad_q[0, 3, 0, 5] = float("nan")
+    bad_k[0, 140, 1, 0] = float("nan")
+    bad_v[0, 7, 0, 9] = float("inf")
+    for qk in ("e4m3", "int8"):
+        rows = ~fa.fp8_attention(bad_q, k, v, qk=qk).isfinite()
+        assert rows[0, 3, 0].all() and int(rows.sum()) == 128
+        heads = ~fa.fp8_attention(q, bad_k, v, qk=qk).isfinite()
+        assert heads[0, :, 1].all() and not heads[0, :, 0].any()
+        channel = ~fa.fp8_attention(q, k, bad_v, qk=qk).isfinite()
+        assert channel[0, :, 0, 9].all() and int(channel.sum()) == 300
