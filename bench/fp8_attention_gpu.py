@@ -214,6 +214,25 @@ def hard_input_errors(run: Run, name: str, B: int, Sq: int, Sk: int, H: int, D: 
         log(json.dumps({name: {kind: errors}}))
 
 
+def compiled_kernels() -> list:
+    """Registers and spills of every compiled variant (best effort: Triton's caches are not public API)."""
+    rows = []
+    for fn in (fa._attention_kernel, fa._quantize_kv_kernel):
+        name = getattr(fn, "__name__", str(fn))
+        try:
+            kernels = [kernel for caches in fn.device_caches.values() for kernel in caches[0].values()]
+        except Exception as e:  # noqa: BLE001
+            kernels = [e]
+        for kernel in kernels:
+            try:
+                md = kernel.metadata
+                rows.append({"kernel": name, "num_warps": md.num_warps, "num_stages": md.num_stages,
+                             "shared": md.shared, "n_regs": kernel.n_regs, "n_spills": kernel.n_spills})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})
+    return rows
+
+
 def table(results: dict) -> str:
     """One row per (shape, method): whole-call ms, TFLOP/s and speedup over cuDNN; the kernel alone; errors."""
     def cell(x, spec: str) -> str:
@@ -260,6 +279,7 @@ def main() -> None:
         if name in run.results["shapes"]:
             run.attempt(f"{name}/hard-inputs", lambda: hard_input_errors(run, name, *shape))
             run.save()
+    run.results["compiled"] = compiled_kernels()
     log(f"done in {run.elapsed():.0f} s, {len(run.results['failures'])} failures")
     for failure in run.results["failures"]:
         log(f"  failed: {failure['label']}: {failure['error'][:200]}")
