@@ -77,6 +77,9 @@ recipes)  # issue 23's targets: <= 12 s (two-stage distilled, 1536x1024x121), <=
 recipes-1536)  # the 1536x1024x121 half of `recipes`
   bench e2e-1536 330 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile
   ;;
+recipes-768-dev)  # the two-stage dev recipe alone at 768x512x121 output (issue 23's <= 10 s)
+  bench e2e-768-dev 250 --shape ltx-2.3-22b $S6 --recipe two-stage --compile
+  ;;
 recipes-768)  # the 768x512x121 half of `recipes`
   bench e2e-768 250 --shape ltx-2.3-22b $S6 --recipe two-stage,distilled --compile
   ;;
@@ -100,7 +103,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use profile, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac
