@@ -41,9 +41,9 @@ BRANCHES = {1: ("cond",), 2: ("uncond", "cond"), 3: ("uncond", "cond", "perturbe
 def shape_workload(shape: str, height: int, width: int, frames: int, branches: int, *, text_tokens: int | None = None,
                    batched: bool = True, compiled: bool = False, a2a_mode: str = "direct",
                    dtype_bytes: int = 2, stg_shared: bool = False) -> cm.Workload:
-    """The bench's workload of a named shape (bench.SHAPES), as the cost model sees it. `stg_shared`: LTX-2's
-    perturbed row starts at the bench's STG block (block 28, or the last) where it shares a forward with cond, as
-    the code does since 2026-12-07; the LTX-2 records before ran it through every block."""
+    """The bench's workload of a named shape (bench.SHAPES), as the cost model sees it. `stg_shared`: the
+    perturbed row starts at the bench's STG block (LTX-2 block 28, LTX-Video block 19, or the last) where it
+    shares a forward with cond, as the code does since 2026-12-07; the records before ran it through every block."""
     from usp_infer.bench import SHAPES, latent_grid
 
     cfg = SHAPES[shape]
@@ -59,8 +59,8 @@ def shape_workload(shape: str, height: int, width: int, frames: int, branches: i
         names = ("cond", "uncond", "perturbed", "isolated")[:branches]
     if audio is not None and not cfg.perturbed_attn:
         names = tuple(n for n in names if n != "perturbed")
-    # LTX-2 only (LTX-Video keeps full perturbed rows); the block of ltx2/bench.py's guidance()
-    first = min(28, cfg.num_layers - 1) if stg_shared and audio is not None and "perturbed" in names else None
+    # the block of ltx2/bench.py's and bench.Setup's guidance()
+    first = min(28 if audio is not None else 19, cfg.num_layers - 1) if stg_shared and "perturbed" in names else None
     return cm.Workload(cfg.num_layers, video, text_tokens if text_tokens is not None else 24, names, audio, batched,
                        compiled, a2a_mode, text_kv_per_prompt=audio is not None, dtype_bytes=dtype_bytes,
                        stg_first_block=first)
@@ -254,15 +254,16 @@ def ring_merge_tbps(folder: Path = RANK_SHARE) -> float:
     return round(sum(gb for _, gb in found) / sum(ms - base for ms, _ in found), 2)
 
 
-# One-GPU eager records of LTX-2.3 from the code before the STG sharing (the perturbed row ran every block).
-ONE_GPU_LTX23 = {(512, 768): "2026-12-01-h200x1-b/ab3-ltx23-6144.json",
-                 (1024, 1536): "2026-12-01-h200x1-b/final-ltx23-24576.json"}
+# One-GPU eager records from the code before the STG sharing (the perturbed row ran every block).
+ONE_GPU_BEFORE = {("ltx-2.3-22b", 512, 768): "2026-12-01-h200x1-b/ab3-ltx23-6144.json",
+                  ("ltx-2.3-22b", 1024, 1536): "2026-12-01-h200x1-b/final-ltx23-24576.json",
+                  ("ltx-video-13b", 512, 768): "2026-12-01-h200x1-b/final-ltxv13b-6144.json"}
 
 
 def print_predictions() -> None:
-    """Today's code on 2, 4, 8 H200: LTX-2.3 with the perturbed row sharing the cond row's first 28 blocks where
-    both run in one forward, and LTX-Video 13B. LTX-2.3's one-GPU step with the sharing is not measured yet: it is
-    given as the record before it times the FLOP ratio the model counts."""
+    """Today's code on 2, 4, 8 H200: LTX-2.3 and LTX-Video 13B with the perturbed row sharing the cond row's
+    blocks before the STG block (28 and 19) where both run in one forward. A one-GPU step with the sharing that
+    is not measured yet is given as the record before it times the FLOP ratio the model counts."""
     costs = cm.load_costs("current")
     for shape, sizes, branches in (("ltx-2.3-22b", ((512, 768, 121), (1024, 1536, 121)), 4),
                                    ("ltx-video-13b", ((512, 768, 121),), 3)):
@@ -271,10 +272,10 @@ def print_predictions() -> None:
             one = cm.predict(work, (1, 1, 1), costs).ms
             print(f"\n{shape} {w}x{h}x{f} ({work.video.tokens:,} video tokens), {len(work.branches)} branches: 1 GPU "
                   f"{one:,.1f} ms predicted")
-            if (h, w) in ONE_GPU_LTX23 and shape == "ltx-2.3-22b":
+            if (shape, h, w) in ONE_GPU_BEFORE:
                 before = shape_workload(shape, h, w, f, branches)
                 ratio = cm.step_flops(work) / cm.step_flops(before)
-                measured = _one_gpu_ms(ONE_GPU_LTX23[h, w], False)
+                measured = _one_gpu_ms(ONE_GPU_BEFORE[shape, h, w], False)
                 model = cm.predict(before, (1, 1, 1), costs).ms
                 print(f"  one GPU before the sharing: measured {measured:,.1f} ms (model {model:,.1f}); "
                       f"FLOP ratio with it {ratio:.4f}: {measured * ratio:,.1f} ms (not measured)")

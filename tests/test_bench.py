@@ -69,6 +69,41 @@ def test_step_flops_match_flop_counter() -> None:
     assert counter.get_total_flops() == sum(step_flops(cfg, n, 1, 24).values())
 
 
+def test_step_flops_of_a_perturbed_row_sharing_the_cond_rows_first_blocks() -> None:
+    """A perturbed row that starts from the cond row at block 1 (stg_source) skips block 0: the counter sees one
+    block of one row less, plus the kept rows' text and timestep embeddings made again for the prefix. The
+    bench counts it only where the code shares (batched branches, cond and perturbed on one cfg rank)."""
+    from types import SimpleNamespace
+
+    from usp_infer.bench import Setup
+    from usp_infer.ltx_video.bench import shared_blocks
+    from usp_infer.ltx_video.model import Perturbation
+
+    cfg = SHAPES["ltx-tiny"]
+    model = random_model(cfg, torch.device("cpu"), torch.float32, 0, randomize)
+    f, h, w = latent_grid(64, 96, 17)
+    n = f * h * w
+    x, text, mask = torch.randn(1, n, 8).expand(3, -1, -1), torch.randn(1, 40, 48).expand(3, -1, -1), None
+    t, rope = torch.full((3,), 500.0), rope_tables(cfg, f, h, w, (0.32, 32.0, 32.0))
+    perturbation = Perturbation((1,), "values", torch.tensor([False, False, True]))
+    counts = []
+    for source in (None, 1):
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            model(x, text, t, mask, rope, perturbation=perturbation, stg_source=source)
+        counts.append(counter.get_total_flops())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model._condition(text[:2], None, t[:2], torch.float32)
+    prefix = counter.get_total_flops()
+    full, shared = (sum(step_flops(cfg, n, 3, 40, k).values()) for k in (0, 1))
+    assert counts[0] == full and counts[1] == shared + prefix < full
+    one_branch = step_flops(cfg, n, 1, 40)
+    assert full - shared == (sum(one_branch.values()) - one_branch["embed_out"]) // cfg.num_layers  # one block
+    guidance = Setup.guidance.__get__(SimpleNamespace(branches=3, cfg=cfg))  # STG block 1 of the tiny model's 2
+    batched, sequential = (SimpleNamespace(guidance=guidance, branch_mode=m) for m in ("batched", "sequential"))
+    assert [shared_blocks(batched, c) for c in (1, 2, 3, None)] == [1, 0, 0, 0]  # cfg 2: cond, perturbed apart
+    assert shared_blocks(sequential, 1) == 0
+
+
 def test_bench_one_process(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     records = _bench([*TINY, "--branch-mode", "sequential", "--baseline", "diffusers", "--json-out", str(out)])

@@ -136,19 +136,20 @@ def test_stg_sharing_changes_each_ranks_work():
 
 
 def test_the_familys_workload_names_the_first_stg_block():
-    """LTX-2 with perturbable weights: the request's first STG block (clamped to the tiny model's 2 blocks); no STG
-    branch or LTX-Video: None."""
+    """LTX-2 with perturbable weights and LTX-Video: the request's first STG block (clamped to the tiny model's 2
+    blocks); no STG branch: None."""
     from usp_infer.families import resolve
 
     no_stg = {"stg_scale": "0", "audio_stg_scale": "0"}
     for folder, flags, expected in (("ltx2-tiny", {}, 1), ("ltx2-tiny", no_stg, None),
-                                    ("ltx-tiny", {"stg_scale": "1", "stg_blocks": "1"}, None)):
+                                    ("ltx-tiny", {"stg_scale": "1", "stg_blocks": "1"}, 1),
+                                    ("ltx-tiny", {"stg_scale": "0"}, None)):
         family, configs = resolve(ROOT / "models" / folder)
         front = family.requests()
         request = front.build_request({"prompt": "a fox", "height": 64, "width": 96, "num_frames": 9, **flags}, configs)
         work = front.workload(request, configs)
         assert work.stg_first_block == expected, (folder, flags)
-        assert ("perturbed" in work.branches) == (folder == "ltx-tiny" or expected is not None)
+        assert ("perturbed" in work.branches) == (expected is not None)
 
 
 def test_memory_per_rank_against_the_one_gpu_records():

@@ -222,6 +222,32 @@ def test_perturbation_modes(mode, blocks):
     assert rel_err(out[rows], expected[rows]) <= RTOL
 
 
+@pytest.mark.parametrize("mode", ["values", "block"])
+@pytest.mark.parametrize("timestep", ["sample", "i2v"])
+def test_perturbed_row_starts_from_the_cond_row_at_the_first_perturbed_block(mode, timestep):
+    """stg_source, as the Denoiser batches (uncond, cond, perturbed): the perturbed row skips block 0 and starts
+    from the cond row's hidden states at block 1; the outputs equal the whole computation and diffusers'."""
+    ref = make_reference(CONFIGS["tiny"])
+    ours = from_reference(ref)
+    inputs = make_inputs(CONFIGS["tiny"], batch=3, timestep=timestep, mask="padded")
+    inputs = {k: torch.cat([v[:2], v[1:2]]) for k, v in inputs.items()}  # the perturbed row is the cond row
+    perturbation = Perturbation(blocks=(1,), mode=mode, rows=torch.tensor([False, False, True]))
+    calls = []
+
+    def attn_fn(q, k, v):
+        calls.append(q.shape[0])
+        return sdpa_attention(q, k, v)
+
+    shared = run_ours(ours, inputs, attn_fn=attn_fn, perturbation=perturbation, stg_source=1)
+    whole = run_ours(ours, inputs, perturbation=perturbation)
+    assert calls == [2, 3]  # block 0 without the perturbed row, block 1 with it
+    assert rel_err(shared, whole) <= RTOL
+    expected = run_reference(perturbed_reference(ref, mode, (1,)), inputs)
+    assert rel_err(shared[2], expected[2]) <= RTOL and rel_err(shared[2], shared[1]) > 1e-3
+    with pytest.raises(ValueError, match="stg_source 2: need an unperturbed batch row"):
+        run_ours(ours, inputs, perturbation=perturbation, stg_source=2)
+
+
 def test_values_mode_one_layer_by_hand():
     """1-layer model: the perturbed output recomputed from the block's parts, without diffusers."""
     kwargs = dict(CONFIGS["tiny"], num_layers=1)

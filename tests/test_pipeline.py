@@ -116,7 +116,7 @@ def test_soft_image_conditioning_step_follows_ltx_video():
         return torch.tanh(x @ weights) + (timestep / 1000.0)[..., None] * x
 
     class Transformer:  # the Denoiser's view of a transformer: (latents, text, timestep, mask, rope) -> velocity
-        def __call__(self, x, embeds, timestep, mask, rope, attn_fn=None, perturbation=None):
+        def __call__(self, x, embeds, timestep, mask, rope, attn_fn=None, perturbation=None, stg_source=None):
             return velocity(x, timestep.expand(x.shape[:2]))
 
     timesteps, sigmas = sigma_schedule(dict(FlowMatchEulerDiscreteScheduler.load_config(MODEL / "scheduler")), steps, tokens)

@@ -303,16 +303,19 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
             env: dict, implementation: str, text_tokens: int) -> dict:
     ms = statistics.median(times)
     exchange = None
+    # the work done: ours skips the perturbed row's blocks before the first STG block where cond shares its batch;
+    # diffusers runs every branch's every block
+    cfg_degree = (case.layout[0] if case else 1) if implementation.startswith("usp-infer") else None
     if s.ltx2:
         from .ltx2 import bench as bench_ltx2
 
-        ours = not implementation.startswith("diffusers")  # diffusers runs every branch's every block
-        parts = bench_ltx2.step_flops(s.cfg, s, (case.layout[0] if case else 1) if ours else None)
+        parts = bench_ltx2.step_flops(s.cfg, s, cfg_degree)
         text_tokens = bench_ltx2.TEXT_TOKENS
         exchange = bench_ltx2.v2a_exchange_bytes(s.cfg, s.tokens, bench_ltx2.audio_tokens(s.num_frames), s.branches,
                                                  case.layout[1] * case.layout[2] if case else 1)
     else:
-        parts = ltx_video_bench.step_flops(s.cfg, s.tokens, s.branches, text_tokens)
+        parts = ltx_video_bench.step_flops(s.cfg, s.tokens, s.branches, text_tokens,
+                                           ltx_video_bench.shared_blocks(s, cfg_degree))
     tflops = sum(parts.values()) / (ms / 1e3) / world / 1e12
     cfg_d, ring, uly = case.layout if case else (1, 1, world)
     return {

@@ -25,8 +25,11 @@ FPS = 25.0
 SIGMA, DT = 0.9, -0.025  # a mid-schedule step; the values do not change the work
 
 
-def step_flops(cfg: LTXConfig, tokens: int, branches: int, text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
-    """Model FLOPs of one step (2 per multiply-add), by part: what any implementation must compute.
+def step_flops(cfg: LTXConfig, tokens: int, branches: int, text_tokens: int = TEXT_TOKENS,
+               shared_blocks: int = 0) -> dict[str, int]:
+    """Model FLOPs of one step (2 per multiply-add), by part: what an implementation computes. `shared_blocks`:
+    block evaluations a perturbed row does not run (it starts from the cond row's hidden states at its first
+    perturbed block: `shared_blocks` below).
 
     Per branch and layer, with d = heads x head_dim, n video tokens and t text tokens:
     self-attention q, k, v, out projections 8nd^2; its QK^T and PV 4n^2d; cross-attention q and out on
@@ -44,7 +47,22 @@ def step_flops(cfg: LTXConfig, tokens: int, branches: int, text_tokens: int = TE
         + 2 * t * d * (cfg.caption_channels + d)
         + 2 * d * (256 + d + 6 * d),
     }
-    return {part: flops * branches for part, flops in per_branch.items()}
+    runs = branches * layers - shared_blocks  # block evaluations; "embed_out" is once per branch
+    return {part: flops * branches if part == "embed_out" else flops // layers * runs
+            for part, flops in per_branch.items()}
+
+
+def shared_blocks(s, cfg_degree: int | None) -> int:
+    """Blocks the perturbed row skips in one step as this code runs it on a cfg degree (None: as diffusers runs
+    it, every block): with batched branches and the cond row on the same cfg rank (branch j on rank j % degree),
+    the blocks before the first perturbed one."""
+    scales = s.guidance().at(SIGMA)
+    names = scales.branches
+    if cfg_degree is None or s.branch_mode != "batched" or "perturbed" not in names:
+        return 0
+    if names.index("perturbed") % cfg_degree != names.index("cond") % cfg_degree:
+        return 0
+    return min(scales.stg_blocks)
 
 
 def random_model(cfg: LTXConfig, device: torch.device, dtype: torch.dtype, seed: int,

@@ -291,38 +291,65 @@ class LTXTransformer(nn.Module):
         rope: tuple[Tensor, Tensor],
         attn_fn: AttnFn = sdpa_attention,
         perturbation: Perturbation | None = None,
+        stg_source: int | None = None,
     ) -> Tensor:
-        """(B, S, in_channels) -> (B, S, out_channels); S may be a shard if rope and timestep match it."""
+        """(B, S, in_channels) -> (B, S, out_channels); S may be a shard if rope and timestep match it.
+
+        stg_source: an unperturbed row whose inputs (latents, text, mask, timestep) the caller vouches are every
+        perturbed row's own (the perturbed branch is the cond branch with some blocks perturbed): the perturbed
+        rows are then not computed before the first perturbed block, where they start as copies of that row's
+        hidden states. The same function, fewer FLOPs.
+        """
         B, S, _ = hidden_states.shape
-        self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation)
-        text_bias = None
-        if encoder_attention_mask is not None:
-            encoder_hidden_states, encoder_attention_mask = drop_trailing_pads(encoder_hidden_states,
-                                                                               encoder_attention_mask)
-            # diffusers: keep -> 0, pad -> -10000, broadcast over heads and queries
-            text_bias = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0)[:, None, None, :]
+        self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation,
+                           stg_source)
         x = self.proj_in(hidden_states)
-        # Per-token timesteps take few values (image-to-video: two): embed each once, modulate per run of tokens.
-        runs = None
-        if timestep.ndim == 2:
-            timestep, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S)
-            runs = token_runs(index)
-        embedded = self.time_embed.emb.timestep_embedder(timestep_features(timestep).to(x.dtype))  # (B|K, D)
-        temb = self.time_embed.linear(F.silu(embedded))  # (B|K, 6*D)
-        if runs is None:  # (B, 1, ...): one vector per sample, broadcast over its tokens
-            temb, embedded = temb[:, None], embedded[:, None]
-        else:  # Runs of (B, R, ...)
-            temb, embedded = runs.gather(temb), runs.gather(embedded)
-        context = self.caption_projection(encoder_hidden_states)
+        context, text_bias, temb, embedded = self._condition(encoder_hidden_states, encoder_attention_mask,
+                                                             timestep, x.dtype)
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
         pairs = rope_pairs(rope)
-        for i, block in enumerate(self.transformer_blocks):
+        first = 0
+        if stg_source is not None and perturbation is not None and perturbation.blocks:
+            # Before the first perturbed block a perturbed row computes what its source row computes: run the
+            # other rows alone that far, then give each perturbed row a copy of its source's hidden states.
+            flags = perturbation.rows.tolist()
+            kept = [i for i in range(B) if not flags[i]]
+            first = min(perturbation.blocks)
+            pick = lambda t: None if t is None else t[kept]  # noqa: E731  the kept rows of a per-row input
+            prefix = self._condition(*map(pick, (encoder_hidden_states, encoder_attention_mask, timestep)), x.dtype)
+            kept_pairs = pairs if pairs.shape[0] == 1 else pairs[kept]
+            xk = x[kept]
+            for block in self.transformer_blocks[:first]:
+                xk = block(xk, prefix[0], prefix[2], kept_pairs, prefix[1], attn_fn, None, None)
+            x = xk[[kept.index(stg_source if f else i) for i, f in enumerate(flags)]]
+        for i, block in enumerate(self.transformer_blocks[first:], start=first):
             perturbed = perturbation is not None and i in perturbation.blocks
             mode = perturbation.mode if perturbed else None
             x = block(x, context, temb, pairs, text_bias, attn_fn, rows if perturbed else None, mode)
         shift, scale = unbind(apply(embedded, lambda e: self.scale_shift_table + e[:, :, None]), -2)  # (B, R, 2, D)
         x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), apply(scale, lambda t: 1 + t))
         return self.proj_out(x)
+
+    def _condition(self, text: Tensor, mask: Tensor | None, timestep: Tensor, dtype: torch.dtype) -> tuple:
+        """What every block of a batch reads: (projected text, its score bias or None, the modulation of each
+        block, the timestep embedding the output head reads)."""
+        text_bias = None
+        if mask is not None:
+            text, mask = drop_trailing_pads(text, mask)
+            # diffusers: keep -> 0, pad -> -10000, broadcast over heads and queries
+            text_bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+        # Per-token timesteps take few values (image-to-video: two): embed each once, modulate per run of tokens.
+        runs = None
+        if timestep.ndim == 2:
+            timestep, index = torch.unique(timestep, return_inverse=True)  # (K,), (B, S)
+            runs = token_runs(index)
+        embedded = self.time_embed.emb.timestep_embedder(timestep_features(timestep).to(dtype))  # (B|K, D)
+        temb = self.time_embed.linear(F.silu(embedded))  # (B|K, 6*D)
+        if runs is None:  # (B, 1, ...): one vector per sample, broadcast over its tokens
+            temb, embedded = temb[:, None], embedded[:, None]
+        else:  # Runs of (B, R, ...)
+            temb, embedded = runs.gather(temb), runs.gather(embedded)
+        return self.caption_projection(text), text_bias, temb, embedded
 
     def _check_inputs(
         self,
@@ -333,6 +360,7 @@ class LTXTransformer(nn.Module):
         mask: Tensor | None,
         rope: tuple[Tensor, Tensor],
         perturbation: Perturbation | None,
+        stg_source: int | None = None,
     ) -> None:
         if context.ndim != 3 or context.shape[0] != B:
             raise ValueError(f"encoder_hidden_states {tuple(context.shape)}: expected ({B}, T, caption_channels)")
@@ -352,6 +380,9 @@ class LTXTransformer(nn.Module):
                 raise ValueError(f"perturbed blocks {bad} out of range: the model has {self.cfg.num_layers} blocks")
             if perturbation.rows.shape[0] != B:
                 raise ValueError(f"perturbation rows has {perturbation.rows.shape[0]} entries for a batch of {B}")
+        if stg_source is not None and (not 0 <= stg_source < B or perturbation is None
+                                       or bool(perturbation.rows[stg_source])):
+            raise ValueError(f"stg_source {stg_source}: need an unperturbed batch row (0..{B - 1}) and a perturbation")
 
 
 def load_transformer(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> LTXTransformer:

@@ -206,13 +206,15 @@ class Denoiser:
         b = len(names)
         embeds = torch.cat([self.text["uncond" if n == "uncond" else "cond"][0] for n in names])
         mask = torch.cat([self.text["uncond" if n == "uncond" else "cond"][1] for n in names])
-        perturbation = None
+        perturbation = source = None
         if "perturbed" in names:
-            rows = torch.tensor([n == "perturbed" for n in names], device=latents.device)
+            rows = torch.tensor([n == "perturbed" for n in names])  # on the host: the forward reads them there
             perturbation = Perturbation(scales.stg_blocks, self.stg_mode, rows)
+            # the perturbed branch is the cond branch up to its first perturbed block: computed from there on only
+            source = names.index("cond") if "cond" in names else None
         out = self.transformer(
             latents.to(embeds.dtype).expand(b, -1, -1), embeds, timestep.expand(b, *timestep.shape[1:]),
-            mask, self.rope, attn_fn=self.attn_fn, perturbation=perturbation,
+            mask, self.rope, attn_fn=self.attn_fn, perturbation=perturbation, stg_source=source,
         )
         return list(out.float().split(1))
 

@@ -91,13 +91,16 @@ def num_layers(configs: dict) -> int:
 
 def workload(request: GenerateRequest, configs: dict, a2a_mode: str = "direct", compiled: bool = False):
     """What a step of `request` computes, for the layout chooser (parallel/costmodel.py): the first step's
-    branches (a guidance schedule may change them later)."""
+    branches (a guidance schedule may change them later), the perturbed row computed from the first STG block on
+    where it shares a forward with cond."""
     from ..parallel.costmodel import from_config
 
+    scales = request.guidance.at(1.0)
+    first = min(scales.stg_blocks) if "perturbed" in scales.branches else None
     return from_config(configs["transformer"], height=request.height, width=request.width,
-                       num_frames=request.num_frames, branches=request.guidance.at(1.0).branches,
+                       num_frames=request.num_frames, branches=scales.branches,
                        text_tokens=request.max_sequence_length, batched=request.branches == "batched",
-                       a2a_mode=a2a_mode, compiled=compiled)
+                       a2a_mode=a2a_mode, compiled=compiled, stg_first_block=first)
 
 
 def build_request(options: dict, configs: dict):
