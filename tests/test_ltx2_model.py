@@ -322,6 +322,16 @@ def test_perturbed_row_starts_from_the_cond_row_at_the_first_stg_block(models, t
         assert rel_err(shared[0][2], shared[0][0]) > 1e-3  # and the perturbation is applied from block 1
     else:
         assert calls == [4, 4]
+    calls.clear()  # as compiled blocks run it (compile_blocks turns the sharing off): the perturbed row whole
+    ours.share_stg_prefix = False
+    try:
+        run_ours(ours, ours_inputs, attn=spied, text_rows=(0, 1, 0, 0), stg_source=0, **flags)
+    finally:
+        ours.share_stg_prefix = True
+    assert calls == [4, 4]
+    fresh = from_reference(ref)
+    ltx2.compile_blocks(fresh)  # lazy: nothing compiles before a call
+    assert not fresh.share_stg_prefix
     with pytest.raises(ValueError, match="stg_source 2: need a batch row .* neither STG nor isolated"):
         run_ours(ours, ours_inputs, text_rows=(0, 1, 0, 0), stg_source=2, **flags)
     with pytest.raises(ValueError, match="stg_source 1: every STG row must share its text row"):
