@@ -155,8 +155,8 @@ class Fuser:
     """Keeps a transformer's weights at `base + sum of its LoRAs' deltas` for the LoRA set asked for.
 
     Model-dtype weights: switching sets subtracts the deltas of the LoRAs that leave and adds those that come,
-    each recomputed the same way (so a LoRA taken out leaves fp32 weights as they were, to rounding, and bf16
-    ones within an ulp), on every rank alike; no second copy of the weights is kept, only the factors (on the
+    each recomputed the same way (so a LoRA taken out leaves the weights as they were, to the rounding of the
+    two sums: an ulp of the weight and of the delta), on every rank alike; no second copy of the weights is kept, only the factors (on the
     CPU; pinned where the weights are on a GPU, so each fuse copies them at full speed).
 
     float8 weights (`--quantize fp8`, an fp8 checkpoint) are codes with a scale per output channel: a delta cannot
