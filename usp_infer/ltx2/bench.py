@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..guidance import LocalStats
-from ..parallel.plan import Plan
+from ..parallel.plan import Plan, stg_shares_forward
 from .model import (
     LOCAL_ATTENTION,
     SHAPES,
@@ -110,10 +110,7 @@ def step_flops(cfg: LTX2Config, s, cfg_degree: int | None = 1) -> dict[str, floa
     grid = s.grid
     g = guidance(cfg, s.branches)
     names = [n for n in g.branches() if n != "perturbed" or cfg.perturbed_attn]
-    shared = 0
-    if cfg_degree is not None and s.branch_mode == "batched" and "perturbed" in names:
-        if names.index("perturbed") % cfg_degree == names.index("cond") % cfg_degree:
-            shared = min(g.stg_blocks)
+    shared = min(g.stg_blocks) if cfg_degree and stg_shares_forward(names, cfg_degree, s.branch_mode) else 0
     parts = flops(cfg, grid[0] * grid[1] * grid[2], audio_tokens(s.num_frames), TEXT_TOKENS, len(names),
                   isolated=names.count("isolated"), shared_blocks=shared)
     parts.pop("total")  # the record sums the parts itself

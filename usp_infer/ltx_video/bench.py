@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..guidance import Guider, LocalStats, StepScales
 from ..layers import AttnFn
-from ..parallel.plan import Plan
+from ..parallel.plan import Plan, stg_shares_forward
 from .model import LTXConfig, LTXTransformer, rope_tables
 from .pipeline import Denoiser
 
@@ -57,12 +57,7 @@ def shared_blocks(s, cfg_degree: int | None) -> int:
     it, every block): with batched branches and the cond row on the same cfg rank (branch j on rank j % degree),
     the blocks before the first perturbed one."""
     scales = s.guidance().at(SIGMA)
-    names = scales.branches
-    if cfg_degree is None or s.branch_mode != "batched" or "perturbed" not in names:
-        return 0
-    if names.index("perturbed") % cfg_degree != names.index("cond") % cfg_degree:
-        return 0
-    return min(scales.stg_blocks)
+    return min(scales.stg_blocks) if cfg_degree and stg_shares_forward(scales.branches, cfg_degree, s.branch_mode) else 0
 
 
 def random_model(cfg: LTXConfig, device: torch.device, dtype: torch.dtype, seed: int,

@@ -36,6 +36,14 @@ from .sharding import SeqShard
 Prediction = Tensor | tuple[Tensor, ...]  # one branch's output(s), batch dim 1 each (video, or video + audio)
 
 
+def stg_shares_forward(names: Sequence[str], cfg_degree: int, branch_mode: str = "batched") -> bool:
+    """Whether the perturbed branch runs in one forward with the cond branch (and so starts from its hidden
+    states at the first STG block): batched branches, both on one cfg rank (run_branches' placement below)."""
+    if branch_mode != "batched" or "perturbed" not in names or "cond" not in names:
+        return False
+    return names.index("perturbed") % cfg_degree == names.index("cond") % cfg_degree
+
+
 class NonFiniteError(RuntimeError):
     """The latents went NaN/inf: raised on every rank at the same step (the check is all-reduced)."""
 
