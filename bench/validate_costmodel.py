@@ -59,8 +59,8 @@ def shape_workload(shape: str, height: int, width: int, frames: int, branches: i
         names = ("cond", "uncond", "perturbed", "isolated")[:branches]
     if audio is not None and not cfg.perturbed_attn:
         names = tuple(n for n in names if n != "perturbed")
-    # the block of ltx2/bench.py's and bench.Setup's guidance(); compiled blocks compute the perturbed row whole
-    shared = stg_shared and not compiled and "perturbed" in names
+    # the block of ltx2/bench.py's and bench.Setup's guidance()
+    shared = stg_shared and "perturbed" in names
     first = min(28 if audio is not None else 19, cfg.num_layers - 1) if shared else None
     return cm.Workload(cfg.num_layers, video, text_tokens if text_tokens is not None else 24, names, audio, batched,
                        compiled, a2a_mode, text_kv_per_prompt=audio is not None, dtype_bytes=dtype_bytes,

@@ -303,9 +303,9 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
             env: dict, implementation: str, text_tokens: int) -> dict:
     ms = statistics.median(times)
     exchange = None
-    # the work done: ours skips the perturbed row's blocks before the first STG block where cond shares its batch
-    # (eager blocks: compiled ones compute it whole, see compile_blocks); diffusers runs every branch's every block
-    shares = implementation.startswith("usp-infer") and not (case and case.compiled)
+    # the work done: ours skips the perturbed row's blocks before the first STG block where cond shares its
+    # batch; diffusers runs every branch's every block
+    shares = implementation.startswith("usp-infer")
     cfg_degree = (case.layout[0] if case else 1) if shares else None
     if s.ltx2:
         from .ltx2 import bench as bench_ltx2

@@ -489,8 +489,10 @@ class TransformerBlock(nn.Module):
             x_n, a_n = addcmul(xn, x_a2v, a2v_gate), addcmul(an, a_v2a, v2a_gate)
             if n == x.shape[0]:
                 x, a = x_n, a_n
-            else:  # x and a are this block's own tensors by now: update the rows in place
-                x[:n], a[:n] = x_n, a_n
+            else:  # new tensors, as many bytes as writing the rows in place: a compiled block whose inputs
+                # alias (x and x[:n] across a graph break) and are written fails AOTAutograd once the batch
+                # turns dynamic ("Expected !size_bytes_is_heap_allocated_"; the STG prefix's recompile, torch 2.11)
+                x, a = torch.cat([x_n, x[n:]]), torch.cat([a_n, a[n:]])
 
         # 4. FFNs.
         x = addcmul(x, self.ff(norm_modulate(x, self.norm3, vmod[3], vmod[4])), vmod[5])
@@ -517,11 +519,6 @@ def compile_blocks(model: LTX2Transformer) -> None:
     timesteps compiles once more; the cache holds enough variants for that and the STG blocks' own.
     """
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # Compiled blocks compute the perturbed rows whole: with the shared prefix (the blocks before the first
-    # STG block at one batch row fewer), torch 2.11's Inductor failed on an H100 when compiling the first full
-    # block (AOTAutograd's merge of aliased inputs: "Expected !size_bytes_is_heap_allocated_"); the CPU compiles
-    # it. Eager runs share.
-    model.share_stg_prefix = False
     for block in model.transformer_blocks:
         block.compile(dynamic=False)
 
@@ -596,8 +593,6 @@ class LTX2Transformer(nn.Module):
         # LTX-2.3 modulates each stream's audio<->video attention by the other stream's sigma; 2.0 by its own
         # timestep. A plain attribute, so a caller can override what the weights imply.
         self.use_cross_timestep = cfg.prompt_modulation
-        # forward's stg_source takes effect while this is True; compile_blocks turns it off (see there).
-        self.share_stg_prefix = True
 
     def forward(
         self,
@@ -652,7 +647,7 @@ class LTX2Transformer(nn.Module):
         # blocks of an LTX-2.0 model, and so does this.
         perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
         first = 0
-        if stg_source is not None and perturbed and self.share_stg_prefix:
+        if stg_source is not None and perturbed:
             # Before the first perturbed block an STG row computes what its source row computes: run the other
             # rows alone that far, then give each STG row a copy of its source's hidden states.
             flags = stg_rows.tolist()

@@ -170,14 +170,12 @@ def attention_heads(configs: dict) -> int:
 def workload(request: LTX2Request, configs: dict, a2a_mode: str = "direct", compiled: bool = False):
     """What a step of `request` computes, for the layout chooser (parallel/costmodel.py): the guidance's branches
     (STG's only with perturbable weights, as the pipeline runs them), 25 audio tokens a second, the text K/V
-    once per prompt, the perturbed row computed from the first STG block on where it shares a forward with cond
-    (eager blocks)."""
+    once per prompt, the perturbed row computed from the first STG block on where it shares a forward with cond."""
     from ..parallel.costmodel import from_config
 
     t = configs["transformer"]
     names = tuple(n for n in request.guidance.branches() if n != "perturbed" or t.get("perturbed_attn", False))
-    # compiled blocks compute the perturbed row whole (model.compile_blocks)
-    first = min(request.guidance.stg_blocks) if "perturbed" in names and not compiled else None
+    first = min(request.guidance.stg_blocks) if "perturbed" in names else None
     return from_config(t, height=request.height, width=request.width, num_frames=request.num_frames, branches=names,
                        text_tokens=request.max_sequence_length, batched=request.branches == "batched",
                        audio_tokens=round(request.num_frames / request.fps * 25), text_kv_per_prompt=True,

@@ -260,17 +260,8 @@ def compile_blocks(model: LTXTransformer) -> None:
     cache holds enough variants for a batch of sizes and the STG blocks' own variants.
     """
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # Compiled blocks compute the perturbed rows whole: with the shared prefix (the blocks before the first
-    # STG block at one batch row fewer), torch 2.11's Inductor failed on an H100 when compiling the first full
-    # block (AOTAutograd's merge of aliased inputs: "Expected !size_bytes_is_heap_allocated_"); the CPU compiles
-    # it. Eager runs share.
-    model.share_stg_prefix = False
     for block in model.transformer_blocks:
         block.compile(dynamic=False)
-
-
-
-
 
 
 class LTXTransformer(nn.Module):
@@ -286,8 +277,6 @@ class LTXTransformer(nn.Module):
         self.caption_projection = TwoLayerMLP(cfg.caption_channels, d, gelu_tanh)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
         self.proj_out = nn.Linear(d, cfg.out_channels)
-        # forward's stg_source takes effect while this is True; compile_blocks turns it off (see there).
-        self.share_stg_prefix = True
 
     def forward(
         self,
@@ -316,7 +305,7 @@ class LTXTransformer(nn.Module):
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
         pairs = rope_pairs(rope)
         first = 0
-        if stg_source is not None and perturbation is not None and perturbation.blocks and self.share_stg_prefix:
+        if stg_source is not None and perturbation is not None and perturbation.blocks:
             # Before the first perturbed block a perturbed row computes what its source row computes: run the
             # other rows alone that far, then give each perturbed row a copy of its source's hidden states.
             flags = perturbation.rows.tolist()

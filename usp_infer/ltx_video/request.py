@@ -92,12 +92,11 @@ def num_layers(configs: dict) -> int:
 def workload(request: GenerateRequest, configs: dict, a2a_mode: str = "direct", compiled: bool = False):
     """What a step of `request` computes, for the layout chooser (parallel/costmodel.py): the first step's
     branches (a guidance schedule may change them later), the perturbed row computed from the first STG block on
-    where it shares a forward with cond (eager blocks)."""
+    where it shares a forward with cond."""
     from ..parallel.costmodel import from_config
 
     scales = request.guidance.at(1.0)
-    # compiled blocks compute the perturbed row whole (model.compile_blocks)
-    first = min(scales.stg_blocks) if "perturbed" in scales.branches and not compiled else None
+    first = min(scales.stg_blocks) if "perturbed" in scales.branches else None
     return from_config(configs["transformer"], height=request.height, width=request.width,
                        num_frames=request.num_frames, branches=scales.branches,
                        text_tokens=request.max_sequence_length, batched=request.branches == "batched",
