@@ -96,6 +96,16 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def compile_each(blocks: nn.ModuleList) -> None:
+    """torch.compile each block in place, every shape static: a new resolution, batch (the STG prefix's rows) or
+    number of distinct timesteps compiles once more. Dynamo's automatic dynamic shapes are turned off too: torch
+    2.11 on a GPU made the batch of a block's graphs symbolic after such recompiles despite dynamic=False."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 

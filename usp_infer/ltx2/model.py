@@ -23,6 +23,7 @@ from ..layers import (
     FeedForward,
     TwoLayerMLP,
     apply_rope,
+    compile_each,
     config_kwargs,
     drop_trailing_pads,
     gelu_tanh,
@@ -515,12 +516,9 @@ def compile_blocks(model: LTX2Transformer) -> None:
     """torch.compile each transformer block in place. Attention stays eager (sdpa and the USP functions are
     compiler-disabled), so the graphs hold the projections, norms, RoPE, modulation and FFNs around it.
 
-    Shapes are compiled as they come (dynamic=False): a new resolution, batch or number of distinct
-    timesteps compiles once more; the cache holds enough variants for that and the STG blocks' own.
+    Every shape static (layers.compile_each).
     """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.transformer_blocks:
-        block.compile(dynamic=False)
+    compile_each(model.transformer_blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..layers import (  # noqa: F401 - AttnFn, sdpa_attention and apply_rope are
     FeedForward,
     TwoLayerMLP,
     apply_rope,
+    compile_each,
     config_kwargs,
     drop_trailing_pads,
     gelu_tanh,
@@ -256,12 +257,9 @@ def compile_blocks(model: LTXTransformer) -> None:
     """torch.compile each transformer block in place. Attention stays eager (sdpa and USPAttention are
     compiler-disabled), so the graphs hold the projections, norms, RoPE, modulation and FFN around it.
 
-    Shapes are compiled as they come (dynamic=False): a new resolution or batch compiles once more, and the
-    cache holds enough variants for a batch of sizes and the STG blocks' own variants.
+    Every shape static (layers.compile_each).
     """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.transformer_blocks:
-        block.compile(dynamic=False)
+    compile_each(model.transformer_blocks)
 
 
 class LTXTransformer(nn.Module):
