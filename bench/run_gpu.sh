@@ -137,7 +137,7 @@ one)
   if [ -z "${CPU_SMOKE:-}" ]; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py -k gpu \
       >"$W/logs/gpu-tests.log" 2>&1
-    echo "$(date +%T) gpu tests: exit $?"
+    rc=$?; echo "$(date +%T) gpu tests: exit $rc"
     timeout 150 python3 bench/microbench.py --out "$W/other/micro.json" >"$W/logs/micro.log" 2>&1
   fi
   for mode in eager compile; do
@@ -145,7 +145,7 @@ one)
     timeout 300 python3 -m usp_infer generate $GEN_DEV $flag --prompt "a red fox running through fresh snow" \
       --image tests/data/first_frame.png $GEN_SIZE --steps 8 --guidance-scale 3 --stg-scale 1 --stg-blocks 1 \
       --guidance-rescale 0.7 -o "$W/gen/$mode.npz" --json --quiet >"$W/gen/generate-$mode.json" 2>"$W/logs/gen-$mode.log"
-    echo "$(date +%T) generate $mode: exit $?"
+    rc=$?; echo "$(date +%T) generate $mode: exit $rc"
   done
   python3 -c "import numpy as np, sys; e, c = (np.load(f'{sys.argv[1]}/{m}.npz') for m in ('eager', 'compile')); \
 print({k: float(np.abs(e[k].astype(float) - c[k]).max()) for k in e.files})" "$W/gen" >"$W/logs/gen-compare.log" 2>&1

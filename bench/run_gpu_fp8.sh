@@ -25,7 +25,7 @@ S24="--height 1024 --width 1536 --num-frames 121"  # 24,576 video tokens
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "$(date +%T) $name: exit $?"
+  rc=$?; echo "$(date +%T) $name: exit $rc"
   tail -n 8 "$OUT/$name.log"
 }
 

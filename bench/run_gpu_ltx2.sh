@@ -36,7 +36,7 @@ bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE 
   local name=$1 limit=$2; shift 2
   (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$W/$name.json" "$@") \
     >"$W/$name.log" 2>&1
-  echo "$(date +%T) $name: exit $?"
+  rc=$?; echo "$(date +%T) $name: exit $rc"
   tail -n 6 "$W/$name.log"
   tar czf "$OUT/results.tgz" -C "$W" .
 }
@@ -62,7 +62,7 @@ i2v)  # image-to-video steps of both families, eager and compiled (their text-to
   ;;
 ab)  # GPU tests, then LTX-2.3 at 6,144 tokens on this checkout (with diffusers) and, with OLD=folder, on that one
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$W/gpu-tests.log" 2>&1
-  echo "$(date +%T) gpu tests: exit $?"; tail -n 3 "$W/gpu-tests.log"
+  rc=$?; echo "$(date +%T) gpu tests: exit $rc"; tail -n 3 "$W/gpu-tests.log"
   bench ltx23-6144 300 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --baseline diffusers
   bench ltx23-6144-i2v 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --image
   if [ -n "${OLD:-}" ]; then

@@ -14,7 +14,7 @@ share() {  # share NAME SECONDS WORLD BENCH-ARGS...
   local name=$1 limit=$2 world=$3; shift 3
   timeout -k 10 "$limit" python3 bench/rank_share.py "$OLD" --world "$world" -- "$@" --json-out "$OUT/$name.json" \
     >"$OUT/$name.log" 2>&1
-  echo "$(date +%T) $name: exit $?"; tail -n 8 "$OUT/$name.log"
+  rc=$?; echo "$(date +%T) $name: exit $rc"; tail -n 8 "$OUT/$name.log"
 }
 share rs-w4-6144 120 4 $S6 --layouts 1x1x4,1x2x2,2x1x2,1x4x1 --a2a-mode both --warmup 2 --steps 5
 share rs-w2-6144 90 2 $S6 --layouts 1x1x2 --a2a-mode both --warmup 2 --steps 5
