@@ -345,8 +345,11 @@ def test_compiled_blocks_share_the_stg_prefix_with_a_dynamic_batch():
     ours = from_reference(make_reference(kwargs))
     eager = run_ours(ours, inputs, **flags)
     torch._dynamo.reset()
+    dynamic = torch._dynamo.config.automatic_dynamic_shapes
     try:
+        torch._dynamo.config.automatic_dynamic_shapes = True  # torch's default, whatever an earlier test left
         ltx2.compile_blocks(ours)
+        assert torch._dynamo.config.automatic_dynamic_shapes is False  # every shape static (layers.compile_each)
         assert all(rel_err(g, e) <= RTOL for g, e in zip(run_ours(ours, inputs, **flags), eager))
         torch._dynamo.reset()
         with torch._dynamo.config.patch(automatic_dynamic_shapes=True, assume_static_by_default=True):
@@ -354,6 +357,7 @@ def test_compiled_blocks_share_the_stg_prefix_with_a_dynamic_batch():
                 block.compile(dynamic=None)  # a recompile marks the changed sizes dynamic
             assert all(rel_err(g, e) <= RTOL for g, e in zip(run_ours(ours, inputs, **flags), eager))
     finally:
+        torch._dynamo.config.automatic_dynamic_shapes = dynamic
         torch._dynamo.reset()
 
 
