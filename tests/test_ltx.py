@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from usp_infer.ltx_video.model import (
     LTXConfig,
     LTXTransformer,
     Perturbation,
+    compile_blocks,
     load_transformer,
     rope_tables,
 )
@@ -246,6 +248,31 @@ def test_perturbed_row_starts_from_the_cond_row_at_the_first_perturbed_block(mod
     assert rel_err(shared[2], expected[2]) <= RTOL and rel_err(shared[2], shared[1]) > 1e-3
     with pytest.raises(ValueError, match="stg_source 2: need an unperturbed batch row"):
         run_ours(ours, inputs, perturbation=perturbation, stg_source=2)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor's CPU code needs a C++ compiler")
+def test_compiled_blocks_start_the_perturbed_row_at_the_first_perturbed_block():
+    """compile_blocks keeps the sharing: block 0 without the perturbed row, block 1 with it, outputs as eager."""
+    ours = from_reference(make_reference(CONFIGS["tiny"]))
+    inputs = make_inputs(CONFIGS["tiny"], batch=3, timestep="sample", mask="padded")
+    inputs = {k: torch.cat([v[:2], v[1:2]]) for k, v in inputs.items()}  # the perturbed row is the cond row
+    perturbation = Perturbation(blocks=(1,), mode="values", rows=torch.tensor([False, False, True]))
+    eager = run_ours(ours, inputs, perturbation=perturbation, stg_source=1)
+    calls = []
+
+    @torch.compiler.disable  # as the real attention: called between the compiled graphs
+    def attn_fn(q, k, v):
+        calls.append(q.shape[0])
+        return sdpa_attention(q, k, v)
+
+    torch._dynamo.reset()
+    try:
+        compile_blocks(ours)
+        compiled = run_ours(ours, inputs, attn_fn=attn_fn, perturbation=perturbation, stg_source=1)
+    finally:
+        torch._dynamo.reset()
+    assert calls == [2, 3]
+    assert rel_err(compiled, eager) <= RTOL
 
 
 def test_values_mode_one_layer_by_hand():

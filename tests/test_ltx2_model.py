@@ -344,13 +344,22 @@ def test_compiled_blocks_share_the_stg_prefix_with_a_dynamic_batch():
                  isolate_rows=torch.tensor([False, False, False, True]), text_rows=(0, 1, 0, 0), stg_source=0)
     ours = from_reference(make_reference(kwargs))
     eager = run_ours(ours, inputs, **flags)
+    calls = []
+
+    @torch.compiler.disable  # as the real attention functions: called between the compiled graphs
+    def video_self(q, k, v):
+        calls.append(q.shape[0])
+        return LOCAL_ATTENTION.video_self(q, k, v)
+
+    spied = LTX2Attention(**dict(asdict(LOCAL_ATTENTION), video_self=video_self))
     torch._dynamo.reset()
     dynamic = torch._dynamo.config.automatic_dynamic_shapes
     try:
         torch._dynamo.config.automatic_dynamic_shapes = True  # torch's default, whatever an earlier test left
         ltx2.compile_blocks(ours)
         assert torch._dynamo.config.automatic_dynamic_shapes is False  # every shape static (layers.compile_each)
-        assert all(rel_err(g, e) <= RTOL for g, e in zip(run_ours(ours, inputs, **flags), eager))
+        assert all(rel_err(g, e) <= RTOL for g, e in zip(run_ours(ours, inputs, attn=spied, **flags), eager))
+        assert calls == [3, 4]  # compiled, block 0 still runs without the perturbed row
         torch._dynamo.reset()
         with torch._dynamo.config.patch(automatic_dynamic_shapes=True, assume_static_by_default=True):
             for block in ours.transformer_blocks:
