@@ -496,12 +496,12 @@ def decode(
         fail(1, f"decoding {latents}: {one_line(e)}")
 
 
-def layout_cost(cfg: int, ring: int, ulysses: int, branches: int, rows: list[float] | None = None) -> str:
+def layout_cost(cfg: int, ring: int, ulysses: int, branches: int, busiest: float | None = None) -> str:
     """What one rank does in a step of a layout, with every guidance branch on, against one GPU doing it all.
-    `rows`: each cfg rank's block rows and one GPU's (costmodel.block_rows), where rows share blocks (LTX-2's
-    perturbed row and cond) and branch counts alone would mislead."""
+    `busiest`: the busiest cfg rank's share of one GPU's block rows (costmodel.block_rows), where rows share
+    blocks (the perturbed row and cond) and branch counts alone would mislead."""
     per_rank = -(-branches // cfg)  # the busiest cfg rank's branches
-    share = (max(rows[:-1]) / rows[-1] if rows else per_rank / branches) / (ring * ulysses)
+    share = (per_rank / branches if busiest is None else busiest) / (ring * ulysses)
     parts = [f"{per_rank} of {branches} branches" + (" (uneven: a cfg group idles part of a step)" if branches % cfg else ""),
              f"1/{ring * ulysses} of the video tokens" if ring * ulysses > 1 else "all the video tokens"]
     talk = [name for name, degree in (("all-to-all in each attention", ulysses), ("K/V passed round a ring", ring),
@@ -599,7 +599,7 @@ def info(
                            "predicted_ms_per_step": round(p.ms, 1),
                            "predicted_gib_per_rank": round(costmodel.memory_gib(work, p.layout, weights), 1),
                            "cost": layout_cost(*p.layout, len(work.branches),
-                                               costmodel.block_rows(work, p.layout[0]) + costmodel.block_rows(work, 1))}
+                                               max(costmodel.block_rows(work, p.layout[0])) / sum(costmodel.block_rows(work, 1)))}
                           for p in costmodel.ranked(gpus, work, max_cfg=front.MAX_BRANCHES)]
     if lora or stage2_lora:  # the LoRAs a run with these flags would apply, checked against the weights
         describe = getattr(front, "describe_loras", None)
