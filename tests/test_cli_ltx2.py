@@ -94,6 +94,12 @@ def test_info_names_the_family():
     out = json.loads(cli("info", LTX2, "--gpus", "4", "--json").stdout)
     assert out["family"] == "ltx-2" and "Gemma" in out["needs"]
     assert (4, 1, 1) in {(x["cfg"], x["ring"], x["ulysses"]) for x in out["layouts"]}  # four branches: cfg 4 fits
+    # Each rank's share counts rows through blocks: one GPU carries 4 - 1/2 (the perturbed row skips block 0 of 2),
+    # a cfg rank one branch (1/3.5), cfg 2's busiest (uncond, isolated) 2 of them over Ulysses 2; Ulysses 4: 1/4.
+    cost = {(x["cfg"], x["ring"], x["ulysses"]): x["cost"] for x in out["layouts"]}
+    assert cost[4, 1, 1].startswith("~0.29 of one GPU's step per rank: 1 of 4 branches")
+    assert cost[2, 1, 2].startswith("~0.29 of one GPU's step per rank: 2 of 4 branches")
+    assert cost[1, 1, 4].startswith("~0.25 of one GPU's step per rank: 4 of 4 branches")
     assert json.loads(cli("info", LTXV, "--json").stdout)["family"] == "ltx-video"
 
 
