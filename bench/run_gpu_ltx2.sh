@@ -13,6 +13,8 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-768-fp8 # two-stage dev 768x512x121, bf16 then fp8, compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
+#   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
+#                                              # and distilled (1536x1024x121) recipes without and with them
 #   OUT=dir bash bench/run_gpu_ltx2.sh profile-1536 # the two-stage dev recipe's stage-1 step (4 x 1,536 tokens),
 #                                              # compiled, with a profile: kernel time against the step's wall time
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
@@ -26,11 +28,11 @@ cd "$(dirname "$0")/.."
 WHAT=${1:?name what to run: one, big or ltxv}
 W=/tmp/ltx2-bench  # kept across the sets of one call: every set adds its files, results.tgz holds them all
 mkdir -p "$W/prof"
-if command -v nvidia-smi >/dev/null && [ ! -e "$W/smi.pid" ]; then  # clocks, power and busy share every 200 ms
+if command -v nvidia-smi >/dev/null; then  # clocks, power and busy share every 200 ms, one log per set
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
-    --format=csv -lms 200 >"$W/smi-$$.csv" 2>/dev/null &
-  echo $! >"$W/smi.pid"
-  trap 'kill "$(cat "$W/smi.pid")" 2>/dev/null; rm -f "$W/smi.pid"' EXIT
+    --format=csv -lms 200 >"$W/smi-$WHAT.csv" 2>/dev/null &
+  smi=$!
+  trap 'kill $smi 2>/dev/null' EXIT
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -50,6 +52,12 @@ bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE 
 }
 
 case "$WHAT" in
+graphs)  # --cuda-graphs: the GPU tests, then plain and graphed block loops in the same launch per recipe
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_graphs or two_stage" >"$W/gpu-tests-graphs.log" 2>&1
+  rc=$?; echo "$(date +%T) gpu tests: exit $rc"; tail -n 3 "$W/gpu-tests-graphs.log"
+  bench e2e-768-dev-graphs 230 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs
+  bench e2e-1536-graphs 260 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --cuda-graphs
+  ;;
 profile-1536)
   bench ltx23-1536x4-prof 200 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
     --compile --profile "$W/prof/ltx23-1536x4"
@@ -115,7 +123,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use graphs, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac

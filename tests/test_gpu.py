@@ -216,3 +216,41 @@ def test_two_stage_on_cuda_equals_the_cpu_run(tmp_path) -> None:
     for key in ("frames", "audio"):
         a, b = runs["cuda"][key].astype(np.float64), runs["cpu"][key].astype(np.float64)
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3, key
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
+    """--cuda-graphs on the GPU: four branches with the STG prefix and an image (per-token timesteps), each
+    stage's block loop captured once and replayed, against the same generation without graphs (fp32). Needs
+    diffusers (the VAEs)."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from PIL import Image
+
+    from usp_infer import graphs
+    from usp_infer.ltx2 import pipeline
+    from usp_infer.ltx2.tiny import make_tiny_ltx2
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    c = pipeline.load_components(make_tiny_ltx2(tmp_path / "m", version="2.3"), "cuda", torch.float32)
+    if compiled:
+        pipeline.compile_blocks(c.transformer)
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(image)
+    g = pipeline.LTX2Guidance(pipeline.ModalityGuidance(cfg=3.0, stg=1.0, modality=3.0, rescale=0.7),
+                              pipeline.ModalityGuidance(cfg=7.0, stg=0.5, modality=2.0, rescale=0.5), stg_blocks=(1,))
+    req = pipeline.LTX2Request(prompt="a cat", negative_prompt="blurry", height=96, width=160, num_frames=17,
+                               fps=24.0, steps=graphs.MIN_STEPS + 2, seed=7, max_sequence_length=16, guidance=g,
+                               image=str(image), image_crf=0)
+    plain = pipeline.generate(c, req, progress=False)
+    made, build = [], pipeline.block_graphs
+    pipeline.block_graphs = lambda *a: made.append(build(*a)) or made[-1]
+    try:
+        c.cuda_graphs = True
+        replayed = pipeline.generate(c, req, progress=False)
+    finally:
+        pipeline.block_graphs = build
+    assert [(m.captures, len(m.entries)) for m in made] == [(1, 1)]
+    for got, expected in ((replayed.frames, plain.frames), (replayed.audio, plain.audio)):
+        got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)

@@ -430,14 +430,17 @@ def run(
     shape, height, width, num_frames, branches, branch_mode,
     ulysses_degree, ring_degree, cfg_parallel, layouts, a2a_mode, comm_share,
     compile, warmup, steps, baseline, image, json_out,
-    profile, device, dtype, dist_timeout, seed, recipe=None, quantize="none",
+    profile, device, dtype, dist_timeout, seed, recipe=None, quantize="none", cuda_graphs=False,
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs; the flags are
     bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
     world = env_world_size()
     if recipe is not None:
         return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world,
-                              compile, quantize)
+                              compile, quantize, cuda_graphs)
+    if cuda_graphs:
+        typer.echo("error: --cuda-graphs times whole generations: pass it with --recipe", err=True)
+        raise typer.Exit(2)
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
     try:
@@ -479,9 +482,10 @@ def run(
 
 def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames: int, device: str,
                    dtype: str, seed: int, json_out: Path | None, world: int, compile: bool = False,
-                   quantize: str = "none") -> None:
+                   quantize: str = "none", cuda_graphs: bool = False) -> None:
     """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process; --compile
-    compiles the blocks (as generate --compile); --quantize fp8 adds the same runs with float8 blocks."""
+    compiles the blocks (as generate --compile); --quantize fp8 adds the same runs with float8 blocks,
+    --cuda-graphs the same runs with the block loops as CUDA graphs."""
     from .ltx2 import bench_e2e
     from .ltx2.recipes import check_two_stage_size
 
@@ -506,7 +510,8 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
-                                      seed, 1, randomize, compile=compile, quantize=quantize)
+                                      seed, 1, randomize, compile=compile, quantize=quantize,
+                                      cuda_graphs=cuda_graphs)
     on_gpu = where.type == "cuda"
     for r in records:
         r.update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),

@@ -144,6 +144,9 @@ A2AModeOpt = Annotated[str, _opt("--a2a-mode", help="direct (all_to_all_single i
 DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before the run fails.")]
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
                                "one-time compilation in the first step (worth it for long runs and batches).")]
+CudaGraphs = Annotated[bool, _opt("--cuda-graphs", help="Replay each stage's transformer blocks as CUDA graphs "
+                                  "(LTX-2; one launch a step instead of thousands: for hosts that cannot keep the GPU "
+                                  "busy). Not where the sequence is split over GPUs (Ulysses or ring).")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
 Quantize = Annotated[str, _opt("--quantize", help="none | fp8: the transformer blocks' linear layers in float8 "
                                "e4m3 (about half the weight memory and faster steps; CUDA needs compute capability "
@@ -157,7 +160,7 @@ JsonSummary = Annotated[bool, _opt("--json", help="Print a JSON summary (outputs
 Debug = Annotated[bool, _opt(help="Show full tracebacks.")]
 
 SESSION_NAMES = ("model", "layout", "ulysses_degree", "ring_degree", "cfg_parallel", "a2a_mode", "dist_timeout",
-                 "compile", "quantize", "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
+                 "compile", "cuda_graphs", "quantize", "vae_tiling", "device", "dtype", "overwrite", "quiet", "json_summary", "debug")
 
 
 def _warn_empty_prompts(items: list[Item], s: Session) -> None:
@@ -203,7 +206,7 @@ def _session_from(flags: dict, **extra) -> Session:
     return Session(
         model=model_path(f["model"]), device=f["device"], dtype=f["dtype"], parallel=parallel, overwrite=f["overwrite"],
         quiet=f["quiet"], json_summary=f["json_summary"], debug=f["debug"], compile=f["compile"],
-        vae_tiling=f["vae_tiling"], quantize=f["quantize"], **extra,
+        cuda_graphs=f["cuda_graphs"], vae_tiling=f["vae_tiling"], quantize=f["quantize"], **extra,
     )
 
 
@@ -281,6 +284,7 @@ def generate(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = False,
     quantize: Quantize = "none",
     vae_tiling: VaeTiling = False,
     device: Device = "auto",
@@ -372,6 +376,7 @@ def batch(
     a2a_mode: A2AModeOpt = "direct",
     dist_timeout: DistTimeout = 600.0,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = False,
     quantize: Quantize = "none",
     vae_tiling: VaeTiling = False,
     device: Device = "auto",

@@ -112,6 +112,7 @@ class Session:
     json_summary: bool = False
     debug: bool = False
     compile: bool = False
+    cuda_graphs: bool = False  # replay the block loops as CUDA graphs where the layout allows (graphs.py)
     vae_tiling: bool = False  # decode in tiles even when a full decode would fit
     quantize: str = "none"  # QUANTIZE_METHODS: fp8 = the transformer blocks' linears in e4m3 (quant.py)
     batch: bool = False  # print the "done: ..." line

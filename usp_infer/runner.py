@@ -245,6 +245,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     agree(error, mesh.control_group)  # a rank that failed to load ends every rank, with its message
     if s.compile:
         pipe.compile_blocks(components.transformer)  # compiles lazily, during the first item's first step
+    components.cuda_graphs = s.cuda_graphs
     load_s = time.perf_counter() - start
 
     for number, item in enumerate(todo, 1):

@@ -77,6 +77,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "device": str(mesh.device),
         "dtype": s.dtype,
         "compiled": s.compile,
+        "cuda_graphs": s.cuda_graphs,
         "quantization": quantization or {"method": "none"},
         "vae_tiling": result.vae_tiling,
         "timings": {

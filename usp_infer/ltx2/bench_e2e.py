@@ -170,10 +170,11 @@ def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
 
 def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
                   device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize,
-                  compile: bool = False, quantize: str = "none") -> list[dict]:
+                  compile: bool = False, quantize: str = "none", cuda_graphs: bool = False) -> list[dict]:
     """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
     one record each. quantize "fp8": then the same again with the blocks' linears in float8 (as generate
-    --quantize fp8), in the same launch (a stage-2 LoRA fused into the float8 weights as generate does)."""
+    --quantize fp8), in the same launch (a stage-2 LoRA fused into the float8 weights as generate does).
+    cuda_graphs: each recipe with plain block loops, then with CUDA graphs (generate --cuda-graphs)."""
     cfg = arch.SHAPES[shape]
     c = components(shape, device, dtype, seed, randomize)
     if compile:
@@ -190,8 +191,9 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                 c.fuser.files = files
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            for name in recipes:
+            for name, graphs in ((n, g) for n in recipes for g in ((False, True) if cuda_graphs else (False,))):
                 req = request(name, cfg, height, width, num_frames)
+                c.cuda_graphs = graphs
                 run(c, req, Path(tmp))
                 for _ in range(repeat):
                     if device.type == "cuda":
@@ -200,7 +202,8 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                     records.append({"recipe": name, "shape": shape, "height": height, "width": width,
                                     "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
-                                    "device": str(device), "compiled": compile, "quantize": method,
+                                    "device": str(device), "compiled": compile, "cuda_graphs": graphs,
+                                    "quantize": method,
                                     "phases_s": phases, "peak_memory_gib": peak, "tokens": tokens(c.vae, req),
                                     "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
                                                 "branches": list(req.guidance.branches()),
@@ -210,8 +213,8 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
 
 def print_table(records: list[dict], echo) -> None:
     """Seconds per phase, one column per record."""
-    head = [f"{r['recipe']}{' fp8' if r.get('quantize') == 'fp8' else ''} {r['width']}x{r['height']}x{r['num_frames']}"
-            for r in records]
+    head = [f"{r['recipe']}{' fp8' if r.get('quantize') == 'fp8' else ''}{' graphs' if r.get('cuda_graphs') else ''} "
+            f"{r['width']}x{r['height']}x{r['num_frames']}" for r in records]
     echo("phase".ljust(30) + "".join(h.rjust(max(14, len(h) + 2)) for h in head))
     for label, key in PHASES:
         cells = []

@@ -539,6 +539,11 @@ class AdaLayerNormSingle(nn.Module):
         return self.linear(F.silu(embedded)).unflatten(1, (-1, embedded.shape[1])), embedded
 
 
+def _rows(t: Tensor, rows: tuple[int, ...]) -> Tensor:
+    """t[list(rows)] by slices: no index tensor to copy to the device (inside a CUDA graph it could not be)."""
+    return torch.cat([t[i:i + 1] for i in rows])
+
+
 def _cross_rows(isolate_rows: Tensor | None, B: int, device, dtype) -> tuple[int, Tensor | None]:
     """(rows [0, n) that run the audio<->video attentions, gates for isolated rows before n or None).
 
@@ -612,6 +617,7 @@ class LTX2Transformer(nn.Module):
         text_rows: tuple[int, ...] | None = None,
         stg_audio: bool = True,
         stg_source: int | None = None,
+        blocks: Callable | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(B, S_v, in_channels), (B, S_a, audio_in_channels) -> the two velocity predictions, same shapes but
         out_channels. video may be a shard of the tokens if rope.video/video_cross and a per-token timestep are
@@ -628,6 +634,7 @@ class LTX2Transformer(nn.Module):
         cond branch with some blocks perturbed): the STG rows are then not computed before the first STG block,
         where they start as copies of that row's hidden states. The same function, fewer FLOPs: LTX-2.3's
         perturbed branch runs 20 of its 48 blocks.
+        blocks: what runs `run_blocks` (with its arguments), e.g. a graphs.GraphedCall of it.
         """
         self._check_inputs(video, audio, text, audio_text, text_mask, audio_text_mask, timestep,
                            (audio_timestep, sigma, audio_sigma), rope, stg_blocks, stg_rows, isolate_rows, text_rows,
@@ -643,24 +650,18 @@ class LTX2Transformer(nn.Module):
         stg = stg_rows.to(x.device)[:, None, None, None]  # (B, 1, 1, 1) against (B, S, H, D)
         # Only blocks built with perturbed_attn (LTX-2.3 weights) can be perturbed; diffusers ignores the STG
         # blocks of an LTX-2.0 model, and so does this.
-        perturbed = set(stg_blocks) if cfg.perturbed_attn else set()
-        first = 0
+        perturbed = tuple(sorted(set(stg_blocks))) if cfg.perturbed_attn else ()
+        prefix = kept = source = None
         if stg_source is not None and perturbed:
             # Before the first perturbed block an STG row computes what its source row computes: run the other
             # rows alone that far, then give each STG row a copy of its source's hidden states.
             flags = stg_rows.tolist()
-            kept = [i for i in range(B) if not flags[i]]
-            first = min(perturbed)
+            kept = tuple(i for i in range(B) if not flags[i])
             pick = lambda t: None if t is None else (  # noqa: E731  the kept rows of a per-row input
-                tuple(t[i] for i in kept) if isinstance(t, tuple) else t[kept])
+                tuple(t[i] for i in kept) if isinstance(t, tuple) else t[list(kept)])
             prefix, _ = self._condition(*context, *map(pick, per_row), dtype)
-            xk, ak = x[kept], a[kept]
-            for block in self.transformer_blocks[:first]:
-                xk, ak = block(xk, ak, prefix, rope, attn, None, stg_audio)
-            source = [kept.index(stg_source if flags[i] else i) for i in range(B)]
-            x, a = xk[source], ak[source]
-        for i, block in enumerate(self.transformer_blocks[first:], start=first):
-            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
+            source = tuple(kept.index(stg_source if flags[i] else i) for i in range(B))
+        x, a = (blocks or self.run_blocks)(x, a, c, prefix, kept, source, rope, attn, stg, perturbed, stg_audio)
 
         video_embedded, runs, audio_embedded = head
         shift, scale = _modulation(self.scale_shift_table, video_embedded[:, None], runs, _SHIFT_SCALE)
@@ -668,6 +669,23 @@ class LTX2Transformer(nn.Module):
         shift, scale = _modulation(self.audio_scale_shift_table, audio_embedded[:, None], None, _SHIFT_SCALE)
         a = torch.addcmul(shift, F.layer_norm(a, (a.shape[-1],), eps=1e-6), scale)
         return self.proj_out(x), self.audio_proj_out(a)
+
+    def run_blocks(self, x: Tensor, a: Tensor, c: _Conditioning, prefix: _Conditioning | None,
+                   kept: tuple[int, ...] | None, source: tuple[int, ...] | None, rope: LTX2Rope,
+                   attn: LTX2Attention, stg: Tensor, perturbed: tuple[int, ...], stg_audio: bool) -> tuple[Tensor, Tensor]:
+        """The blocks, from the projected inputs to the last block's hidden states. With a `prefix` conditioning
+        the rows `kept` run alone up to the first perturbed block, then row b continues from kept row
+        source[b]. Reads nothing back to the host (rows are picked by slicing): a CUDA graph can hold it."""
+        first = 0
+        if prefix is not None:
+            first = perturbed[0]
+            xk, ak = _rows(x, kept), _rows(a, kept)
+            for block in self.transformer_blocks[:first]:
+                xk, ak = block(xk, ak, prefix, rope, attn, None, stg_audio)
+            x, a = _rows(xk, source), _rows(ak, source)
+        for i, block in enumerate(self.transformer_blocks[first:], start=first):
+            x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
+        return x, a
 
     def _condition(
         self,

@@ -65,6 +65,7 @@ class Components:
     text_cache: dict = field(default_factory=dict)
     fuser: Any = None  # lora.Fuser once a LoRA is asked for: the transformer's weights with the LoRAs of the moment
     upsamplers: dict = field(default_factory=dict)  # folder -> latent upsampler (the main rank, two stages)
+    cuda_graphs: bool = False  # replay each stage's block loop as CUDA graphs where the layout allows (graphs.py)
 
     @property
     def sample_rate(self) -> int:
@@ -365,6 +366,7 @@ class BranchForward:
     # Audio-to-video, as Lightricks' A2V pipeline: the audio tokens sit at timestep 0 (their sigma stays the
     # step's), the uncond branch keeps the positive prompt for the audio, STG perturbs the video alone.
     audio_frozen: bool = False
+    blocks: Any = None  # what runs the transformer's block loop (graphs.GraphedCall), or None: the plain loop
 
     def __call__(self, names, video, audio, timestep, t) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.branches == "sequential":
@@ -381,7 +383,7 @@ class BranchForward:
         video_texts, audio_texts = [self.text[p] for p, _ in distinct], [self.text[p] for _, p in distinct]
         rows = lambda flag: torch.tensor([n == flag for n in names])  # noqa: E731  on the host: read there
         tt = t.expand(b).to(dev)
-        extra = {"stg_audio": False} if self.audio_frozen else {}
+        extra = ({"stg_audio": False} if self.audio_frozen else {}) | ({"blocks": self.blocks} if self.blocks else {})
         video_out, audio_out = self.transformer(
             video.to(dt).expand(b, -1, -1),
             audio.to(dt).expand(b, -1, -1),
@@ -404,6 +406,17 @@ class BranchForward:
             **extra,
         )
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
+
+
+def block_graphs(transformer, plan: Plan, steps: int):
+    """The transformer's block loop behind CUDA graphs for one stage of `steps` steps, or None where they cannot
+    hold it (not on CUDA; the sequence split over ranks: the loop's attentions exchange with other ranks) or
+    would not pay (a stage too short to win back the capture)."""
+    from ..graphs import MIN_STEPS, graphed
+
+    if plan.mesh.device.type != "cuda" or plan.mesh.seq_degree > 1 or steps < MIN_STEPS:
+        return None
+    return graphed(transformer.run_blocks, plan.mesh.device)
 
 
 @dataclass
@@ -554,7 +567,8 @@ def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: di
         video_to_audio=plan.kv_sharded_attention(shard),
     )
     frozen = req.audio_input is not None
-    forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches, frozen)
+    forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches, frozen,
+                            block_graphs(c.transformer, plan, len(timesteps)) if c.cuda_graphs else None)
     denoiser = Denoiser(forward, plan, names, guidance, shard, tokens * lay.channels,
                         audio.shape[1] * audio.shape[2], keep, level, strength, clean, frozen)
 

@@ -1,0 +1,131 @@
+"""--cuda-graphs (usp_infer/graphs.py): what a replay reads and when a call needs a graph of its own.
+
+A CUDA graph replays the kernels it captured on the addresses it captured: a replay computes with whatever the
+static inputs hold, and host values (row lists, block indices, flags) are frozen into it. `Replaying` gives a
+graph those semantics on the CPU (capture runs fn on the static inputs; a replay runs it again and writes into
+the captured outputs), so a missed input copy or a host value left out of the signature shows up as a wrong
+result here. tests/test_gpu.py runs the real graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from usp_infer import graphs
+from usp_infer.graphs import GraphedCall, signature
+from usp_infer.ltx2 import pipeline
+from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, generate, load_components
+from usp_infer.ltx2.tiny import make_tiny_ltx2
+
+
+class Replaying:
+    """A CUDA graph's semantics, run on the CPU."""
+
+    device = torch.device("cpu")
+
+    def run(self, fn):
+        return fn()
+
+    def capture(self, fn):
+        out = fn()
+
+        def replay():
+            for mine, new in zip(graphs.tensors(out), graphs.tensors(fn())):
+                mine.copy_(new)
+
+        return replay, out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cond:
+    scale: torch.Tensor
+    rows: tuple[int, ...]
+
+
+def _fn(x, cond, flip):
+    y = torch.cat([x[i:i + 1] for i in cond.rows]) * cond.scale
+    return (y.flip(0) if flip else y), y.sum()
+
+
+def test_signature_keeps_host_values_and_layouts_not_device_values():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    x = torch.randn(3, 4)
+    same = signature((x, Cond(torch.ones(2), (0, 2)), False), cpu)
+    assert signature((torch.randn(3, 4), Cond(torch.zeros(2), (0, 2)), False), cpu) == same  # values: copied in
+    for other in ((x, Cond(torch.ones(2), (0, 1)), False), (x, Cond(torch.ones(2), (0, 2)), True),
+                  (x.t().contiguous().t(), Cond(torch.ones(2), (0, 2)), False),  # the same shape, other strides
+                  (x.double(), Cond(torch.ones(2), (0, 2)), False), (x[:2], Cond(torch.ones(2), (0, 2)), False)):
+        assert signature(other, cpu) != same
+    # A tensor off the graph's device can only be read on the host: its values count. Functions: by identity.
+    flags = lambda *v: signature(([1, 2], torch.tensor(v)), meta)  # noqa: E731
+    assert flags(True, False) == flags(True, False) != flags(False, True)
+    assert signature((_fn,), cpu) == signature((_fn,), cpu) != signature((lambda: 0,), cpu)
+
+
+def test_replays_compute_with_the_new_inputs_and_host_values_get_their_own_graph():
+    call = GraphedCall(_fn, Replaying())
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(3, 4, generator=gen)
+        cond = Cond(torch.randn(4, generator=gen), (2, 0))
+        expected = _fn(x, cond, False)
+        got = call(x, cond, False)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), step
+    assert call.captures == 1  # first call plain, second captured, then replays
+    for rows, flip in (((0, 1), False), ((2, 0), True), ((0, 1), False)):  # new host values: new graphs
+        x, cond = torch.randn(3, 4, generator=gen), Cond(torch.randn(4, generator=gen), rows)
+        assert all(torch.equal(a, b) for a, b in zip(call(x, cond, flip), _fn(x, cond, flip)))
+    assert len(call.entries) == 3 and call.captures == 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")
+    return load_components(folder, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_generation_with_graphed_blocks_equals_the_plain_one(tiny, monkeypatch, tmp_path, image):
+    """Four branches with the STG prefix (rows picked inside the loop) and, with an image, per-token timesteps
+    (host-side runs of tokens): each stage's block loop as one graph, the frames and sound bit for bit."""
+    from PIL import Image
+
+    kw = {}
+    if image:
+        path = tmp_path / "first.png"
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(path)
+        kw = dict(image=str(path), image_crf=0, height=96, width=160, num_frames=17)
+    g = LTX2Guidance(ModalityGuidance(cfg=3.0, stg=1.0, modality=3.0, rescale=0.7),
+                     ModalityGuidance(cfg=7.0, stg=0.5, modality=2.0, rescale=0.5), stg_blocks=(1,))
+    req = LTX2Request(**(dict(prompt="a cat", negative_prompt="blurry", height=64, width=64, num_frames=9,
+                              fps=24.0, steps=graphs.MIN_STEPS + 1, seed=7, max_sequence_length=16, guidance=g) | kw))
+    plain = generate(tiny, req, progress=False)
+    made = []
+
+    def block_graphs(transformer, plan, steps):
+        made.append(GraphedCall(transformer.run_blocks, Replaying()))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "block_graphs", block_graphs)
+    monkeypatch.setattr(tiny, "cuda_graphs", True)
+    replayed = generate(tiny, req, progress=False)
+    assert [(c.captures, len(c.entries)) for c in made] == [(1, 1)]
+    assert np.array_equal(replayed.frames, plain.frames) and np.array_equal(replayed.audio, plain.audio)
+    assert plain.frames.std() > 0.01  # not trivially equal
+
+
+def test_block_graphs_only_where_a_graph_can_hold_the_loop():
+    """None on the CPU, with the sequence split over ranks, and for a stage too short to win back the capture."""
+    from types import SimpleNamespace
+
+    def plan(device, seq):
+        return SimpleNamespace(mesh=SimpleNamespace(device=torch.device(device), seq_degree=seq))
+
+    model = SimpleNamespace(run_blocks=None)
+    assert pipeline.block_graphs(model, plan("cpu", 1), 30) is None
+    assert pipeline.block_graphs(model, plan("cuda", 2), 30) is None
+    assert pipeline.block_graphs(model, plan("cuda", 1), graphs.MIN_STEPS - 1) is None

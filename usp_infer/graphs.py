@@ -1,0 +1,140 @@
+"""`--cuda-graphs`: a transformer's block loop replayed as a CUDA graph, so a step costs the host one launch.
+
+A compiled LTX-2 block is seven graphs around six attention calls: some 300 launches and guard checks a block,
+~15k a step. At 4 x 1,536 tokens the GPU needs ~240 ms for a step and the host about as long to issue it, so a
+slower host (or a slower moment of one) leaves the GPU idle (bench/NOTES.md, 2026-12-07). Replaying a graph of
+the whole loop takes the host out of the step.
+
+`GraphedCall(fn)` stands in for `fn(*args)`, where args are tensors and host values in tuples, lists, dicts
+and dataclasses (the block loop's hidden states, conditioning, RoPE tables and attention functions). Per
+distinct call signature (every host value and every tensor's shape, stride, dtype and device; tensors off
+the graph's device by value) it keeps static copies of the tensors:
+
+- first call: copies the tensors and runs fn on the copies (plain launches: compiles, autotunes, warms);
+- second call: copies the new tensors in, captures fn on the copies, replays;
+- later calls: copy in, replay.
+
+The outputs of a replay are the graph's own tensors, overwritten by the next replay of that signature: the
+caller consumes them first (the transformer's output head does). One memory pool serves all of a GraphedCall's
+graphs; dropping the GraphedCall (at the end of a stage) frees them. Only for work with no collectives and no
+host reads of device values inside fn: the block loop of a layout without sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# A stage of fewer steps runs plain: the capture (in its second step) costs about one step's host time, with
+# the GPU idle, and a replay saves at most the host's lead over the GPU per step.
+MIN_STEPS = 4
+
+
+def tree_map(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """obj with every tensor t in its tuples, lists, dicts and dataclasses replaced by fn(t)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(tree_map(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(tree_map(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(v, fn) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: tree_map(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **fields)
+    return obj
+
+
+def tensors(obj: Any) -> list[Tensor]:
+    """The tensors of obj, in tree_map's order."""
+    found: list[Tensor] = []
+    tree_map(obj, found.append)
+    return found
+
+
+def signature(obj: Any, device: torch.device) -> tuple:
+    """What a graph on `device` of fn(*obj) depends on besides its tensors' values: the structure, every host
+    value (objects without a value of their own, such as functions, by identity) and each tensor's layout (the
+    values too of a tensor elsewhere than `device`: only the host can read it)."""
+    if isinstance(obj, Tensor):
+        meta = (tuple(obj.shape), obj.stride(), obj.dtype, str(obj.device))
+        return ("tensor", *meta, None if obj.device == device else tuple(obj.flatten().tolist()))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), *(signature(v, device) for v in obj))
+    if isinstance(obj, dict):
+        return (dict, *((k, signature(v, device)) for k, v in obj.items()))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return (type(obj), *(signature(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init))
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+        return (type(obj), obj)
+    if isinstance(obj, (set, frozenset)):
+        return (type(obj), tuple(sorted(obj)))
+    return ("object", id(obj))
+
+
+class CudaGraph:
+    """torch.cuda.CUDAGraph behind the two calls GraphedCall makes (tests put a stand-in here)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)  # warm-up and capture, off the default stream
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the capture stream, uncaptured."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """(replay, the outputs replays write) of fn()."""
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph.replay, out
+
+
+@dataclasses.dataclass
+class _Entry:
+    static: tuple  # the arguments the graph reads: copies of the first call's
+    replay: Callable[[], None] | None = None
+    out: Any = None
+
+
+class GraphedCall:
+    """fn(*args) replayed as a CUDA graph per call signature (see the module's docstring)."""
+
+    def __init__(self, fn: Callable[..., Any], backend: Any) -> None:
+        self.fn, self.backend = fn, backend
+        self.entries: dict[tuple, _Entry] = {}
+        self.captures = 0  # graphs captured (what tests count)
+
+    def __call__(self, *args: Any) -> Any:
+        key = signature(args, self.backend.device)
+        entry = self.entries.get(key)
+        if entry is None:
+            static = tree_map(args, lambda t: t.clone(memory_format=torch.preserve_format))
+            self.entries[key] = _Entry(static)
+            return self.backend.run(lambda: self.fn(*static))
+        for mine, new in zip(tensors(entry.static), tensors(args)):
+            if mine.device == self.backend.device:  # the others' values are in the signature
+                mine.copy_(new)
+        if entry.replay is None:
+            entry.replay, entry.out = self.backend.capture(lambda: self.fn(*entry.static))
+            self.captures += 1
+        entry.replay()
+        return entry.out
+
+
+def graphed(fn: Callable[..., Any], device: torch.device) -> GraphedCall:
+    """fn behind CUDA graphs on `device` (a CUDA device)."""
+    return GraphedCall(fn, CudaGraph(device))
