@@ -243,13 +243,13 @@ def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
                                fps=24.0, steps=graphs.MIN_STEPS + 2, seed=7, max_sequence_length=16, guidance=g,
                                image=str(image), image_crf=0)
     plain = pipeline.generate(c, req, progress=False)
-    made, build = [], pipeline.block_graphs
-    pipeline.block_graphs = lambda *a: made.append(build(*a)) or made[-1]
+    made, build = [], graphs.for_stage
+    graphs.for_stage = lambda *a: made.append(build(*a)) or made[-1]
     try:
         c.cuda_graphs = True
         replayed = pipeline.generate(c, req, progress=False)
     finally:
-        pipeline.block_graphs = build
+        graphs.for_stage = build
     assert [(m.captures, len(m.entries)) for m in made] == [(1, 1)]
     for got, expected in ((replayed.frames, plain.frames), (replayed.audio, plain.audio)):
         got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)

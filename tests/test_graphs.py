@@ -17,7 +17,6 @@ import torch
 
 from usp_infer import graphs
 from usp_infer.graphs import GraphedCall, signature
-from usp_infer.ltx2 import pipeline
 from usp_infer.ltx2.pipeline import LTX2Guidance, LTX2Request, ModalityGuidance, generate, load_components
 from usp_infer.ltx2.tiny import make_tiny_ltx2
 
@@ -106,11 +105,11 @@ def test_generation_with_graphed_blocks_equals_the_plain_one(tiny, monkeypatch, 
     plain = generate(tiny, req, progress=False)
     made = []
 
-    def block_graphs(transformer, plan, steps):
-        made.append(GraphedCall(transformer.run_blocks, Replaying()))
+    def for_stage(run_blocks, plan, steps):
+        made.append(GraphedCall(run_blocks, Replaying()))
         return made[-1]
 
-    monkeypatch.setattr(pipeline, "block_graphs", block_graphs)
+    monkeypatch.setattr(graphs, "for_stage", for_stage)
     monkeypatch.setattr(tiny, "cuda_graphs", True)
     replayed = generate(tiny, req, progress=False)
     assert [(c.captures, len(c.entries)) for c in made] == [(1, 1)]
@@ -118,14 +117,41 @@ def test_generation_with_graphed_blocks_equals_the_plain_one(tiny, monkeypatch, 
     assert plain.frames.std() > 0.01  # not trivially equal
 
 
-def test_block_graphs_only_where_a_graph_can_hold_the_loop():
+def test_graphs_only_where_a_graph_can_hold_the_loop():
     """None on the CPU, with the sequence split over ranks, and for a stage too short to win back the capture."""
     from types import SimpleNamespace
 
     def plan(device, seq):
         return SimpleNamespace(mesh=SimpleNamespace(device=torch.device(device), seq_degree=seq))
 
-    model = SimpleNamespace(run_blocks=None)
-    assert pipeline.block_graphs(model, plan("cpu", 1), 30) is None
-    assert pipeline.block_graphs(model, plan("cuda", 2), 30) is None
-    assert pipeline.block_graphs(model, plan("cuda", 1), graphs.MIN_STEPS - 1) is None
+    assert graphs.for_stage(_fn, plan("cpu", 1), 30) is None
+    assert graphs.for_stage(_fn, plan("cuda", 2), 30) is None
+    assert graphs.for_stage(_fn, plan("cuda", 1), graphs.MIN_STEPS - 1) is None
+
+
+def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(monkeypatch):
+    """LTX-Video: cfg + STG with the perturbed block changing halfway (two signatures, a graph each), then no
+    guidance (a third); the video bit for bit."""
+    from pathlib import Path
+
+    from usp_infer.config import GenerateRequest, ParallelConfig
+    from usp_infer.guidance import GuidanceConfig
+    from usp_infer.ltx_video import pipeline as ltxv
+    from usp_infer.parallel.plan import Plan
+
+    c = ltxv.load_components(Path(__file__).resolve().parents[1] / "models" / "ltx-tiny", torch.device("cpu"),
+                             torch.float32)
+    g = GuidanceConfig(cfg=(3.0, 3.0, 1.0), stg=(1.0, 1.0, 0.0), rescale=(0.7,), stg_blocks=((1,), (0,), (0,)),
+                       timesteps=(1.0, 0.6, 0.2))
+    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17, steps=8,
+                          seed=5, max_sequence_length=8, guidance=g)
+    plan = Plan.build(ParallelConfig(), "cpu")
+    plain = ltxv.generate(c, req, plan, progress=False)
+    made = []
+    monkeypatch.setattr(graphs, "for_stage", lambda run, plan, steps: made.append(GraphedCall(run, Replaying())) or made[-1])
+    monkeypatch.setattr(c, "cuda_graphs", True)
+    replayed = ltxv.generate(c, req, plan, progress=False)
+    # three signatures; the guidance-free one runs a single step (the last), so it is never captured
+    assert len(made) == 1 and len(made[0].entries) == 3 and made[0].captures == 2
+    assert np.array_equal(replayed.frames, plain.frames) and plain.frames.std() > 0.01
+

@@ -144,9 +144,10 @@ A2AModeOpt = Annotated[str, _opt("--a2a-mode", help="direct (all_to_all_single i
 DistTimeout = Annotated[float, _opt(help="Seconds a collective may wait before the run fails.")]
 Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer blocks: faster steps after a "
                                "one-time compilation in the first step (worth it for long runs and batches).")]
-CudaGraphs = Annotated[bool, _opt("--cuda-graphs", help="Replay each stage's transformer blocks as CUDA graphs "
-                                  "(LTX-2; one launch a step instead of thousands: for hosts that cannot keep the GPU "
-                                  "busy). Not where the sequence is split over GPUs (Ulysses or ring).")]
+CudaGraphs = Annotated[bool, _opt("--cuda-graphs", help="Replay the transformer's block loop as a CUDA graph "
+                                  "(one launch a step instead of thousands: for hosts that cannot keep the GPU busy). "
+                                  "One GPU or cfg-parallel; not where the sequence is split (Ulysses, ring); stages of "
+                                  "fewer than 4 steps run plain.")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
 Quantize = Annotated[str, _opt("--quantize", help="none | fp8: the transformer blocks' linear layers in float8 "
                                "e4m3 (about half the weight memory and faster steps; CUDA needs compute capability "

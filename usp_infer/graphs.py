@@ -135,6 +135,11 @@ class GraphedCall:
         return entry.out
 
 
-def graphed(fn: Callable[..., Any], device: torch.device) -> GraphedCall:
-    """fn behind CUDA graphs on `device` (a CUDA device)."""
-    return GraphedCall(fn, CudaGraph(device))
+def for_stage(run_blocks: Callable[..., Any], plan: Any, steps: int) -> GraphedCall | None:
+    """A transformer's block loop behind CUDA graphs for one stage of `steps` steps under `plan`, or None where
+    graphs cannot hold it (not on CUDA; the sequence split over ranks: the loop's attentions exchange with other
+    ranks) or would not pay (a stage too short to win back the capture)."""
+    mesh = plan.mesh
+    if mesh.device.type != "cuda" or mesh.seq_degree > 1 or steps < MIN_STEPS:
+        return None
+    return GraphedCall(run_blocks, CudaGraph(mesh.device))

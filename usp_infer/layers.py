@@ -141,6 +141,11 @@ class TwoLayerMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def pick_rows(t: Tensor, rows: tuple[int, ...]) -> Tensor:
+    """t[list(rows)] by slices: no index tensor to copy to the device (inside a CUDA graph it could not be)."""
+    return torch.cat([t[i:i + 1] for i in rows])
+
+
 def drop_trailing_pads(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Cut the text positions after the last one any row keeps: (B, L, C), (B, L) -> (B, L', C), (B, L').
 

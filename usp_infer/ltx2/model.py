@@ -29,6 +29,7 @@ from ..layers import (
     gelu_tanh,
     load_folder,
     norm_rope,
+    pick_rows,
     sdpa,
     sdpa_attention,
     timestep_features,
@@ -539,11 +540,6 @@ class AdaLayerNormSingle(nn.Module):
         return self.linear(F.silu(embedded)).unflatten(1, (-1, embedded.shape[1])), embedded
 
 
-def _rows(t: Tensor, rows: tuple[int, ...]) -> Tensor:
-    """t[list(rows)] by slices: no index tensor to copy to the device (inside a CUDA graph it could not be)."""
-    return torch.cat([t[i:i + 1] for i in rows])
-
-
 def _cross_rows(isolate_rows: Tensor | None, B: int, device, dtype) -> tuple[int, Tensor | None]:
     """(rows [0, n) that run the audio<->video attentions, gates for isolated rows before n or None).
 
@@ -679,10 +675,10 @@ class LTX2Transformer(nn.Module):
         first = 0
         if prefix is not None:
             first = perturbed[0]
-            xk, ak = _rows(x, kept), _rows(a, kept)
+            xk, ak = pick_rows(x, kept), pick_rows(a, kept)
             for block in self.transformer_blocks[:first]:
                 xk, ak = block(xk, ak, prefix, rope, attn, None, stg_audio)
-            x, a = _rows(xk, source), _rows(ak, source)
+            x, a = pick_rows(xk, source), pick_rows(ak, source)
         for i, block in enumerate(self.transformer_blocks[first:], start=first):
             x, a = block(x, a, c, rope, attn, stg if i in perturbed else None, stg_audio)
         return x, a

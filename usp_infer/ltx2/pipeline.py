@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import graphs
 from ..config import ParallelConfig
 from ..guidance import CFG, STG, LocalStats, Rescale, SeqStats
 from ..parallel.plan import Plan
@@ -408,17 +409,6 @@ class BranchForward:
         return list(zip(video_out.float().split(1), audio_out.float().split(1)))
 
 
-def block_graphs(transformer, plan: Plan, steps: int):
-    """The transformer's block loop behind CUDA graphs for one stage of `steps` steps, or None where they cannot
-    hold it (not on CUDA; the sequence split over ranks: the loop's attentions exchange with other ranks) or
-    would not pay (a stage too short to win back the capture)."""
-    from ..graphs import MIN_STEPS, graphed
-
-    if plan.mesh.device.type != "cuda" or plan.mesh.seq_degree > 1 or steps < MIN_STEPS:
-        return None
-    return graphed(transformer.run_blocks, plan.mesh.device)
-
-
 @dataclass
 class Denoiser:
     """One LTX-2 denoising step: the branches' forward, per-modality guidance in x0 space, both Euler updates.
@@ -568,7 +558,7 @@ def run_stage(c: Components, req: LTX2Request, plan: Plan, lay: Layout, text: di
     )
     frozen = req.audio_input is not None
     forward = BranchForward(c.transformer, text, rope, attn, req.guidance.stg_blocks, req.branches, frozen,
-                            block_graphs(c.transformer, plan, len(timesteps)) if c.cuda_graphs else None)
+                            graphs.for_stage(c.transformer.run_blocks, plan, len(timesteps)) if c.cuda_graphs else None)
     denoiser = Denoiser(forward, plan, names, guidance, shard, tokens * lay.channels,
                         audio.shape[1] * audio.shape[2], keep, level, strength, clean, frozen)
 

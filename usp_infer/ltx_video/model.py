@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from ..layers import (  # noqa: F401 - AttnFn, sdpa_attention and apply_rope are
     gelu_tanh,
     load_folder,
     norm_rope,
+    pick_rows,
     sdpa,
     sdpa_attention,
     timestep_features,
@@ -286,6 +288,7 @@ class LTXTransformer(nn.Module):
         attn_fn: AttnFn = sdpa_attention,
         perturbation: Perturbation | None = None,
         stg_source: int | None = None,
+        blocks: Callable | None = None,
     ) -> Tensor:
         """(B, S, in_channels) -> (B, S, out_channels); S may be a shard if rope and timestep match it.
 
@@ -293,6 +296,7 @@ class LTXTransformer(nn.Module):
         perturbed row's own (the perturbed branch is the cond branch with some blocks perturbed): the perturbed
         rows are then not computed before the first perturbed block, where they start as copies of that row's
         hidden states. The same function, fewer FLOPs.
+        blocks: what runs `run_blocks` (with its arguments), e.g. a graphs.GraphedCall of it.
         """
         B, S, _ = hidden_states.shape
         self._check_inputs(B, S, encoder_hidden_states, timestep, encoder_attention_mask, rope, perturbation,
@@ -302,27 +306,40 @@ class LTXTransformer(nn.Module):
                                                              timestep, x.dtype)
         rows = None if perturbation is None else perturbation.rows.to(x.device)[:, None, None]  # (B, 1, 1)
         pairs = rope_pairs(rope)
-        first = 0
-        if stg_source is not None and perturbation is not None and perturbation.blocks:
+        perturbed, mode = ((), None) if perturbation is None else (tuple(sorted(perturbation.blocks)), perturbation.mode)
+        prefix = kept = source = kept_pairs = None
+        if stg_source is not None and perturbed:
             # Before the first perturbed block a perturbed row computes what its source row computes: run the
             # other rows alone that far, then give each perturbed row a copy of its source's hidden states.
             flags = perturbation.rows.tolist()
-            kept = [i for i in range(B) if not flags[i]]
-            first = min(perturbation.blocks)
-            pick = lambda t: None if t is None else t[kept]  # noqa: E731  the kept rows of a per-row input
+            kept = tuple(i for i in range(B) if not flags[i])
+            pick = lambda t: None if t is None else t[list(kept)]  # noqa: E731  the kept rows of a per-row input
             prefix = self._condition(*map(pick, (encoder_hidden_states, encoder_attention_mask, timestep)), x.dtype)
-            kept_pairs = pairs if pairs.shape[0] == 1 else pairs[kept]
-            xk = x[kept]
-            for block in self.transformer_blocks[:first]:
-                xk = block(xk, prefix[0], prefix[2], kept_pairs, prefix[1], attn_fn, None, None)
-            x = xk[[kept.index(stg_source if f else i) for i, f in enumerate(flags)]]
-        for i, block in enumerate(self.transformer_blocks[first:], start=first):
-            perturbed = perturbation is not None and i in perturbation.blocks
-            mode = perturbation.mode if perturbed else None
-            x = block(x, context, temb, pairs, text_bias, attn_fn, rows if perturbed else None, mode)
+            kept_pairs = pairs if pairs.shape[0] == 1 else pairs[list(kept)]
+            source = tuple(kept.index(stg_source if f else i) for i, f in enumerate(flags))
+        x = (blocks or self.run_blocks)(x, context, temb, pairs, text_bias, attn_fn, rows, perturbed, mode, prefix,
+                                        kept, source, kept_pairs)
         shift, scale = unbind(apply(embedded, lambda e: self.scale_shift_table + e[:, :, None]), -2)  # (B, R, 2, D)
         x = addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=1e-6), apply(scale, lambda t: 1 + t))
         return self.proj_out(x)
+
+    def run_blocks(self, x: Tensor, context: Tensor, temb, pairs: Tensor, text_bias: Tensor | None, attn_fn: AttnFn,
+                   rows: Tensor | None, perturbed: tuple[int, ...], mode: str | None, prefix: tuple | None,
+                   kept: tuple[int, ...] | None, source: tuple[int, ...] | None, kept_pairs: Tensor | None) -> Tensor:
+        """The blocks, from the projected input to the last block's hidden states. With a `prefix` conditioning
+        the rows `kept` run alone up to the first perturbed block, then row b continues from kept row
+        source[b]. Reads nothing back to the host (rows are picked by slicing): a CUDA graph can hold it."""
+        first = 0
+        if prefix is not None:
+            first = perturbed[0]
+            xk = pick_rows(x, kept)
+            for block in self.transformer_blocks[:first]:
+                xk = block(xk, prefix[0], prefix[2], kept_pairs, prefix[1], attn_fn, None, None)
+            x = pick_rows(xk, source)
+        for i, block in enumerate(self.transformer_blocks[first:], start=first):
+            hit = i in perturbed
+            x = block(x, context, temb, pairs, text_bias, attn_fn, rows if hit else None, mode if hit else None)
+        return x
 
     def _condition(self, text: Tensor, mask: Tensor | None, timestep: Tensor, dtype: torch.dtype) -> tuple:
         """What every block of a batch reads: (projected text, its score bias or None, the modulation of each

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .. import graphs
 from ..config import GenerateRequest
 from ..errors import DecodeError
 from ..guidance import Guider, StepScales
@@ -47,6 +49,7 @@ class Components:
     # (prompt, max_length) -> (embeddings, mask) on the CPU: what encode_prompts made, or what encode_text
     # made with the text encoder here.
     text_cache: dict = field(default_factory=dict)
+    cuda_graphs: bool = False  # replay the block loop as CUDA graphs where the layout allows (graphs.py)
 
 
 def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, main: bool = True,
@@ -201,6 +204,7 @@ class Denoiser:
     guider: Guider
     branches: str = "batched"  # or "sequential"
     stg_mode: str = "values"
+    blocks: Any = None  # what runs the transformer's block loop (graphs.GraphedCall), or None: the plain loop
 
     def _forward(self, names: tuple[str, ...], latents, timestep, scales: StepScales) -> list[torch.Tensor]:
         b = len(names)
@@ -215,6 +219,7 @@ class Denoiser:
         out = self.transformer(
             latents.to(embeds.dtype).expand(b, -1, -1), embeds, timestep.expand(b, *timestep.shape[1:]),
             mask, self.rope, attn_fn=self.attn_fn, perturbation=perturbation, stg_source=source,
+            **({"blocks": self.blocks} if self.blocks else {}),
         )
         return list(out.float().split(1))
 
@@ -325,7 +330,8 @@ def generate(c: Components, req: GenerateRequest, plan: Plan, progress: bool = T
         level = shard.split(inputs.level).to(c.device)
     rope = tuple(shard.split(r) for r in rope_tables(t_cfg, frames, height, width, (t_ratio / req.fps, s_ratio, s_ratio), c.device))
     denoiser = Denoiser(c.transformer, plan, text, rope, plan.self_attention(shard),
-                        Guider(stats=shard, count=tokens * t_cfg.in_channels), req.branches, req.guidance.stg_mode)
+                        Guider(stats=shard, count=tokens * t_cfg.in_channels), req.branches, req.guidance.stg_mode,
+                        graphs.for_stage(c.transformer.run_blocks, plan, req.steps) if c.cuda_graphs else None)
     sigmas = sigmas.to(c.device)
 
     step_times = []
