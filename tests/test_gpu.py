@@ -254,3 +254,37 @@ def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
     for got, expected in ((replayed.frames, plain.frames), (replayed.audio, plain.audio)):
         got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
+    """--cuda-graphs for LTX-Video on the GPU: cfg + STG whose perturbed block changes halfway (a graph per
+    signature), against the same generation without graphs (fp32)."""
+    pytest.importorskip("diffusers")
+    from pathlib import Path
+
+    import numpy as np
+
+    from usp_infer import graphs
+    from usp_infer.config import GenerateRequest, ParallelConfig
+    from usp_infer.guidance import GuidanceConfig
+    from usp_infer.ltx_video import pipeline as ltxv
+    from usp_infer.parallel.plan import Plan
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    c = ltxv.load_components(Path(__file__).resolve().parents[1] / "models" / "ltx-tiny", torch.device("cuda"),
+                             torch.float32)
+    g = GuidanceConfig(cfg=(3.0,), stg=(1.0,), rescale=(0.7,), stg_blocks=((1,), (0,)), timesteps=(1.0, 0.5))
+    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17, steps=8,
+                          seed=5, max_sequence_length=8, guidance=g)
+    plan = Plan.build(ParallelConfig(), "cuda")
+    plain = ltxv.generate(c, req, plan, progress=False)
+    made, build = [], graphs.for_stage
+    graphs.for_stage = lambda *a: made.append(build(*a)) or made[-1]
+    try:
+        c.cuda_graphs = True
+        replayed = ltxv.generate(c, req, plan, progress=False)
+    finally:
+        graphs.for_stage = build
+    assert len(made) == 1 and made[0].captures == 2
+    got, expected = np.asarray(replayed.frames, np.float64), np.asarray(plain.frames, np.float64)
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
