@@ -257,8 +257,8 @@ def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
 
 
 def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
-    """--cuda-graphs for LTX-Video on the GPU: cfg + STG whose perturbed block changes halfway (a graph per
-    signature), against the same generation without graphs (fp32)."""
+    """--cuda-graphs for LTX-Video on the GPU: cfg + STG whose perturbed block changes, then no guidance (a graph
+    per signature), against the same generation without graphs (fp32)."""
     pytest.importorskip("diffusers")
     from pathlib import Path
 
@@ -273,7 +273,8 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     c = ltxv.load_components(Path(__file__).resolve().parents[1] / "models" / "ltx-tiny", torch.device("cuda"),
                              torch.float32)
-    g = GuidanceConfig(cfg=(3.0,), stg=(1.0,), rescale=(0.7,), stg_blocks=((1,), (0,)), timesteps=(1.0, 0.5))
+    g = GuidanceConfig(cfg=(3.0, 3.0, 1.0), stg=(1.0, 1.0, 0.0), rescale=(0.7,), stg_blocks=((1,), (0,), (0,)),
+                       timesteps=(0.9, 0.5, 0.2))  # as tests/test_graphs.py: three signatures, each captured
     req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17, steps=8,
                           seed=5, max_sequence_length=8, guidance=g)
     plan = Plan.build(ParallelConfig(), "cuda")
@@ -285,6 +286,6 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
         replayed = ltxv.generate(c, req, plan, progress=False)
     finally:
         graphs.for_stage = build
-    assert len(made) == 1 and made[0].captures == 2
+    assert len(made) == 1 and made[0].captures == 3
     got, expected = np.asarray(replayed.frames, np.float64), np.asarray(plain.frames, np.float64)
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,7 @@ class TwoLayerMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-def pick_rows(t: Tensor, rows: tuple[int, ...]) -> Tensor:
+def pick_rows(t: Tensor, rows: Sequence[int]) -> Tensor:
     """t[list(rows)] by slices: no index tensor to copy to the device (inside a CUDA graph it could not be)."""
     return torch.cat([t[i:i + 1] for i in rows])
 

@@ -504,7 +504,7 @@ class TransformerBlock(nn.Module):
 
 def _per_row(rows: list[int] | None, *per_text: Tensor) -> tuple[Tensor, ...]:
     """Text-row tensors (U, ...) -> batch-row ones (B, ...)."""
-    return per_text if rows is None else tuple(t[rows] for t in per_text)
+    return per_text if rows is None else tuple(pick_rows(t, rows) for t in per_text)
 
 
 def _prompt_shift_scale(table: Tensor, emb: Tensor | None, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
