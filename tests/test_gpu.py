@@ -218,11 +218,11 @@ def test_two_stage_on_cuda_equals_the_cpu_run(tmp_path) -> None:
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3, key
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
+@pytest.mark.parametrize("mode", ["eager", "compiled", "fp8"])
+def test_cuda_graphs_replay_the_plain_generation(tmp_path, mode) -> None:
     """--cuda-graphs on the GPU: four branches with the STG prefix and an image (per-token timesteps), each
-    stage's block loop captured once and replayed, against the same generation without graphs (fp32). Needs
-    diffusers (the VAEs)."""
+    stage's block loop captured once and replayed, against the same generation without graphs (fp32; fp8:
+    float8 blocks in bf16, eager). Needs diffusers (the VAEs)."""
     pytest.importorskip("diffusers")
     import numpy as np
     from PIL import Image
@@ -232,9 +232,16 @@ def test_cuda_graphs_replay_the_plain_generation(tmp_path, compiled) -> None:
     from usp_infer.ltx2.tiny import make_tiny_ltx2
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    c = pipeline.load_components(make_tiny_ltx2(tmp_path / "m", version="2.3"), "cuda", torch.float32)
-    if compiled:
+    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9+")
+    dtype = torch.bfloat16 if mode == "fp8" else torch.float32
+    c = pipeline.load_components(make_tiny_ltx2(tmp_path / "m", version="2.3"), "cuda", dtype)
+    if mode == "compiled":
         pipeline.compile_blocks(c.transformer)
+    if mode == "fp8":
+        from usp_infer.quant import quantize_
+
+        quantize_(c.transformer)
     image = tmp_path / "first.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(image)
     g = pipeline.LTX2Guidance(pipeline.ModalityGuidance(cfg=3.0, stg=1.0, modality=3.0, rescale=0.7),
@@ -275,8 +282,8 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
                              torch.float32)
     g = GuidanceConfig(cfg=(3.0, 3.0, 1.0), stg=(1.0, 1.0, 0.0), rescale=(0.7,), stg_blocks=((1,), (0,), (0,)),
                        timesteps=(0.9, 0.5, 0.2))  # as tests/test_graphs.py: three signatures, each captured
-    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17, steps=8,
-                          seed=5, max_sequence_length=8, guidance=g)
+    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17,
+                          steps=graphs.MIN_STEPS, seed=5, max_sequence_length=8, guidance=g)
     plan = Plan.build(ParallelConfig(), "cuda")
     plain = ltxv.generate(c, req, plan, progress=False)
     made, build = [], graphs.for_stage

@@ -98,6 +98,22 @@ def test_replays_compute_with_the_new_inputs_and_host_values_get_their_own_graph
     assert len(call.entries) == 3 and call.captures == 2
 
 
+def test_a_capture_that_fails_says_so_and_the_loop_runs_plain():
+    class Refusing(Replaying):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    call = GraphedCall(_fn, Refusing())
+    x, cond = torch.randn(3, 4), Cond(torch.randn(4), (2, 0))
+    call(x, cond, False)
+    with pytest.warns(RuntimeWarning, match="could not be captured .*operation not permitted.*runs without graphs"):
+        got = call(x * 2, cond, False)
+    assert all(torch.equal(a, b) for a, b in zip(got, _fn(x * 2, cond, False)))
+    x = torch.randn(3, 4)  # from then on plain, without trying again (no second warning)
+    assert all(torch.equal(a, b) for a, b in zip(call(x, cond, True), _fn(x, cond, True)))
+    assert call.captures == 0 and not call.entries
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")
@@ -158,11 +174,11 @@ def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(monkeypat
 
     c = ltxv.load_components(Path(__file__).resolve().parents[1] / "models" / "ltx-tiny", torch.device("cpu"),
                              torch.float32)
-    # 8 sigmas 1.0 ... 0.1: two steps with STG in block 1, three in block 0, three with no guidance
+    # 10 sigmas 1.0 ... 0.1: two steps with STG in block 1, five in block 0, three with no guidance
     g = GuidanceConfig(cfg=(3.0, 3.0, 1.0), stg=(1.0, 1.0, 0.0), rescale=(0.7,), stg_blocks=((1,), (0,), (0,)),
                        timesteps=(0.9, 0.5, 0.2))
-    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17, steps=8,
-                          seed=5, max_sequence_length=8, guidance=g)
+    req = GenerateRequest(prompt="a fox", negative_prompt="blurry", height=64, width=96, num_frames=17,
+                          steps=graphs.MIN_STEPS, seed=5, max_sequence_length=8, guidance=g)
     plan = Plan.build(ParallelConfig(), "cpu")
     plain = ltxv.generate(c, req, plan, progress=False)
     made = []
