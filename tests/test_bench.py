@@ -173,10 +173,23 @@ def test_bench_two_processes_gloo(tmp_path: Path) -> None:
     (["--layouts", "1x1x3"], "--ulysses-degree 3 does not divide 4 attention heads"),
     (["--layouts", "2-2"], "'2-2' is not CxRxU"),
     (["--a2a-mode", "fast"], "--a2a-mode 'fast' is unknown"),
+    (["--cuda-graphs", "--warmup", "1"], "--cuda-graphs captures in the second step: use --warmup 2 or more"),
 ])
 def test_bench_rejects_bad_flags(args: list[str], message: str) -> None:
     result = CliRunner().invoke(_app(), [*TINY, *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_graph_cases_only_where_the_sequence_is_whole() -> None:
+    """--cuda-graphs adds a graphed twin of each case whose ranks hold the whole sequence (one GPU, cfg-parallel),
+    eager and compiled; Ulysses and ring layouts exchange inside the loop and get none."""
+    from usp_infer.bench import Case, _cases
+
+    cases = _cases(4, None, [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 1)], ["direct"], True, False, True)
+    graphed = [(c.layout, c.compiled) for c in cases if c.graphs]
+    assert graphed == [((1, 1, 1), False), ((2, 1, 1), False), ((1, 1, 1), True), ((2, 1, 1), True)]
+    assert Case((1, 1, 1), "direct", True) in cases and len(cases) == 12
+    assert not any(c.graphs for c in _cases(4, None, [(1, 1, 1)], ["direct"], True, False))
 
 
 def test_rope_paths_match_diffusers_formula() -> None:

@@ -147,6 +147,7 @@ class Case:
     a2a_mode: str
     compiled: bool
     exchange: bool = True  # False: Ulysses exchanges replaced by local copies (the share estimate)
+    graphs: bool = False  # the block loop replayed as a CUDA graph (--cuda-graphs; captured in the warm-up)
 
 
 def _timed(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
@@ -259,7 +260,7 @@ def _run_case(model: nn.Module, s: Setup, case: Case, mesh: Mesh,
     local = None  # the exchange-free variant: Ulysses exchanges replaced by local copies of the same bytes
     if mesh.seq_degree > 1 and not case.exchange:
         local = LocalExchangeAttention(mesh, plan.shard(s.tokens), case.a2a_mode)
-    step, state = _workload(s).make_step(model, s, plan, local)
+    step, state = _workload(s).make_step(model, s, plan, local, case.graphs)
     times, peaks = _measure(step, s)
     if profile_to is not None:
         _profile(step, profile_to)
@@ -322,7 +323,7 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     return {
         "implementation": implementation, "world_size": world, "cfg": cfg_d, "ring": ring, "ulysses": uly,
         "a2a_mode": case.a2a_mode if case else None,
-        "compiled": case.compiled if case else False, "shape": s.shape, "height": s.height, "width": s.width,
+        "compiled": case.compiled if case else False, "cuda_graphs": case.graphs if case else False, "shape": s.shape, "height": s.height, "width": s.width,
         "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
         "image_to_video": s.image, "v2a_exchange_bytes_per_step_per_rank": exchange,
         "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,
@@ -334,9 +335,10 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
 
 
 def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list[str], compile_too: bool,
-           comm_share: bool) -> list[Case]:
+           comm_share: bool, graphs_too: bool = False) -> list[Case]:
     """Eager cases first, then compiled ones; a2a modes only where a layout exchanges; the exchange-share
-    estimate (exchange=False) once per Ulysses layout, in the first mode."""
+    estimate (exchange=False) once per Ulysses layout, in the first mode; each case again with CUDA graphs
+    (graphs_too) where the sequence is whole on every rank."""
     cases = []
     for compiled in (False, True) if compile_too else (False,):
         for lay in chosen:
@@ -344,6 +346,8 @@ def _cases(world: int, s: Setup, chosen: list[tuple[int, int, int]], modes: list
                 cases.append(Case(lay, mode, compiled))
                 if comm_share and lay[2] > 1 and not compiled and mode == modes[0]:
                     cases.append(Case(lay, mode, compiled, exchange=False))
+                if graphs_too and lay[1] * lay[2] == 1:
+                    cases.append(Case(lay, mode, compiled, graphs=True))
     return cases
 
 
@@ -372,7 +376,7 @@ def _print_table(records: list[dict]) -> None:
         share, err = r.get("a2a_share"), r.get("attention_check_rel_err")
         typer.echo(
             f"{r['implementation'][:20]:<20} {r['tokens']:>6} {r['cfg']}/{r['ring']}/{r['ulysses']:<8} "
-            f"{str(r['a2a_mode']):>10} {'yes' if r['compiled'] else 'no':>4} "
+            f"{str(r['a2a_mode']):>10} {('yes' if r['compiled'] else 'no') + ('+g' if r.get('cuda_graphs') else ''):>4} "
             f"{r['ms_per_step']:>9.1f} {r['tflops_per_gpu']:>11.1f} {100 * r['fraction_of_matmul_rate']:>6.1f}% "
             f"{r['peak_mem_gb']:>7.1f} {'' if share is None else f'{100 * share:.1f}%':>9} "
             f"{'' if err is None else f'{err:.1e}':>8}"
@@ -438,8 +442,8 @@ def run(
     if recipe is not None:
         return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world,
                               compile, quantize, cuda_graphs)
-    if cuda_graphs:
-        typer.echo("error: --cuda-graphs times whole generations: pass it with --recipe", err=True)
+    if cuda_graphs and warmup < 2:
+        typer.echo(f"error: --cuda-graphs captures in the second step: use --warmup 2 or more, not {warmup}", err=True)
         raise typer.Exit(2)
     if branches is None:
         branches = 4 if shape in LTX2_SHAPES else 3
@@ -460,7 +464,7 @@ def run(
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
-    cases = _cases(world, s, chosen, modes, compile, comm_share)
+    cases = _cases(world, s, chosen, modes, compile, comm_share, cuda_graphs and where.type == "cuda")
     if compile:  # layouts and modes each compile their own variants; keep them all cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
 

@@ -46,9 +46,9 @@ def bench_command(
                                          "upsample, stage 2, decodes, mp4): one-stage, distilled, two-stage, "
                                          "two-stage-distilled, a comma list or 'all'; --height/--width are the "
                                          "output's; the dev recipe takes the weights' steps (one process)."),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="With --recipe: run every recipe again with "
-                                     "the block loops replayed as CUDA graphs (generate --cuda-graphs), in the "
-                                     "same launch."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Time each one-GPU or cfg-parallel "
+                                     "configuration (with --recipe: each recipe) again with the block loop replayed "
+                                     "as a CUDA graph (generate --cuda-graphs), in the same launch; CUDA only."),
     quantize: str = typer.Option("none", help="fp8 | fp8,fp8-static: after the model-dtype rows, swap the blocks' "
                                  "linears for float8 ones (quant.py) and time every configuration again, in the "
                                  "same launch; fp8-static first calibrates static input scales on one step."),

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 import torch
 from torch import Tensor, nn
 
+from ..graphs import CudaGraph, GraphedCall
 from ..guidance import LocalStats
 from ..parallel.plan import Plan, stg_shares_forward
 from .model import (
@@ -72,8 +73,10 @@ def _inputs(cfg: LTX2Config, grid: tuple[int, int, int], num_frames: int, device
     return video, audio_latents, text
 
 
-def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None) -> tuple[Callable[[], None], dict]:
-    """The timed step on this rank and its state ({"finite": ...}); `video_self` overrides the attention."""
+def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None,
+              cuda_graphs: bool = False) -> tuple[Callable[[], None], dict]:
+    """The timed step on this rank and its state ({"finite": ...}); `video_self` overrides the attention;
+    cuda_graphs: the block loop replayed as a CUDA graph (graphs.py; captured in the second step)."""
     cfg, device = model.cfg, s.device
     grid = s.grid
     shard = plan.shard(grid[0] * grid[1] * grid[2])
@@ -90,7 +93,8 @@ def make_step(model: LTX2Transformer, s, plan: Plan, video_self: Callable | None
         cond = torch.zeros(1, shard.total, device=device)
         cond[:, : grid[1] * grid[2]] = 1.0
         keep, level = shard.split(cond)[..., None] > 0, 1.0 - shard.split(cond)
-    forward = BranchForward(model, text, rope, attn, g.stg_blocks, s.branch_mode)
+    blocks = GraphedCall(model.run_blocks, CudaGraph(device)) if cuda_graphs else None
+    forward = BranchForward(model, text, rope, attn, g.stg_blocks, s.branch_mode, blocks=blocks)
     denoiser = Denoiser(forward, plan, names, g, shard, shard.total * cfg.in_channels,
                         audio.shape[1] * audio.shape[2], keep, level)
     t = torch.tensor(SIGMA * 1000.0, device=device)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..graphs import CudaGraph, GraphedCall
 from ..guidance import Guider, LocalStats, StepScales
 from ..layers import AttnFn
 from ..parallel.plan import Plan, stg_shares_forward
@@ -70,9 +71,11 @@ def random_model(cfg: LTXConfig, device: torch.device, dtype: torch.dtype, seed:
     return model.eval().requires_grad_(False)
 
 
-def make_step(model: LTXTransformer, s, plan: Plan, video_self: AttnFn | None) -> tuple[Callable[[], None], dict]:
+def make_step(model: LTXTransformer, s, plan: Plan, video_self: AttnFn | None,
+              cuda_graphs: bool = False) -> tuple[Callable[[], None], dict]:
     """One denoising step of the bench's setup `s`; `video_self` replaces the self-attention (the exchange-free
-    variant that measures the exchanges' share), None = the plan's own."""
+    variant that measures the exchanges' share), None = the plan's own; cuda_graphs: the block loop replayed
+    as a CUDA graph (graphs.py; captured in the second step)."""
     cfg, device = s.cfg, s.device
     shard = plan.shard(s.tokens)
     gen = torch.Generator(device).manual_seed(1)  # the same global inputs on every rank
@@ -83,7 +86,8 @@ def make_step(model: LTXTransformer, s, plan: Plan, video_self: AttnFn | None) -
     text = {name: (torch.randn(1, TEXT_TOKENS, cfg.caption_channels, generator=gen, device=device).to(s.dtype), mask)
             for name in ("cond", "uncond")}
     guider = Guider(stats=shard, count=s.tokens * cfg.in_channels)
-    denoiser = Denoiser(model, plan, text, rope, attn_fn, guider, s.branch_mode)
+    blocks = GraphedCall(model.run_blocks, CudaGraph(device)) if cuda_graphs else None
+    denoiser = Denoiser(model, plan, text, rope, attn_fn, guider, s.branch_mode, blocks=blocks)
     scales: StepScales = s.guidance().at(SIGMA)
     t, sigma, sigma_next = (torch.tensor(v, device=device) for v in (SIGMA * 1000.0, SIGMA, SIGMA + DT))
     level = None
