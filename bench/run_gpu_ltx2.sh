@@ -15,6 +15,8 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
 #                                              # and distilled (1536x1024x121) recipes without and with them
+#   OUT=dir bash bench/run_gpu_ltx2.sh graphs-steps # every --cuda-graphs GPU test; steps plain and graphed: LTX-2.3 at
+#                                              # 4 x 1,536 and 4 x 6,144 tokens, eager and compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh profile-1536 # the two-stage dev recipe's stage-1 step (4 x 1,536 tokens),
 #                                              # compiled, with a profile: kernel time against the step's wall time
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
@@ -57,6 +59,13 @@ graphs)  # --cuda-graphs: the GPU tests, then plain and graphed block loops in t
   rc=$?; echo "$(date +%T) gpu tests: exit $rc"; tail -n 3 "$W/gpu-tests-graphs.log"
   bench e2e-768-dev-graphs 230 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs
   bench e2e-1536-graphs 260 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --cuda-graphs
+  ;;
+graphs-steps)
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_graphs" >"$W/gpu-tests-graphs-all.log" 2>&1
+  rc=$?; echo "$(date +%T) gpu tests: exit $rc"; tail -n 3 "$W/gpu-tests-graphs-all.log"
+  bench ltx23-1536x4-graphs 150 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
+    --compile --cuda-graphs
+  bench ltx23-6144-graphs 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --cuda-graphs
   ;;
 profile-1536)
   bench ltx23-1536x4-prof 200 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
@@ -123,7 +132,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use graphs, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac
