@@ -15,7 +15,7 @@ FAMILIES = ("ltx_video", "ltx2")
 # imports another family (what they share lives in the first layer).
 LAYERS = (
     {"errors", "families", "guidance", "kernels", "config", "schedule", "request", "media", "layers", "modulation",
-     "batch_keys", "estimate", "quant"},
+     "batch_keys", "estimate", "quant", "graphs"},
     {"parallel"},
     set(FAMILIES),
     {"latents", "sidecar", "batch"},
