@@ -323,7 +323,8 @@ def _record(s: Setup, case: Case | None, world: int, times: list[float], peaks: 
     return {
         "implementation": implementation, "world_size": world, "cfg": cfg_d, "ring": ring, "ulysses": uly,
         "a2a_mode": case.a2a_mode if case else None,
-        "compiled": case.compiled if case else False, "cuda_graphs": case.graphs if case else False, "shape": s.shape, "height": s.height, "width": s.width,
+        "compiled": case.compiled if case else False, "cuda_graphs": case.graphs if case else False,
+        "shape": s.shape, "height": s.height, "width": s.width,
         "num_frames": s.num_frames, "tokens": s.tokens, "branches": s.branches, "branch_mode": s.branch_mode,
         "image_to_video": s.image, "v2a_exchange_bytes_per_step_per_rank": exchange,
         "dtype": str(s.dtype).removeprefix("torch."), "warmup": s.warmup, "steps": s.steps,

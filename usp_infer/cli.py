@@ -147,7 +147,7 @@ Compile = Annotated[bool, _opt("--compile", help="torch.compile the transformer 
 CudaGraphs = Annotated[bool, _opt("--cuda-graphs", help="Replay the transformer's block loop as a CUDA graph "
                                   "(one launch a step instead of thousands: for hosts that cannot keep the GPU busy). "
                                   "One GPU or cfg-parallel; not where the sequence is split (Ulysses, ring); stages of "
-                                  "fewer than 4 steps run plain.")]
+                                  "fewer than 10 steps run plain.")]
 Device = Annotated[str, _opt(help="auto | cpu | cuda.")]
 Quantize = Annotated[str, _opt("--quantize", help="none | fp8: the transformer blocks' linear layers in float8 "
                                "e4m3 (about half the weight memory and faster steps; CUDA needs compute capability "

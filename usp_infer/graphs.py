@@ -1,9 +1,9 @@
 """`--cuda-graphs`: a transformer's block loop replayed as a CUDA graph, so a step costs the host one launch.
 
-A compiled LTX-2 block is seven graphs around six attention calls: some 300 launches and guard checks a block,
-~15k a step. At 4 x 1,536 tokens the GPU needs ~240 ms for a step and the host about as long to issue it, so a
-slower host (or a slower moment of one) leaves the GPU idle (bench/NOTES.md, 2026-12-07). Replaying a graph of
-the whole loop takes the host out of the step.
+A compiled LTX-2 block is seven graphs around six attention calls, each with its guard checks and kernel
+launches. At 4 x 1,536 tokens (the dev recipe's stage 1) a profiled step held 242 ms of kernels in 305 ms, and
+on an H100 steps ran 275-450 ms as the host's pace moved (bench/NOTES.md, 2026-12-07); replayed as one graph,
+every step ran 265-285 ms.
 
 `GraphedCall(fn)` stands in for `fn(*args)`, where args are tensors and host values in tuples, lists, dicts
 and dataclasses (the block loop's hidden states, conditioning, RoPE tables and attention functions). Per
