@@ -115,17 +115,22 @@ def test_a_capture_that_fails_says_so_and_the_loop_runs_plain():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")
-    return load_components(folder, "cpu", torch.float32)
+def folder(tmp_path_factory):
+    return make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
-def test_generation_with_graphed_blocks_equals_the_plain_one(tiny, monkeypatch, tmp_path, image):
+@pytest.mark.parametrize("image, fp8", [(False, False), (True, False), (False, True)], ids=["t2v", "i2v", "fp8"])
+def test_generation_with_graphed_blocks_equals_the_plain_one(folder, monkeypatch, tmp_path, image, fp8):
     """Four branches with the STG prefix (rows picked inside the loop) and, with an image, per-token timesteps
-    (host-side runs of tokens): each stage's block loop as one graph, the frames and sound bit for bit."""
+    (host-side runs of tokens), or float8 blocks: each stage's block loop as one graph, the frames and sound bit
+    for bit."""
     from PIL import Image
 
+    from usp_infer.quant import quantize_
+
+    tiny = load_components(folder, "cpu", torch.float32)
+    if fp8:
+        quantize_(tiny.transformer)
     kw = {}
     if image:
         path = tmp_path / "first.png"
