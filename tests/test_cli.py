@@ -501,6 +501,17 @@ def test_compile_gives_the_eager_result(tmp_path):
     assert json.loads((tmp_path / "compiled.npz.json").read_text())["compiled"] is True
 
 
+def test_cuda_graphs_on_the_cpu_says_it_does_nothing(tmp_path):
+    """--cuda-graphs where no graph can run: one note, the same output, and the sidecar says none ran."""
+    args = ["generate", "--prompt", "a fox", *FAST]
+    assert cli(*args, "-o", tmp_path / "plain.npz").exit_code == 0
+    result = cli(*args, "--cuda-graphs", "-o", tmp_path / "graphs.npz")
+    assert result.exit_code == 0, result.output
+    assert "note: --cuda-graphs does nothing on the CPU; the blocks run without graphs" in result.output
+    assert np.array_equal(np.load(tmp_path / "plain.npz")["frames"], np.load(tmp_path / "graphs.npz")["frames"])
+    assert json.loads((tmp_path / "graphs.npz.json").read_text())["cuda_graphs"] is False
+
+
 def test_config_hash_follows_the_configs(tmp_path):
     model = model_copy(tmp_path)
     scheduler = model / "scheduler" / "scheduler_config.json"

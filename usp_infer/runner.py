@@ -218,6 +218,10 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
             close_progress()
             typer.echo(message, err=True)
 
+    if s.cuda_graphs and (mesh.device.type != "cuda" or mesh.seq_degree > 1):
+        where = "on the CPU" if mesh.device.type != "cuda" else "where Ulysses or ring split the sequence"
+        say(f"note: --cuda-graphs does nothing {where}; the blocks run without graphs")
+
     start = time.perf_counter()
     error = None
     try:

@@ -77,7 +77,8 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "device": str(mesh.device),
         "dtype": s.dtype,
         "compiled": s.compile,
-        "cuda_graphs": s.cuda_graphs,
+        # asked for and possible on this layout (stages of fewer than graphs.MIN_STEPS steps run plain regardless)
+        "cuda_graphs": s.cuda_graphs and mesh.device.type == "cuda" and mesh.seq_degree == 1,
         "quantization": quantization or {"method": "none"},
         "vae_tiling": result.vae_tiling,
         "timings": {
