@@ -114,6 +114,18 @@ def test_a_capture_that_fails_says_so_and_the_loop_runs_plain():
     assert call.captures == 0 and not call.entries
 
 
+def test_arguments_that_change_every_call_end_the_graphs():
+    """A host value that changes every step (a float, say) would make a graph per step, none ever replayed: past
+    MAX_SIGNATURES the call gives up, frees its copies and runs plain."""
+    call = GraphedCall(lambda x, scale: (x * scale,), Replaying())
+    x = torch.randn(3)
+    for step in range(graphs.MAX_SIGNATURES):
+        assert torch.equal(call(x, 1.0 + step)[0], x * (1.0 + step))
+    with pytest.warns(RuntimeWarning, match=f"more than {graphs.MAX_SIGNATURES} call signatures"):
+        assert torch.equal(call(x, 0.5)[0], x * 0.5)
+    assert not call.entries and torch.equal(call(x, 1.0)[0], x)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")

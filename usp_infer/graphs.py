@@ -35,6 +35,9 @@ from torch import Tensor
 # saves only what the host lags behind the GPU: nothing in GPU-bound steps (the distilled recipe's 8 one-branch
 # steps at 6,144 tokens ran 0.5 s slower with graphs), 70 ms a step at 4 x 1,536 tokens (bench/NOTES.md).
 MIN_STEPS = 10
+# A stage's loop takes a few signatures (one per guidance set of branches). Past this many something in the
+# arguments changes every step (a Python float, say): each would keep its own static copies, never replayed.
+MAX_SIGNATURES = 8
 
 
 def tree_map(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
@@ -128,6 +131,8 @@ class GraphedCall:
         key = signature(args, self.backend.device)
         entry = self.entries.get(key)
         if entry is None:
+            if len(self.entries) == MAX_SIGNATURES:
+                return self._give_up(f"more than {MAX_SIGNATURES} call signatures", args)
             static = tree_map(args, lambda t: t.clone(memory_format=torch.preserve_format))
             self.entries[key] = _Entry(static)
             return self.backend.run(lambda: self.fn(*static))
@@ -138,14 +143,18 @@ class GraphedCall:
             try:
                 entry.replay, entry.out = self.backend.capture(lambda: self.fn(*entry.static))
             except Exception as e:  # noqa: BLE001 - whatever the loop did that a graph cannot hold: run it plain
-                self.failed = " ".join(str(e).split())[:200]
-                self.entries.clear()
-                warnings.warn(f"--cuda-graphs: the block loop could not be captured ({self.failed}); it runs "
-                              "without graphs", RuntimeWarning, stacklevel=2)
-                return self.fn(*args)
+                return self._give_up(" ".join(str(e).split())[:200], args)
             self.captures += 1
         entry.replay()
         return entry.out
+
+    def _give_up(self, why: str, args: tuple) -> Any:
+        """Say why, drop every graph, and run fn plain from now on (this call included)."""
+        self.failed = why
+        self.entries.clear()
+        warnings.warn(f"--cuda-graphs: the block loop could not be captured ({why}); it runs without graphs",
+                      RuntimeWarning, stacklevel=3)
+        return self.fn(*args)
 
 
 def for_stage(run_blocks: Callable[..., Any], plan: Any, steps: int) -> GraphedCall | None:
