@@ -296,3 +296,42 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
     assert len(made) == 1 and made[0].captures == 3
     got, expected = np.asarray(replayed.frames, np.float64), np.asarray(plain.frames, np.float64)
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("shape", ["ltx2-tiny", "ltx-tiny"])
+def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape) -> None:
+    """`bench --cuda-graphs`: the timed step with its block loop replayed (the setup's device is "cuda", the
+    tensors' "cuda:0": the same device to the graphs) against plain steps from the same inputs (fp32)."""
+    from usp_infer import bench
+    from usp_infer.config import ParallelConfig
+    from usp_infer.graphs import GraphedCall
+    from usp_infer.ltx2 import bench as ltx2_bench
+    from usp_infer.ltx_video import bench as ltxv_bench
+    from usp_infer.parallel.plan import Plan
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    workload = ltx2_bench if shape == "ltx2-tiny" else ltxv_bench
+    s = bench.Setup(shape, 64, 96, 17, 4 if shape == "ltx2-tiny" else 3, "batched", 2, 3, torch.device("cuda"),
+                    torch.float32)
+    model = workload.random_model(s.cfg, s.device, s.dtype, 0, bench.randomize)
+    plan = Plan.build(ParallelConfig(), "cuda")
+    made = []
+
+    class Counted(GraphedCall):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    outputs = []
+    for graphs in (False, True):
+        workload.GraphedCall = Counted
+        try:
+            step, state = workload.make_step(model, s, plan, None, graphs)
+        finally:
+            workload.GraphedCall = GraphedCall
+        for _ in range(4):
+            step()
+        outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
+    assert len(made) == 1 and made[0].captures == 1 and len(made[0].entries) == 1
+    plain, replayed = (o.double() for o in outputs)
+    assert (replayed - plain).norm() <= 1e-5 * plain.norm() and plain.norm() > 0

@@ -41,11 +41,13 @@ class Replaying:
     """A CUDA graph's semantics, run on the CPU."""
 
     device = torch.device("cpu")
+    captured = 0
 
     def run(self, fn):
         return fn()
 
     def capture(self, fn):
+        self.captured += 1
         with NoHostData():
             out = fn()
 
@@ -79,6 +81,7 @@ def test_signature_keeps_host_values_and_layouts_not_device_values():
     # A tensor off the graph's device can only be read on the host: its values count. Functions: by identity.
     flags = lambda *v: signature(([1, 2], torch.tensor(v)), meta)  # noqa: E731
     assert flags(True, False) == flags(True, False) != flags(False, True)
+    assert graphs.on(x, torch.device("cpu")) and not graphs.on(x, meta)
     assert signature((_fn,), cpu) == signature((_fn,), cpu) != signature((lambda: 0,), cpu)
 
 
@@ -205,3 +208,30 @@ def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(monkeypat
     assert len(made) == 1 and len(made[0].entries) == 3 and made[0].captures == 3
     assert np.array_equal(replayed.frames, plain.frames) and plain.frames.std() > 0.01
 
+
+
+@pytest.mark.parametrize("shape", ["ltx2-tiny", "ltx-tiny"])
+def test_bench_steps_replayed_equal_plain_ones(shape, monkeypatch):
+    """`bench --cuda-graphs`'s step (both families' make_step): one graph captured in the second step, then the
+    same latents as plain steps."""
+    from usp_infer import bench
+    from usp_infer.config import ParallelConfig
+    from usp_infer.ltx2 import bench as ltx2_bench
+    from usp_infer.ltx_video import bench as ltxv_bench
+    from usp_infer.parallel.plan import Plan
+
+    workload = ltx2_bench if shape == "ltx2-tiny" else ltxv_bench
+    made = []
+    monkeypatch.setattr(workload, "CudaGraph", lambda device: made.append(Replaying()) or made[-1])
+    s = bench.Setup(shape, 64, 96, 17, 4 if shape == "ltx2-tiny" else 3, "batched", 2, 3, torch.device("cpu"),
+                    torch.float32)
+    model = workload.random_model(s.cfg, s.device, s.dtype, 0, bench.randomize)
+    plan = Plan.build(ParallelConfig(), "cpu")
+    outputs = []
+    for graphs_on in (False, True):
+        step, state = workload.make_step(model, s, plan, None, graphs_on)
+        for _ in range(4):
+            step()
+        outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
+    assert len(made) == 1 and made[0].captured == 1
+    assert torch.equal(outputs[0], outputs[1]) and outputs[0].abs().sum() > 0

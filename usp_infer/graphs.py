@@ -63,13 +63,18 @@ def tensors(obj: Any) -> list[Tensor]:
     return found
 
 
+def on(t: Tensor, device: torch.device) -> bool:
+    """Whether t is on `device` ("cuda" without an index: any CUDA device)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
 def signature(obj: Any, device: torch.device) -> tuple:
     """What a graph on `device` of fn(*obj) depends on besides its tensors' values: the structure, every host
     value (objects without a value of their own, such as functions, by identity) and each tensor's layout (the
     values too of a tensor elsewhere than `device`: only the host can read it)."""
     if isinstance(obj, Tensor):
         meta = (tuple(obj.shape), obj.stride(), obj.dtype, str(obj.device))
-        return ("tensor", *meta, None if obj.device == device else tuple(obj.flatten().tolist()))
+        return ("tensor", *meta, None if on(obj, device) else tuple(obj.flatten().tolist()))
     if isinstance(obj, (tuple, list)):
         return (type(obj), *(signature(v, device) for v in obj))
     if isinstance(obj, dict):
@@ -137,7 +142,7 @@ class GraphedCall:
             self.entries[key] = _Entry(static)
             return self.backend.run(lambda: self.fn(*static))
         for mine, new in zip(tensors(entry.static), tensors(args)):
-            if mine.device == self.backend.device:  # the others' values are in the signature
+            if on(mine, self.backend.device):  # the others' values are in the signature
                 mine.copy_(new)
         if entry.replay is None:
             try:
