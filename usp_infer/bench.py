@@ -465,6 +465,8 @@ def run(
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
+    if cuda_graphs and where.type != "cuda" and env_rank() == 0:
+        typer.echo("note: --cuda-graphs does nothing without CUDA; no graphed rows", err=True)
     cases = _cases(world, s, chosen, modes, compile, comm_share, cuda_graphs and where.type == "cuda")
     if compile:  # layouts and modes each compile their own variants; keep them all cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
@@ -514,9 +516,11 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if cuda_graphs and where.type != "cuda":
+        typer.echo("note: --cuda-graphs does nothing without CUDA; no graphed runs", err=True)
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
                                       seed, 1, randomize, compile=compile, quantize=quantize,
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs and where.type == "cuda")
     on_gpu = where.type == "cuda"
     for r in records:
         r.update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),
