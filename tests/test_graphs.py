@@ -25,10 +25,11 @@ from usp_infer.ltx2.tiny import make_tiny_ltx2
 
 class NoHostData(TorchFunctionMode):
     """What cannot be captured on a GPU, caught on the CPU: indexing with a host list and tensors built from host
-    values (on the GPU both copy pageable host memory to the device, which a capture refuses)."""
+    values (on the GPU both copy pageable host memory to the device, which a capture refuses), and reading a
+    tensor's values on the host (a synchronisation, which a capture refuses too)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.tensor, torch.as_tensor):
+        if func in (torch.tensor, torch.as_tensor, Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.nonzero):
             raise RuntimeError(f"{func.__name__}() inside a captured region")
         if func is Tensor.__getitem__:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
