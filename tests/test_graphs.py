@@ -130,13 +130,26 @@ def test_arguments_that_change_every_call_end_the_graphs():
     assert not call.entries and torch.equal(call(x, 1.0)[0], x)
 
 
+@pytest.fixture
+def made(monkeypatch) -> list[GraphedCall]:
+    """The GraphedCalls the pipelines make from now on: every stage's, each on the CPU stand-in."""
+    calls: list[GraphedCall] = []
+
+    def for_stage(run_blocks, plan, steps):
+        calls.append(GraphedCall(run_blocks, Replaying()))
+        return calls[-1]
+
+    monkeypatch.setattr(graphs, "for_stage", for_stage)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_tiny_ltx2(tmp_path_factory.mktemp("ltx2-graphs") / "m", version="2.3")
 
 
 @pytest.mark.parametrize("image, fp8", [(False, False), (True, False), (False, True)], ids=["t2v", "i2v", "fp8"])
-def test_generation_with_graphed_blocks_equals_the_plain_one(folder, monkeypatch, tmp_path, image, fp8):
+def test_generation_with_graphed_blocks_equals_the_plain_one(folder, made, tmp_path, image, fp8):
     """Four branches with the STG prefix (rows picked inside the loop) and, with an image, per-token timesteps
     (host-side runs of tokens), or float8 blocks: each stage's block loop as one graph, the frames and sound bit
     for bit."""
@@ -157,14 +170,7 @@ def test_generation_with_graphed_blocks_equals_the_plain_one(folder, monkeypatch
     req = LTX2Request(**(dict(prompt="a cat", negative_prompt="blurry", height=64, width=64, num_frames=9,
                               fps=24.0, steps=graphs.MIN_STEPS + 1, seed=7, max_sequence_length=16, guidance=g) | kw))
     plain = generate(tiny, req, progress=False)
-    made = []
-
-    def for_stage(run_blocks, plan, steps):
-        made.append(GraphedCall(run_blocks, Replaying()))
-        return made[-1]
-
-    monkeypatch.setattr(graphs, "for_stage", for_stage)
-    monkeypatch.setattr(tiny, "cuda_graphs", True)
+    tiny.cuda_graphs = True
     replayed = generate(tiny, req, progress=False)
     assert [(c.captures, len(c.entries)) for c in made] == [(1, 1)]
     assert np.array_equal(replayed.frames, plain.frames) and np.array_equal(replayed.audio, plain.audio)
@@ -183,7 +189,7 @@ def test_graphs_only_where_a_graph_can_hold_the_loop():
     assert graphs.for_stage(_fn, plan("cuda", 1), graphs.MIN_STEPS - 1) is None
 
 
-def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(monkeypatch):
+def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(made):
     """LTX-Video: cfg + STG, the perturbed block changing after two steps, then no guidance: three signatures,
     a graph each; the video bit for bit."""
     from pathlib import Path
@@ -202,9 +208,7 @@ def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(monkeypat
                           steps=graphs.MIN_STEPS, seed=5, max_sequence_length=8, guidance=g)
     plan = Plan.build(ParallelConfig(), "cpu")
     plain = ltxv.generate(c, req, plan, progress=False)
-    made = []
-    monkeypatch.setattr(graphs, "for_stage", lambda run, plan, steps: made.append(GraphedCall(run, Replaying())) or made[-1])
-    monkeypatch.setattr(c, "cuda_graphs", True)
+    c.cuda_graphs = True
     replayed = ltxv.generate(c, req, plan, progress=False)
     assert len(made) == 1 and len(made[0].entries) == 3 and made[0].captures == 3
     assert np.array_equal(replayed.frames, plain.frames) and plain.frames.std() > 0.01
@@ -236,3 +240,29 @@ def test_bench_steps_replayed_equal_plain_ones(shape, monkeypatch):
         outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
     assert len(made) == 1 and made[0].captured == 1
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["sequential", "two-stage"])
+def test_more_loops_with_graphed_blocks_equal_plain_ones(folder, made, case):
+    """Branches one call each (cond and uncond share a signature, their text copied in; the perturbed and the
+    isolated rows have their own) and two stages (a GraphedCall each, the stage-2 loop at 4x the tokens)."""
+    from dataclasses import replace
+
+    from usp_infer.ltx2 import stages
+    from usp_infer.ltx2.recipes import STAGE2_SIGMAS, Recipe
+
+    tiny = load_components(folder, "cpu", torch.float32)
+    g = LTX2Guidance(ModalityGuidance(cfg=3.0, stg=1.0, modality=3.0, rescale=0.7),
+                     ModalityGuidance(cfg=7.0, stg=0.5, modality=2.0, rescale=0.5), stg_blocks=(1,))
+    req = LTX2Request(prompt="a cat", negative_prompt="blurry", height=64, width=64, num_frames=9, fps=24.0,
+                      steps=3, seed=7, max_sequence_length=16, guidance=g)
+    if case == "sequential":
+        req = replace(req, branches="sequential")
+    else:
+        req = replace(req, height=128, width=128, recipe=Recipe(
+            two_stage=True, upsampler=str(folder / "latent_upsampler"), stage2_sigmas=STAGE2_SIGMAS))
+    plain = stages.generate(tiny, req, progress=False)
+    tiny.cuda_graphs = True
+    replayed = stages.generate(tiny, req, progress=False)
+    assert [(c.captures, len(c.entries)) for c in made] == ([(3, 3)] if case == "sequential" else [(1, 1), (1, 1)])
+    assert np.array_equal(replayed.frames, plain.frames) and np.array_equal(replayed.audio, plain.audio)
