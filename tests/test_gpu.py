@@ -219,7 +219,7 @@ def test_two_stage_on_cuda_equals_the_cpu_run(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled", "fp8"])
-def test_cuda_graphs_replay_the_plain_generation(tmp_path, mode) -> None:
+def test_cuda_graphs_replay_the_plain_generation(tmp_path, monkeypatch, mode) -> None:
     """--cuda-graphs on the GPU: four branches with the STG prefix and an image (per-token timesteps), each
     stage's block loop captured once and replayed, against the same generation without graphs (fp32; fp8:
     float8 blocks in bf16, eager). Needs diffusers (the VAEs)."""
@@ -251,19 +251,16 @@ def test_cuda_graphs_replay_the_plain_generation(tmp_path, mode) -> None:
                                image=str(image), image_crf=0)
     plain = pipeline.generate(c, req, progress=False)
     made, build = [], graphs.for_stage
-    graphs.for_stage = lambda *a: made.append(build(*a)) or made[-1]
-    try:
-        c.cuda_graphs = True
-        replayed = pipeline.generate(c, req, progress=False)
-    finally:
-        graphs.for_stage = build
+    monkeypatch.setattr(graphs, "for_stage", lambda *a: made.append(build(*a)) or made[-1])
+    c.cuda_graphs = True
+    replayed = pipeline.generate(c, req, progress=False)
     assert [(m.captures, len(m.entries)) for m in made] == [(1, 1)]
     for got, expected in ((replayed.frames, plain.frames), (replayed.audio, plain.audio)):
         got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
 
 
-def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
+def test_cuda_graphs_replay_the_plain_ltx_video_generation(monkeypatch) -> None:
     """--cuda-graphs for LTX-Video on the GPU: cfg + STG whose perturbed block changes, then no guidance (a graph
     per signature), against the same generation without graphs (fp32)."""
     pytest.importorskip("diffusers")
@@ -287,19 +284,16 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation() -> None:
     plan = Plan.build(ParallelConfig(), "cuda")
     plain = ltxv.generate(c, req, plan, progress=False)
     made, build = [], graphs.for_stage
-    graphs.for_stage = lambda *a: made.append(build(*a)) or made[-1]
-    try:
-        c.cuda_graphs = True
-        replayed = ltxv.generate(c, req, plan, progress=False)
-    finally:
-        graphs.for_stage = build
+    monkeypatch.setattr(graphs, "for_stage", lambda *a: made.append(build(*a)) or made[-1])
+    c.cuda_graphs = True
+    replayed = ltxv.generate(c, req, plan, progress=False)
     assert len(made) == 1 and made[0].captures == 3
     got, expected = np.asarray(replayed.frames, np.float64), np.asarray(plain.frames, np.float64)
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
 
 
 @pytest.mark.parametrize("shape", ["ltx2-tiny", "ltx-tiny"])
-def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape) -> None:
+def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape, monkeypatch) -> None:
     """`bench --cuda-graphs`: the timed step with its block loop replayed (the setup's device is "cuda", the
     tensors' "cuda:0": the same device to the graphs) against plain steps from the same inputs (fp32)."""
     from usp_infer import bench
@@ -322,13 +316,10 @@ def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape) -> None:
             super().__init__(*args)
             made.append(self)
 
+    monkeypatch.setattr(workload, "GraphedCall", Counted)
     outputs = []
     for graphs in (False, True):
-        workload.GraphedCall = Counted
-        try:
-            step, state = workload.make_step(model, s, plan, None, graphs)
-        finally:
-            workload.GraphedCall = GraphedCall
+        step, state = workload.make_step(model, s, plan, None, graphs)
         for _ in range(4):
             step()
         outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
