@@ -501,8 +501,13 @@ def test_compile_gives_the_eager_result(tmp_path):
     assert json.loads((tmp_path / "compiled.npz.json").read_text())["compiled"] is True
 
 
-def test_cuda_graphs_on_the_cpu_says_it_does_nothing(tmp_path):
-    """--cuda-graphs where no graph can run: one note, the same output, and the sidecar says none ran."""
+def test_cuda_graphs_on_the_cpu_says_it_does_nothing(tmp_path, monkeypatch):
+    """--cuda-graphs where no graph can run: one note, the same output, and the sidecar says none ran. The flag
+    does reach the loop: with the CPU stand-in of tests/test_graphs.py in place of real graphs, it is replayed."""
+    from test_graphs import Replaying
+
+    from usp_infer import graphs
+
     args = ["generate", "--prompt", "a fox", *FAST]
     assert cli(*args, "-o", tmp_path / "plain.npz").exit_code == 0
     result = cli(*args, "--cuda-graphs", "-o", tmp_path / "graphs.npz")
@@ -510,6 +515,12 @@ def test_cuda_graphs_on_the_cpu_says_it_does_nothing(tmp_path):
     assert "note: --cuda-graphs does nothing on the CPU; the blocks run without graphs" in result.output
     assert np.array_equal(np.load(tmp_path / "plain.npz")["frames"], np.load(tmp_path / "graphs.npz")["frames"])
     assert json.loads((tmp_path / "graphs.npz.json").read_text())["cuda_graphs"] is False
+    made = []
+    monkeypatch.setattr(graphs, "for_stage", lambda run, plan, steps: made.append(graphs.GraphedCall(run, Replaying()))
+                        or made[-1])
+    assert cli(*args, "--cuda-graphs", "-o", tmp_path / "replayed.npz").exit_code == 0
+    assert [c.captures for c in made] == [1]
+    assert np.array_equal(np.load(tmp_path / "plain.npz")["frames"], np.load(tmp_path / "replayed.npz")["frames"])
 
 
 def test_config_hash_follows_the_configs(tmp_path):

@@ -296,33 +296,10 @@ def test_cuda_graphs_replay_the_plain_ltx_video_generation(monkeypatch) -> None:
 def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape, monkeypatch) -> None:
     """`bench --cuda-graphs`: the timed step with its block loop replayed (the setup's device is "cuda", the
     tensors' "cuda:0": the same device to the graphs) against plain steps from the same inputs (fp32)."""
-    from usp_infer import bench
-    from usp_infer.config import ParallelConfig
-    from usp_infer.graphs import GraphedCall
-    from usp_infer.ltx2 import bench as ltx2_bench
-    from usp_infer.ltx_video import bench as ltxv_bench
-    from usp_infer.parallel.plan import Plan
+    from test_graphs import bench_steps
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    workload = ltx2_bench if shape == "ltx2-tiny" else ltxv_bench
-    s = bench.Setup(shape, 64, 96, 17, 4 if shape == "ltx2-tiny" else 3, "batched", 2, 3, torch.device("cuda"),
-                    torch.float32)
-    model = workload.random_model(s.cfg, s.device, s.dtype, 0, bench.randomize)
-    plan = Plan.build(ParallelConfig(), "cuda")
-    made = []
-
-    class Counted(GraphedCall):
-        def __init__(self, *args):
-            super().__init__(*args)
-            made.append(self)
-
-    monkeypatch.setattr(workload, "GraphedCall", Counted)
-    outputs = []
-    for graphs in (False, True):
-        step, state = workload.make_step(model, s, plan, None, graphs)
-        for _ in range(4):
-            step()
-        outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
+    made, (plain, replayed) = bench_steps(shape, "cuda", monkeypatch)
     assert len(made) == 1 and made[0].captures == 1 and len(made[0].entries) == 1
-    plain, replayed = (o.double() for o in outputs)
+    plain, replayed = plain.double(), replayed.double()
     assert (replayed - plain).norm() <= 1e-5 * plain.norm() and plain.norm() > 0

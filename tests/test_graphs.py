@@ -132,11 +132,13 @@ def test_arguments_that_change_every_call_end_the_graphs():
 
 @pytest.fixture
 def made(monkeypatch) -> list[GraphedCall]:
-    """The GraphedCalls the pipelines make from now on: every stage's, each on the CPU stand-in."""
+    """The GraphedCalls the pipelines make from now on: every stage's, each on the CPU stand-in, whatever the
+    stage's length (which each records as `.steps`)."""
     calls: list[GraphedCall] = []
 
     def for_stage(run_blocks, plan, steps):
         calls.append(GraphedCall(run_blocks, Replaying()))
+        calls[-1].steps = steps
         return calls[-1]
 
     monkeypatch.setattr(graphs, "for_stage", for_stage)
@@ -189,6 +191,16 @@ def test_graphs_only_where_a_graph_can_hold_the_loop():
     assert graphs.for_stage(_fn, plan("cuda", 1), graphs.MIN_STEPS - 1) is None
 
 
+def test_graphs_where_the_loop_is_whole_and_long_enough(monkeypatch):
+    """One GPU or cfg-parallel (the sequence whole on each rank), MIN_STEPS steps or more: a GraphedCall."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(graphs, "CudaGraph", lambda device: SimpleNamespace(device=device))
+    plan = SimpleNamespace(mesh=SimpleNamespace(device=torch.device("cuda", 0), seq_degree=1))
+    call = graphs.for_stage(_fn, plan, graphs.MIN_STEPS)
+    assert isinstance(call, GraphedCall) and call.fn is _fn and call.backend.device == torch.device("cuda", 0)
+
+
 def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(made):
     """LTX-Video: cfg + STG, the perturbed block changing after two steps, then no guidance: three signatures,
     a graph each; the video bit for bit."""
@@ -210,15 +222,14 @@ def test_ltx_video_generation_with_graphed_blocks_equals_the_plain_one(made):
     plain = ltxv.generate(c, req, plan, progress=False)
     c.cuda_graphs = True
     replayed = ltxv.generate(c, req, plan, progress=False)
-    assert len(made) == 1 and len(made[0].entries) == 3 and made[0].captures == 3
+    assert len(made) == 1 and len(made[0].entries) == 3 and made[0].captures == 3 and made[0].steps == req.steps
     assert np.array_equal(replayed.frames, plain.frames) and plain.frames.std() > 0.01
 
 
 
-@pytest.mark.parametrize("shape", ["ltx2-tiny", "ltx-tiny"])
-def test_bench_steps_replayed_equal_plain_ones(shape, monkeypatch):
-    """`bench --cuda-graphs`'s step (both families' make_step): one graph captured in the second step, then the
-    same latents as plain steps."""
+def bench_steps(shape: str, device: str, monkeypatch) -> tuple[list[GraphedCall], list[torch.Tensor]]:
+    """Four bench steps of the shape (both families' make_step) plain, then four with graphs, from the same
+    inputs: (the GraphedCalls made, [plain latents, graphed latents]). tests/test_gpu.py runs it on CUDA."""
     from usp_infer import bench
     from usp_infer.config import ParallelConfig
     from usp_infer.ltx2 import bench as ltx2_bench
@@ -226,20 +237,38 @@ def test_bench_steps_replayed_equal_plain_ones(shape, monkeypatch):
     from usp_infer.parallel.plan import Plan
 
     workload = ltx2_bench if shape == "ltx2-tiny" else ltxv_bench
-    made = []
-    monkeypatch.setattr(workload, "CudaGraph", lambda device: made.append(Replaying()) or made[-1])
-    s = bench.Setup(shape, 64, 96, 17, 4 if shape == "ltx2-tiny" else 3, "batched", 2, 3, torch.device("cpu"),
+    made: list[GraphedCall] = []
+
+    class Counted(GraphedCall):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(workload, "GraphedCall", Counted)
+    s = bench.Setup(shape, 64, 96, 17, 4 if shape == "ltx2-tiny" else 3, "batched", 2, 3, torch.device(device),
                     torch.float32)
     model = workload.random_model(s.cfg, s.device, s.dtype, 0, bench.randomize)
-    plan = Plan.build(ParallelConfig(), "cpu")
+    plan = Plan.build(ParallelConfig(), device)
     outputs = []
     for graphs_on in (False, True):
         step, state = workload.make_step(model, s, plan, None, graphs_on)
         for _ in range(4):
             step()
         outputs.append(state["video" if shape == "ltx2-tiny" else "latents"])
-    assert len(made) == 1 and made[0].captured == 1
-    assert torch.equal(outputs[0], outputs[1]) and outputs[0].abs().sum() > 0
+    return made, outputs
+
+
+@pytest.mark.parametrize("shape", ["ltx2-tiny", "ltx-tiny"])
+def test_bench_steps_replayed_equal_plain_ones(shape, monkeypatch):
+    """`bench --cuda-graphs`'s step: one graph captured in the second step, then the same latents as plain steps."""
+    from usp_infer.ltx2 import bench as ltx2_bench
+    from usp_infer.ltx_video import bench as ltxv_bench
+
+    for workload in (ltx2_bench, ltxv_bench):
+        monkeypatch.setattr(workload, "CudaGraph", lambda device: Replaying())
+    made, (plain, replayed) = bench_steps(shape, "cpu", monkeypatch)
+    assert len(made) == 1 and made[0].captures == 1 and len(made[0].entries) == 1
+    assert torch.equal(plain, replayed) and plain.abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", ["sequential", "two-stage"])
@@ -255,7 +284,7 @@ def test_more_loops_with_graphed_blocks_equal_plain_ones(folder, made, case):
     g = LTX2Guidance(ModalityGuidance(cfg=3.0, stg=1.0, modality=3.0, rescale=0.7),
                      ModalityGuidance(cfg=7.0, stg=0.5, modality=2.0, rescale=0.5), stg_blocks=(1,))
     req = LTX2Request(prompt="a cat", negative_prompt="blurry", height=64, width=64, num_frames=9, fps=24.0,
-                      steps=3, seed=7, max_sequence_length=16, guidance=g)
+                      steps=4, seed=7, max_sequence_length=16, guidance=g)
     if case == "sequential":
         req = replace(req, branches="sequential")
     else:
@@ -265,4 +294,5 @@ def test_more_loops_with_graphed_blocks_equal_plain_ones(folder, made, case):
     tiny.cuda_graphs = True
     replayed = stages.generate(tiny, req, progress=False)
     assert [(c.captures, len(c.entries)) for c in made] == ([(3, 3)] if case == "sequential" else [(1, 1), (1, 1)])
+    assert [c.steps for c in made] == ([4] if case == "sequential" else [4, len(STAGE2_SIGMAS)])  # each stage's own
     assert np.array_equal(replayed.frames, plain.frames) and np.array_equal(replayed.audio, plain.audio)
