@@ -440,6 +440,8 @@ def run(
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs; the flags are
     bench_cli's (a torch-free module, so `usp-infer bench --help` starts fast)."""
     world = env_world_size()
+    if cuda_graphs and (device == "cpu" or not torch.cuda.is_available()) and env_rank() == 0:
+        typer.echo("note: --cuda-graphs does nothing without CUDA; nothing is timed with graphs", err=True)
     if recipe is not None:
         return _bench_recipes(recipe, shape, height, width, num_frames, device, dtype, seed, json_out, world,
                               compile, quantize, cuda_graphs)
@@ -465,8 +467,6 @@ def run(
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     modes = list(A2A_MODES) if a2a_mode == "both" else [a2a_mode]
-    if cuda_graphs and where.type != "cuda" and env_rank() == 0:
-        typer.echo("note: --cuda-graphs does nothing without CUDA; no graphed rows", err=True)
     cases = _cases(world, s, chosen, modes, compile, comm_share, cuda_graphs and where.type == "cuda")
     if compile:  # layouts and modes each compile their own variants; keep them all cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(cases) + 8)
@@ -516,8 +516,6 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if cuda_graphs and where.type != "cuda":
-        typer.echo("note: --cuda-graphs does nothing without CUDA; no graphed runs", err=True)
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
                                       seed, 1, randomize, compile=compile, quantize=quantize,
                                       cuda_graphs=cuda_graphs and where.type == "cuda")
