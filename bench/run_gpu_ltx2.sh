@@ -11,6 +11,10 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-1536 # (recipes-768) one half of `recipes`
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8 # two-stage distilled 1536x1024x121, bf16 then fp8, compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-768-fp8 # two-stage dev 768x512x121, bf16 then fp8, compiled
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8-static # two-stage distilled 1536x1024x121: bf16, fp8, fp8 with
+#                                              # calibrated static input scales (quantize --calibrate's), compiled
+#   OUT=dir bash bench/run_gpu_ltx2.sh dev-fastest # two-stage dev 768x512x121, compiled, plain and --cuda-graphs:
+#                                              # bf16, fp8, fp8 static
 #   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
@@ -115,6 +119,12 @@ recipes-768)  # the 768x512x121 half of `recipes`
 recipes-fp8)  # issue 25's: <= 8 s two-stage distilled in fp8 (bf16 and fp8 rows from the same launch and weights)
   bench e2e-1536-fp8 540 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8
   ;;
+recipes-fp8-static)  # issue 25's <= 8 s with each kind of input scale, one launch and weights
+  bench e2e-1536-fp8-static 580 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8,fp8-static
+  ;;
+dev-fastest)  # issue 23's <= 10 s: the dev recipe with everything that cuts its host-bound stage 1
+  bench e2e-768-dev-fastest 560 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs --quantize fp8,fp8-static
+  ;;
 step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's <= 900 ms)
   bench ltx23-6144-fp8 200 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
   ;;
@@ -132,7 +142,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-768-fp8, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-fp8-static, recipes-768-fp8, dev-fastest, step-fp8, one-branch or ltxv" >&2
   exit 2
   ;;
 esac

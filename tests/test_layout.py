@@ -19,7 +19,7 @@ LAYERS = (
     {"parallel"},
     set(FAMILIES),
     {"latents", "sidecar", "batch"},
-    {"runner", "bench"},
+    {"runner", "bench", "calibrate"},
     {"cli", "bench_cli"},
     {"__main__"},
 )

@@ -9,6 +9,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,6 +109,27 @@ def test_calibrated_static_scales():
     assert all(m.observed is None for m in layers)
     errors = [rel(q, r) for q, r in zip(run(quantized), run(model))]
     assert all(FLOOR < e < BOUND for e in errors), errors
+
+
+def test_calibration_headroom_and_layers_it_never_reached():
+    """A static scale is the power of two over HEADROOM x the largest input of any call; a layer calibration never
+    reached, or reached only with zeros, keeps per-row scales (a scale of 2^-108 would saturate all it sees)."""
+    torch.manual_seed(0)
+    layers = nn.ModuleDict({n: quant.FP8Linear.from_linear(nn.Linear(16, 8)) for n in ("seen", "zeros", "never")})
+    x = torch.randn(5, 16).clamp(-2.5, 2.5)
+    x[2, 3] = -3.0
+    with quant.calibrate(layers) as scales:
+        layers["seen"](x / 2)
+        layers["seen"](x)  # the largest input comes last
+        layers["zeros"](torch.zeros(2, 16))
+    assert quant.HEADROOM == 4.0 and scales.keys() == {"seen"}
+    assert layers["seen"].input_scale.item() == 2.0**-5  # 4 x 3 = 12: 12 / 2^-5 = 384 <= 448 < 12 / 2^-6
+    assert layers["zeros"].input_scale is None and layers["never"].input_scale is None
+    assert all(m.observed is None for m in layers.values())
+    big = x * 8  # 8x the calibration's largest input: past the headroom, saturated at 448 x scale, not NaN
+    assert torch.isfinite(layers["seen"](big)).all()
+    q, _ = quant.quantize_rows(big, layers["seen"].input_scale)
+    assert q.float().abs().max().item() == quant.E4M3_MAX
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -293,5 +315,69 @@ def test_cli_generate_quantize_and_info(tmp_path):
                         (["quantize", MODEL, folder], "not an empty directory"),
                         (["quantize", folder, tmp_path / "twice"], "already quantized")):
         result = cli(*args)
+        assert result.exit_code == 2 and words in error_line(result.stderr), result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_quantize_with_calibration(tmp_path):
+    """`quantize --calibrate FILE`: static scales from FILE's generations (an image line included) written per
+    layer; the folder loads them; a generation from it differs from the per-row fp8 one (the scales are used)
+    and from fp32 by little; bad calibration files exit 2 with nothing written."""
+    from test_cli import ROOT, cli, error_line, snapshot
+
+    from usp_infer.calibrate import input_scales
+    from usp_infer.cli import _calibration_requests
+    from usp_infer.families import resolve
+
+    model = MODELS / "ltx2-tiny"
+    size = {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 16}
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps(line) for line in (
+        {"prompt": "a red fox in snow", "steps": 3, "seed": 1, **size},
+        {"prompt": "waves at dusk", "steps": 2, "seed": 2, "image": str(ROOT / "tests/data/first_frame.png"), **size})))
+    folder = tmp_path / "static"
+    result = cli("quantize", model, folder, "--calibrate", calib, "--dtype", "float32")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("calibrating on generation") == 2
+    stored = _tensors(folder / "transformer")
+    written = {k.removesuffix(".input_scale"): v for k, v in stored.items() if k.endswith(".input_scale")}
+    assert len(written) == sum(k.endswith(".weight_scale") for k in stored) > 0
+    config = json.loads((folder / "transformer" / "config.json").read_text())["_quantization"]
+    assert config["activations"]["scales"] == "static in every layer" and config["activations"]["headroom"] == 4.0
+
+    # the file holds the calibration's scales, layer by layer, and the loader builds static layers from them
+    again = input_scales(model, _calibration_requests(calib, model), resolve(model)[0], torch.device("cpu"),
+                         torch.float32, lambda message: None, progress=False)
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in again)
+    loaded = load_av(folder / "transformer", "cpu", torch.float32)
+    static = {n: m.input_scale for n, m in loaded.named_modules() if isinstance(m, quant.FP8Linear)}
+    assert static.keys() == written.keys() and all(torch.equal(static[k], written[k]) for k in static)
+
+    dynamic = tmp_path / "dynamic"
+    assert cli("quantize", model, dynamic, "--dtype", "float32").exit_code == 0
+    latents = {}
+    for name, where in (("fp32", model), ("static", folder), ("dynamic", dynamic)):
+        out = tmp_path / f"{name}.npz"  # another prompt and size than the calibration's
+        run = cli("generate", "--prompt", "a bird over a lake", "--model", where, "--height", "64", "--width", "96",
+                  "--num-frames", "9", "--steps", "3", "--max-sequence-length", "16", "--dtype", "float32", "-o", out)
+        assert run.exit_code == 0, run.stderr
+        with np.load(out) as saved:
+            latents[name] = {k: torch.from_numpy(saved[k]) for k in ("latents", "audio_latents")}
+        if name == "static":
+            assert json.loads(out.with_name(out.name + ".json").read_text())["quantization"]["activations"] == "static"
+    for key in ("latents", "audio_latents"):
+        # Powers of two only move exponents: static and per-row scales round alike but where a value goes
+        # subnormal, so the two differ, yet very little (7e-7 here); a loader ignoring input_scale: equal.
+        assert 0 < rel(latents["static"][key], latents["dynamic"][key]) < FLOOR / 10
+        # three steps' worth of the per-forward bound: 4.0% video, 7.4% audio here
+        assert FLOOR < rel(latents["static"][key], latents["fp32"][key]) < 3 * BOUND
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "image": str(tmp_path / "missing.png")}) + "\n")
+    before = snapshot(tmp_path)
+    for args, words in ((["--calibrate", tmp_path / "absent.jsonl"], "cannot be read"),
+                        (["--calibrate", bad], "line 1"),
+                        (["--calibrate", calib, "--device", "gpu"], "--device 'gpu'")):
+        result = cli("quantize", model, tmp_path / "never", *args)
         assert result.exit_code == 2 and words in error_line(result.stderr), result.stderr
     assert snapshot(tmp_path) == before

@@ -337,18 +337,21 @@ def test_bench_recipe_components_compress_as_the_released_vae():
 
 
 def test_bench_recipe_quantized_runs_float8_blocks(tmp_path):
-    """--recipe with --quantize fp8: model-dtype records then fp8 ones, in one launch (the stage-2 LoRA fused into
-    the float8 weights: its fuse timed); the fp8 run really goes through FP8Linear."""
+    """--recipe with --quantize fp8,fp8-static: model-dtype records then fp8 ones, then ones with calibrated static
+    input scales, in one launch (the stage-2 LoRA fused into the float8 weights: its fuse timed); the fp8 run
+    really goes through FP8Linear."""
     from usp_infer import quant
 
     out = tmp_path / "r.json"
-    result = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage-distilled,two-stage", "--quantize", "fp8",
-                 "--height", "64", "--width", "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32",
+    result = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage-distilled,two-stage",
+                 "--quantize", "fp8-static,fp8", "--height", "64", "--width", "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32",
                  "--json-out", out)
     assert result.exit_code == 0, result.output
     records = json.loads(out.read_text())
     assert [(r["recipe"], r["quantize"]) for r in records] == [
-        ("two-stage-distilled", "none"), ("two-stage", "none"), ("two-stage-distilled", "fp8"), ("two-stage", "fp8")]
+        ("two-stage-distilled", "none"), ("two-stage", "none"), ("two-stage-distilled", "fp8"), ("two-stage", "fp8"),
+        ("two-stage-distilled", "fp8-static"), ("two-stage", "fp8-static")]
+    assert [r["quantization"].get("activations") for r in records] == [None] * 2 + ["per row"] * 2 + ["static"] * 2
     assert records[3]["phases_s"]["stage2_lora_fuse_s"] > 0 and records[3]["request"]["stage2_loras"] == 1
     calls = []
     real = quant.FP8Linear.forward

@@ -491,8 +491,8 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
                    dtype: str, seed: int, json_out: Path | None, world: int, compile: bool = False,
                    quantize: str = "none", cuda_graphs: bool = False) -> None:
     """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process; --compile
-    compiles the blocks (as generate --compile); --quantize fp8 adds the same runs with float8 blocks,
-    --cuda-graphs the same runs with the block loops as CUDA graphs."""
+    compiles the blocks (as generate --compile); --quantize fp8[,fp8-static] adds the same runs with float8
+    blocks (then with calibrated static input scales), --cuda-graphs the same runs with the block loops as CUDA graphs."""
     from .ltx2 import bench_e2e
     from .ltx2.recipes import check_two_stage_size
 
@@ -507,17 +507,17 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
             raise ValueError("--recipe times one process; run it without torchrun")
         if any(n.startswith("two-stage") for n in names):
             check_two_stage_size(height, width)
-        if quantize not in ("none", "fp8"):
-            raise ValueError(f"--recipe takes --quantize none or fp8, not {quantize}")
         _validated(shape, height, width, num_frames, 1, "batched", "direct", "none", 1, 1, dtype)
         where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                              "cpu" if device == "auto" else device)
-        _check_fits_host(Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype)))
+        setup = Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype))
+        methods = _parse_quantize(quantize, setup)
+        _check_fits_host(setup)
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
-                                      seed, 1, randomize, compile=compile, quantize=quantize,
+                                      seed, 1, randomize, compile=compile, quantize=tuple(methods),
                                       cuda_graphs=cuda_graphs and where.type == "cuda")
     on_gpu = where.type == "cuda"
     for r in records:

@@ -51,7 +51,8 @@ def bench_command(
                                      "as a CUDA graph (generate --cuda-graphs), in the same launch; CUDA only."),
     quantize: str = typer.Option("none", help="fp8 | fp8,fp8-static: after the model-dtype rows, swap the blocks' "
                                  "linears for float8 ones (quant.py) and time every configuration again, in the "
-                                 "same launch; fp8-static first calibrates static input scales on one step."),
+                                 "same launch; fp8-static first calibrates static input scales on one step (with "
+                                 "--recipe: on one eager run of each recipe), as `quantize --calibrate` does."),
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
 

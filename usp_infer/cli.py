@@ -1,4 +1,4 @@
-"""The command line: generate, batch, info, make-tiny, bench.
+"""The command line: generate, batch, info, make-tiny, quantize, decode, bench.
 
 Every flag is parsed into frozen config objects here, at the edge; the library below never reads argv
 or the environment. Usage errors exit 2, runtime failures 1, Ctrl-C 130, each with one line on stderr
@@ -428,45 +428,89 @@ def make_tiny(
 @app.command(help=_help(
     "Write a copy of a model folder whose transformer block linears are float8 e4m3 with one scale per output "
     "channel: generate then reads about half the transformer's bytes and runs as with --quantize fp8 (the same "
-    "weights, bit for bit). The other components are hard-linked (copied across filesystems).",
+    "weights, bit for bit). The other components are hard-linked (copied across filesystems).\n\n"
+    "--calibrate FILE also stores a static input scale per layer, measured on the generations of FILE (a batch "
+    "file: prompts, sizes, recipe, images), run here in one process with the weights already in float8: later "
+    "steps skip each input's row reduction (faster, bench/NOTES.md). Calibrate with the recipe and kind of input "
+    "you will generate; a layer those generations never reach keeps per-row scales.",
     "  usp-infer quantize models/ltx-2.3 models/ltx-2.3-fp8",
     "  usp-infer generate --model models/ltx-2.3-fp8 --prompt 'a red fox' -o fox.mp4",
+    "  # static input scales from two short generations of the distilled recipe\n"
+    "  usp-infer quantize models/ltx-2.3 models/ltx-2.3-fp8-static --calibrate calib.jsonl",
 ))
 def quantize(
     model: Annotated[Path, typer.Argument(help="Diffusers-format LTX folder.")],
     output: Annotated[Path, typer.Argument(help="Folder to create (absent, or an empty directory).")],
-    dtype: Annotated[str, _opt(help="The dtype generate will run in: weights are rounded to it first [bfloat16 on "
-                                    "CUDA; float32 for a CPU run].")] = "bfloat16",
-    device: Annotated[str, _opt(help="cpu | cuda: where each weight is quantized.")] = "cpu",
+    calibrate: Annotated[Optional[Path], _opt(help="A batch file (JSON Lines, as `batch` reads) whose generations "
+                                                   "set static input scales.")] = None,
+    dtype: Annotated[str, _opt(help="The dtype generate will run in: weights are rounded to it first (and "
+                                    "calibration runs in it).")] = "bfloat16",
+    device: Annotated[str, _opt(help="auto | cpu | cuda: where each weight is quantized and calibration runs.")] = "auto",
+    quiet: Quiet = False,
 ) -> None:
     from .families import resolve
 
     model, output = model.expanduser(), output.expanduser()
     try:
-        resolve(model)
+        family, _ = resolve(model)
     except ValueError as e:
         fail(2, str(e))
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
-    if device not in ("cpu", "cuda"):
-        fail(2, f"--device {device!r} is unknown; use cpu or cuda")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(2, f"--device {device!r} is unknown; use auto, cpu or cuda")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         fail(2, f"{output} exists and is not an empty directory; remove it or pick another path")
     if json.loads((model / "transformer" / "config.json").read_text()).get("_quantization"):
         fail(2, f"{model} is already quantized; it runs in fp8 as it is")
+    import torch
+
+    from .quant import check_device, write_quantized
+
+    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    requests = _calibration_requests(calibrate, model) if calibrate is not None else []
+    if requests and (why := check_device(where, getattr(torch, dtype))):
+        fail(2, why)
     try:
         check_weights(model)
     except RuntimeError as e:
         fail(1, str(e))
-    import torch
+    scales, calibration = None, None
+    if requests:
+        from .calibrate import input_scales
+        from .media import file_sha256
+        from .quant import HEADROOM
 
-    from .quant import write_quantized
-
+        say = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+        try:
+            scales = input_scales(model, requests, family, where, getattr(torch, dtype), say, progress=not quiet)
+        except (OSError, ValueError, RuntimeError) as e:
+            fail(1, f"calibration failed, nothing written: {one_line(e)}")
+        calibration = {"calibrated_on": f"{len(requests)} generation(s) of {calibrate.name}",
+                       "calibration_sha256": file_sha256(calibrate), "headroom": HEADROOM}
     try:
-        layers = write_quantized(model, output, getattr(torch, dtype), torch.device(device))
+        layers = write_quantized(model, output, getattr(torch, dtype), where, scales, calibration)
     except OSError as e:
         fail(1, f"cannot write {output}: {e.strerror or e}")
-    typer.echo(f"wrote {output} ({layers} linear layers in float8 e4m3)", err=True)
+    static = f", {len(scales)} with static input scales" if scales else ""
+    if not quiet:
+        typer.echo(f"wrote {output} ({layers} linear layers in float8 e4m3{static})", err=True)
+
+
+def _calibration_requests(path: Path, model: Path) -> list:
+    """The batch file's generations as requests, each checked as `batch` checks it (exit 2 naming the line)."""
+    import tempfile
+
+    from .batch import plan_items
+
+    s = Session(model=model, device="cpu", dtype=None, parallel=ParallelConfig())
+    try:
+        with tempfile.TemporaryDirectory() as nowhere:  # outputs are never written; plan_items wants some
+            items = read_batch(path.expanduser(), {}, Path(nowhere), _request_builder(s))
+            plan_items(items, s)
+    except UsageError as e:
+        fail(2, f"--calibrate {path}: {e}")
+    return [item.request for item in items]
 
 
 @app.command(help=_help(
@@ -622,7 +666,10 @@ def info(
     typer.echo(f"family       {family.name}: {family.summary}; presets {', '.join(family.presets)}")
     typer.echo("transformer  " + ", ".join(f"{k} {v}" for k, v in summary["transformer"].items()))
     typer.echo("parameters   " + ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in params.items()))
-    stored = " (this folder holds the fp8 weights)" if t.get("_quantization") else ""
+    stored = ""
+    if held := t.get("_quantization"):
+        inputs = held.get("activations", "per row, dynamic")
+        stored = f" (this folder holds the fp8 weights; input scales {inputs['scales'] if isinstance(inputs, dict) else inputs})"
     size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"  # noqa: E731
     typer.echo(f"weights      transformer per rank: {size(bf16)} bfloat16, {size(fp8)} with --quantize fp8 "
                f"({fp8 / bf16:.0%}){stored}")

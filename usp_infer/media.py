@@ -145,14 +145,18 @@ def output_files(path: Path | str) -> list[Path]:
     return sorted(p for p in directory.iterdir() if ours.fullmatch(p.name)) if directory.is_dir() else []
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes as they are now."""
+    import hashlib
+
+    with open(path, "rb") as opened:
+        return hashlib.file_digest(opened, "sha256").hexdigest()
+
+
 def fingerprint(path: Path | str) -> dict:
     """Size and sha256 of an output as it is on disk (a png output: over its frames, names included), which
     the sidecar records and --resume compares, so a truncated or replaced file is not taken as finished."""
     import hashlib
-
-    def file_sha256(f: Path) -> str:
-        with open(f, "rb") as opened:
-            return hashlib.file_digest(opened, "sha256").hexdigest()
 
     files = output_files(path)
     size = sum(f.stat().st_size for f in files)

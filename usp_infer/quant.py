@@ -43,6 +43,10 @@ KEEP = ("to_gate_logits",)  # block linears that stay in the model dtype: `heads
 # Under torch.compile: False quantizes with torch ops, which Inductor fuses into the op that produces the
 # input (the AdaLN norm, the GELU); True calls the Triton kernel there too. For measurement (bench).
 COMPILED_KERNEL = False
+# Static input scales cover this many times the largest input calibration saw: two binades, for prompts and
+# sizes that drive a layer harder than the calibration set did. e4m3 keeps 3 mantissa bits down to 2^-6, so
+# the price is only for values ~7,000x below the largest (they go subnormal), which carry little of a product.
+HEADROOM = 4.0
 
 
 def pow2_scale(amax: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,17 +155,22 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @contextmanager
-def calibrate(model: nn.Module) -> Iterator[None]:
-    """Static input scales: run forwards inside; each FP8Linear then takes the power-of-two scale of the
-    largest |input| it saw (1-2x headroom). Eager only (the recording mutates the module)."""
-    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    for m in layers:
+def calibrate(model: nn.Module, headroom: float = HEADROOM) -> Iterator[dict[str, Tensor]]:
+    """Static input scales: run forwards inside; at the exit each FP8Linear that saw a nonzero input takes the
+    power-of-two scale of `headroom` times the largest |input| it saw (inputs headroom to 2 x headroom times
+    larger than any calibration saw still fit below 448); one that saw no nonzero input keeps per-row scales. Yields a dict filled at the exit: layer name -> its scale. Eager only (the recording mutates the
+    module)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+    for m in layers.values():
         m.observed = torch.zeros((), device=m.weight.device)
+    scales: dict[str, Tensor] = {}
     try:
-        yield
+        yield scales
     finally:
-        for m in layers:
-            m.input_scale = nn.Parameter(pow2_scale(m.observed)[0], requires_grad=False)
+        for name, m in layers.items():
+            if m.observed > 0:  # an input no calibration reached (or all zero) would make the scale 2^-108
+                m.input_scale = nn.Parameter(pow2_scale(m.observed * headroom)[0], requires_grad=False)
+                scales[name] = m.input_scale.detach()
             m.observed = None
 
 
@@ -231,8 +240,11 @@ def weight_memory(tensors: dict[str, tuple[str, tuple[int, ...]]], itemsize: int
     return plain, fp8
 
 
-def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.device) -> int:
-    """Write `dst`: the pipeline folder `src` with its transformer's block linear weights in e4m3 (+ scales).
+def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.device,
+                    input_scales: dict[str, Tensor] | None = None, calibration: dict | None = None) -> int:
+    """Write `dst`: the pipeline folder `src` with its transformer's block linear weights in e4m3 (+ scales),
+    and `input_scales` (layer name -> static scale, from `calibrate`) as those layers' `input_scale`;
+    `calibration` describes how they were made, for the config's record.
 
     Each transformer safetensors file is read, converted and written in turn (the transformer is never whole in
     memory); weights are first rounded to `dtype`, what `generate` would load them as, so loading `dst` equals
@@ -242,6 +254,8 @@ def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.devi
     config = json.loads((src / "transformer" / "config.json").read_text())
     if "_quantization" in config:
         raise ValueError(f"{src} is already quantized ({config['_quantization']['method']})")
+    scales = dict(input_scales or {})
+    static = len(scales)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -256,16 +270,20 @@ def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.devi
                 if quantized_key(key, tuple(tensor.shape)):
                     out[key], out[key.removesuffix("weight") + "weight_scale"] = quantize_tensor(tensor.to(dtype))
                     layers += 1
+                    if (scale := scales.pop(key.removesuffix(".weight"), None)) is not None:
+                        out[key.removesuffix("weight") + "input_scale"] = scale.float().reshape(())
                 else:
                     out[key] = tensor
             save_file({k: v.contiguous().cpu() for k, v in out.items()}, tmp / "transformer" / path.name,
                       metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(out, path.name))
+        if scales:  # a calibration of another model: nothing may be dropped silently
+            raise ValueError(f"input scales for layers {src} has no weights for: {', '.join(sorted(scales)[:3])}")
         if index_path.is_file():
             index = json.loads(index_path.read_text())
             (tmp / "transformer" / INDEX).write_text(json.dumps(dict(index, weight_map=weight_map), indent=2))
         config["_quantization"] = {"method": "fp8-e4m3", "weights": "per output channel, power-of-two scales",
-                                   "activations": "per row, dynamic", "rounded_to": str(dtype).removeprefix("torch."),
+                                   "activations": _activations(static, layers, calibration), "rounded_to": str(dtype).removeprefix("torch."),
                                    "layers": layers}
         (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
         if dst.is_dir():  # an empty folder (the caller checked): replaced
@@ -278,6 +296,13 @@ def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.devi
 
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _activations(static: int, layers: int, calibration: dict | None) -> str | dict:
+    if not static:
+        return "per row, dynamic"
+    where = "every layer" if static == layers else f"{static} of {layers} layers (the rest per row, dynamic)"
+    return {"scales": f"static in {where}", **(calibration or {})}
 
 
 def _link_or_copy(source: str, target: str) -> None:

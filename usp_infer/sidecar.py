@@ -49,13 +49,9 @@ def peak_memory_of(device) -> str:
 
 def input_records(request) -> list[dict]:
     """The request's input files (conditions, clips, sounds), each with the sha256 of its bytes as read now."""
-    import hashlib
+    from .media import file_sha256
 
-    def sha256(path: str) -> str:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-
-    return [{**record, "sha256": sha256(record["path"])} for record in request.inputs()]
+    return [{**record, "sha256": file_sha256(record["path"])} for record in request.inputs()]
 
 
 def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: float,

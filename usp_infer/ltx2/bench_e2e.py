@@ -170,27 +170,33 @@ def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
 
 def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
                   device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize,
-                  compile: bool = False, quantize: str = "none", cuda_graphs: bool = False) -> list[dict]:
+                  compile: bool = False, quantize: tuple[str, ...] = (), cuda_graphs: bool = False) -> list[dict]:
     """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
-    one record each. quantize "fp8": then the same again with the blocks' linears in float8 (as generate
-    --quantize fp8), in the same launch (a stage-2 LoRA fused into the float8 weights as generate does).
-    cuda_graphs: each recipe with plain block loops, then with CUDA graphs (generate --cuda-graphs)."""
+    one record each. quantize ("fp8", "fp8-static"): then the same again with the blocks' linears in float8 (as
+    generate --quantize fp8), then with static input scales calibrated on one eager run of each recipe (as a
+    folder from `quantize --calibrate`), in the same launch (a stage-2 LoRA fused into the float8 weights as
+    generate does). cuda_graphs: each recipe with plain block loops, then with CUDA graphs (--cuda-graphs)."""
+    from .. import quant
+
     cfg = arch.SHAPES[shape]
     c = components(shape, device, dtype, seed, randomize)
     if compile:
         arch.compile_blocks(c.transformer)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("none", "fp8") if quantize == "fp8" else ("none",):
-            if method == "fp8":
-                from ..quant import quantize_
-
+        for method in ("none", *quantize):
+            if method != "none" and not quant.is_quantized(c.transformer):
                 c.fuser.use(())
-                quantize_(c.transformer)
+                quant.quantize_(c.transformer)
                 files, c.fuser = c.fuser.files, Fuser(c.transformer)
                 c.fuser.files = files
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if method == "fp8-static":
+                c.cuda_graphs = False
+                with torch.compiler.set_stance("force_eager"), quant.calibrate(c.transformer):
+                    for name in recipes:
+                        run(c, request(name, cfg, height, width, num_frames), Path(tmp))
             for name, graphs in ((n, g) for n in recipes for g in ((False, True) if cuda_graphs else (False,))):
                 req = request(name, cfg, height, width, num_frames)
                 c.cuda_graphs = graphs
@@ -203,7 +209,7 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                     records.append({"recipe": name, "shape": shape, "height": height, "width": width,
                                     "num_frames": num_frames, "dtype": str(dtype).removeprefix("torch."),
                                     "device": str(device), "compiled": compile, "cuda_graphs": graphs,
-                                    "quantize": method,
+                                    "quantize": method, "quantization": quant.describe(c.transformer, None),
                                     "phases_s": phases, "peak_memory_gib": peak, "tokens": tokens(c.vae, req),
                                     "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
                                                 "branches": list(req.guidance.branches()),
@@ -213,7 +219,7 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
 
 def print_table(records: list[dict], echo) -> None:
     """Seconds per phase, one column per record."""
-    head = [f"{r['recipe']}{' fp8' if r.get('quantize') == 'fp8' else ''}{' graphs' if r.get('cuda_graphs') else ''} "
+    head = [f"{r['recipe']}{'' if r.get('quantize', 'none') == 'none' else ' ' + r['quantize']}{' graphs' if r.get('cuda_graphs') else ''} "
             f"{r['width']}x{r['height']}x{r['num_frames']}" for r in records]
     echo("phase".ljust(30) + "".join(h.rjust(max(14, len(h) + 2)) for h in head))
     for label, key in PHASES:
