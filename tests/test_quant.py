@@ -223,10 +223,16 @@ def test_device_check(monkeypatch):
     assert "bfloat16" in quant.check_device(torch.device("cuda:0"), torch.float32)
 
 
-def test_compiled_equals_eager():
-    """torch.compile of a quantized block (Inductor on the CPU) gives the eager result."""
+@pytest.mark.parametrize("static", [False, True], ids=["per-row", "static"])
+def test_compiled_equals_eager(static):
+    """torch.compile of a quantized block (Inductor on the CPU) gives the eager result, with per-row input
+    scales and with calibrated static ones (a folder from `quantize --calibrate`)."""
     model, run = _av()
     quantized = quant.quantize_(copy.deepcopy(model))
+    if static:
+        with quant.calibrate(quantized) as scales:
+            run(quantized)
+        assert scales
     eager = run(quantized)
     quantized.transformer_blocks[0].compile(dynamic=False)
     compiled = run(quantized)
