@@ -270,24 +270,33 @@ def test_remove_stale_temps_only_touches_its_output(tmp_path):
 
 
 def test_batch_under_torchrun_keep_going(tmp_path):
-    """Batch runs under torchrun like generate; a diverging item (all ranks agree on it) is skipped by every rank."""
+    """Batch runs under torchrun like generate; a diverging item (all ranks agree on it) is skipped by every rank,
+    and so is one whose write fails on rank 0 while the next item denoises (said once, after that item)."""
     (tmp_path / "prompts.jsonl").write_text(
         '{"prompt": "one"}\n{"prompt": "too much", "guidance_scale": 1e300}\n{"prompt": "three", "output": "three.npz"}\n'
+        '{"prompt": "four", "output": "four.npz"}\n'
     )
-    job = Job(torchrun(2, "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going", "--dist-timeout", "60"), tmp_path)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
+            "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going", "--dist-timeout", "60"]
+    job = Job(args, tmp_path, env={"USP_TEST_FAIL_WRITE": "three.npz"})
     try:
         rc = job.wait(timeout=120)
     finally:
         job.kill_all()
     assert rc != 0  # an item failed
-    assert job.stderr.count("done: 2 ran, 0 skipped, 1 failed") == 1  # rank 0 alone reports
-    assert job.stderr.count("error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2") == 1
+    assert job.stderr.count("done: 2 ran, 0 skipped, 2 failed") == 1, job.stderr[-3000:]  # rank 0 alone reports
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error: line")]
+    assert errors == ["error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2; try --dtype "
+                      "float32 or lower guidance scales",
+                      "error: line 3 of prompts.jsonl: [Errno 28] No space left on device"], job.stderr[-3000:]
     assert leftovers(tmp_path / "out") == ["0000-one-s0.mp4", "0000-one-s0.mp4.json"]
-    side = json.loads((tmp_path / "three.npz.json").read_text())
+    assert not (tmp_path / "three.npz").exists() and leftovers(tmp_path) == sorted(
+        ["four.npz", "four.npz.json", "out", "prompts.jsonl", "0000-one-s0.mp4", "0000-one-s0.mp4.json"])
+    side = json.loads((tmp_path / "four.npz.json").read_text())
     layout = side["parallel"]
     assert layout["world_size"] == layout["cfg"] * layout["ring"] * layout["ulysses"] == 2  # --layout auto's choice
     assert layout["layout_choice"]["chosen"] == [layout["cfg"], layout["ring"], layout["ulysses"]]
-    assert np.isfinite(np.load(tmp_path / "three.npz")["frames"]).all()
+    assert np.isfinite(np.load(tmp_path / "four.npz")["frames"]).all()
 
 
 def test_batch_under_torchrun_slow_writer_and_ranks_that_disagree(tmp_path):
@@ -424,3 +433,88 @@ def test_decode_memory_estimate_picks_tiles(monkeypatch):
     monkeypatch.setattr(pipeline, "_free_memory", lambda device: 16 * 2**30)
     assert pipeline.needs_tiling(vae, shape, torch.device("cpu"), asked=False)
     assert not pipeline.needs_tiling(vae, (1, 128, 2, 2, 3), torch.device("cpu"), asked=False)
+
+
+# --- a batch writes behind: item i's files are written while item i+1 is denoised --------------------------------
+
+def _batch(tmp_path: Path, n: int) -> Path:
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "output": str(tmp_path / f"{i}.mp4")})
+                                                   + "\n" for i in range(n)))
+    return tmp_path / "prompts.jsonl"
+
+
+def test_batch_writes_while_the_next_item_denoises(tmp_path, monkeypatch):
+    """Item 1's write waits for item 2's denoising to begin: it can only finish if the two overlap. Every output
+    and sidecar is whole, and each 'wrote' line comes once."""
+    second = threading.Event()
+    real_generate, real_write, calls = pipeline.generate, media.write_video, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            second.set()
+        return real_generate(*args, **kwargs)
+
+    def write(path, *args, **kwargs):
+        if Path(path).name == "0.mp4":
+            assert second.wait(timeout=30), "item 1 was written before item 2 began"
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(media, "write_video", write)
+    result = CliRunner().invoke(app, ["batch", str(_batch(tmp_path, 3)), *FAST])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.mp4*")) == ["0.mp4", "0.mp4.json", "1.mp4", "1.mp4.json", "2.mp4",
+                                                                "2.mp4.json"]
+    assert result.stderr.count("wrote ") == 3 and "done: 3 ran, 0 skipped, 0 failed" in result.stderr
+    for i in range(3):
+        side = json.loads((tmp_path / f"{i}.mp4.json").read_text())
+        assert side["request"]["prompt"] == f"p{i}" and side == json.loads((tmp_path / f"{i}.mp4.json").read_text())
+        assert media.fingerprint(tmp_path / f"{i}.mp4")["output_sha256"] == side["output_sha256"]
+
+
+@pytest.mark.parametrize("keep_going", [True, False])
+def test_a_write_that_fails_behind_is_its_own_items_failure(keep_going, tmp_path, monkeypatch):
+    """Item 1's write fails while item 2 denoises: item 1 is the failure, named once; with --keep-going the
+    rest are written, without it the run ends there, and nothing half-written is left either way."""
+    real_write = media.write_video
+
+    def write(path, *args, **kwargs):
+        if Path(path).name == "0.mp4":
+            raise OSError(28, "No space left on device")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(media, "write_video", write)
+    flags = ["--keep-going"] if keep_going else []
+    result = CliRunner().invoke(app, ["batch", str(_batch(tmp_path, 3)), *FAST, *flags])
+    assert result.exit_code == 1
+    said = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "line 1 of" in said[0] and "No space left on device" in said[0], result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "prompts.jsonl")
+    assert names == (["1.mp4", "1.mp4.json", "2.mp4", "2.mp4.json"] if keep_going else [])
+    if keep_going:
+        assert "done: 2 ran, 0 skipped, 1 failed" in result.stderr
+
+
+def test_interrupt_while_a_write_runs_behind_keeps_that_output(tmp_path, monkeypatch):
+    """Ctrl-C during item 2 while item 1's (slow) write runs: that write finishes, with its sidecar; item 2
+    leaves nothing."""
+    real_generate, real_write, calls = pipeline.generate, media.write_video, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    def write(*args, **kwargs):
+        time.sleep(1.0)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(media, "write_video", write)
+    result = CliRunner().invoke(app, ["batch", str(_batch(tmp_path, 2)), *FAST])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert leftovers(tmp_path) == ["0.mp4", "0.mp4.json", "prompts.jsonl"]
+    side = json.loads((tmp_path / "0.mp4.json").read_text())
+    assert media.fingerprint(tmp_path / "0.mp4")["output_sha256"] == side["output_sha256"]

@@ -10,7 +10,9 @@ import signal
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -252,58 +254,92 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     components.cuda_graphs = s.cuda_graphs
     load_s = time.perf_counter() - start
 
-    for number, item in enumerate(todo, 1):
-        start = time.perf_counter()
-        prefix = f"item {number}/{len(todo)}: " if s.batch else ""
+    # A batch's rank 0 writes each item's files in a thread of its own while every rank goes on with the next
+    # item (the mp4 encode overlaps the next denoising; the encoder holds the GIL little). Each write's outcome
+    # reaches every rank through the control group once the next item is denoised, before anything else is
+    # written, so the ranks still agree about every failure, one item later.
+    behind = s.batch and len(todo) > 1
+    writer = ThreadPoolExecutor(1, thread_name_prefix="writer") if behind and mesh.is_main else None
+    pending: list = []  # [(item, its write's future on rank 0)] while a write runs behind
 
-        def said(message: str, prefix: str = prefix) -> None:
-            say(prefix + message)
+    def failed(item: Item, e: Exception) -> None:
+        """An item that failed: the run ends (ItemError), or with --keep-going it is counted and said."""
+        if not _may_continue(e, s, mesh.world_size):
+            raise ItemError(at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
+        failures.append({"item": item.where, "error": one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
+        if mesh.is_main:
+            close_progress()
+            typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
 
-        if s.batch:
-            said(item.where or str(item.output))
-        if mesh.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(mesh.device)
+    def settle(write=None) -> None:
+        """The outcome of the write running behind (or of `write`, run now), on every rank."""
+        item, job = pending.pop() if write is None else write
         try:
-            try:
-                result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
-                                       vae_tiling=s.vae_tiling, say=said,
-                                       uint8_frames=uint8_frames_suffice(item.output))
-            except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
-                kept = keep_latents(item, s, e.result)
-                raise RuntimeError(
-                    f"{e}; the final latents are kept in {kept}: decode them with "
-                    f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
-                ) from e
-            peaks = plan.gather(peak_memory_gb(mesh.device))
-
-            def write() -> dict:
-                said(f"writing {item.output}")
-                write_start = time.perf_counter()
-                remove_stale_temps(item.output)  # left by a run that was killed while writing this item
-                written = write_video(
-                    item.output, result.frames, fps=item.request.fps,
-                    overwrite=s.overwrite or s.resume,  # plan_items refused every file that is not ours
-                    **result.outputs(),
-                )
-                record = build_sidecar(item, s, mesh, result, time.perf_counter() - start, load_s, peaks,
-                                       fingerprint(item.output), time.perf_counter() - write_start, quantization)
-                write_json_atomic(sidecar_path(item.output), record)
-                if not s.quiet and not s.json_summary:
-                    shown = written[0] if len(written) == 1 else item.output
-                    typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
-                return record
-
-            # Rank 0 writes; the others wait for it in the control group, where no --dist-timeout applies.
-            record = plan.from_main(write)
-            if mesh.is_main:
-                records.append(record)
+            record, shown = plan.from_main(job.result if isinstance(job, Future) else job)
         except (ValueError, RuntimeError, OSError) as e:
-            if not _may_continue(e, s, mesh.world_size):
-                raise ItemError(at(item, _explain(e, mesh.world_size, s.parallel.timeout_s))) from e
-            failures.append({"item": item.where, "error": one_line(_explain(e, mesh.world_size, s.parallel.timeout_s))})
-            if mesh.is_main:
+            return failed(item, e)
+        if mesh.is_main:
+            records.append(record)
+            if not s.quiet and not s.json_summary:
                 close_progress()
-                typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
+                typer.echo(f"wrote {shown}" + (f" ({item.where})" if item.where else ""), err=True)
+
+    def write(item: Item, result, started: float, peaks: list[float]) -> tuple[dict, Path]:
+        """Rank 0: the item's files, then its sidecar (so a sidecar always describes a whole output)."""
+        write_start = time.perf_counter()
+        remove_stale_temps(item.output)  # left by a run that was killed while writing this item
+        written = write_video(
+            item.output, result.frames, fps=item.request.fps,
+            overwrite=s.overwrite or s.resume,  # plan_items refused every file that is not ours
+            **result.outputs(),
+        )
+        record = build_sidecar(item, s, mesh, result, time.perf_counter() - started, load_s, peaks,
+                               fingerprint(item.output), time.perf_counter() - write_start, quantization)
+        write_json_atomic(sidecar_path(item.output), record)
+        return record, written[0] if len(written) == 1 else item.output
+
+    try:
+        for number, item in enumerate(todo, 1):
+            start = time.perf_counter()
+            prefix = f"item {number}/{len(todo)}: " if s.batch else ""
+
+            def said(message: str, prefix: str = prefix) -> None:
+                say(prefix + message)
+
+            if s.batch:
+                said(item.where or str(item.output))
+            if mesh.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(mesh.device)
+            try:
+                try:
+                    result = pipe.generate(components, item.request, plan, progress=mesh.is_main and not s.quiet,
+                                           vae_tiling=s.vae_tiling, say=said,
+                                           uint8_frames=uint8_frames_suffice(item.output))
+                except DecodeError as e:  # the loop's work is not thrown away: keep the latents, say how to decode them
+                    kept = keep_latents(item, s, e.result)
+                    raise RuntimeError(
+                        f"{e}; the final latents are kept in {kept}: decode them with "
+                        f"`usp-infer decode {kept} -o {item.output} --vae-tiling`"
+                    ) from e
+                peaks = plan.gather(peak_memory_gb(mesh.device))
+            except (ValueError, RuntimeError, OSError) as e:
+                if pending and _may_continue(e, s, mesh.world_size):  # every rank is here: the earlier item first
+                    settle()
+                failed(item, e)
+                continue
+            if pending:
+                settle()
+            said(f"writing {item.output}")
+            job = partial(write, item, result, start, peaks)
+            if behind:
+                pending.append((item, writer.submit(job) if writer else None))
+            else:  # rank 0 writes; the others wait for it in the control group, where no --dist-timeout applies
+                settle((item, job))
+        if pending:
+            settle()
+    finally:
+        if writer is not None:  # a run that ends early still finishes (or cleans up) the write running behind
+            writer.shutdown(wait=True)
     return records, failures, mesh
 
 
