@@ -11,10 +11,10 @@
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-1536 # (recipes-768) one half of `recipes`
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8 # two-stage distilled 1536x1024x121, bf16 then fp8, compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh recipes-768-fp8 # two-stage dev 768x512x121, bf16 then fp8, compiled
-#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8-static # two-stage distilled 1536x1024x121: bf16, fp8, fp8 with
+#   OUT=dir bash bench/run_gpu_ltx2.sh recipes-fp8-static # two-stage distilled 1536x1024x121: bf16, then fp8 with
 #                                              # calibrated static input scales (quantize --calibrate's), compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh dev-fastest # two-stage dev 768x512x121, compiled, plain and --cuda-graphs:
-#                                              # bf16, fp8, fp8 static
+#                                              # bf16, then fp8 with static input scales
 #   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
@@ -119,11 +119,11 @@ recipes-768)  # the 768x512x121 half of `recipes`
 recipes-fp8)  # issue 25's: <= 8 s two-stage distilled in fp8 (bf16 and fp8 rows from the same launch and weights)
   bench e2e-1536-fp8 540 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8
   ;;
-recipes-fp8-static)  # issue 25's <= 8 s with each kind of input scale, one launch and weights
-  bench e2e-1536-fp8-static 580 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8,fp8-static
+recipes-fp8-static)  # issue 25's <= 8 s with static input scales (per-row fp8: recipes-fp8), one launch and weights
+  bench e2e-1536-fp8-static 580 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --quantize fp8-static
   ;;
 dev-fastest)  # issue 23's <= 10 s: the dev recipe with everything that cuts its host-bound stage 1
-  bench e2e-768-dev-fastest 560 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs --quantize fp8,fp8-static
+  bench e2e-768-dev-fastest 560 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs --quantize fp8-static
   ;;
 step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's <= 900 ms)
   bench ltx23-6144-fp8 200 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
