@@ -387,3 +387,20 @@ def test_cli_quantize_with_calibration(tmp_path):
         result = cli("quantize", model, tmp_path / "never", *args)
         assert result.exit_code == 2 and words in error_line(result.stderr), result.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_cli_quantize_with_calibration_ltx_video(tmp_path):
+    """The same for an LTX-Video folder (its pipeline takes the calibration's generations too)."""
+    from test_cli import FAST, MODEL, cli
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"prompt": "a red fox in snow", "height": 64, "width": 96, "num_frames": 9,
+                                 "steps": 2, "max_sequence_length": 16}) + "\n")
+    folder = tmp_path / "static"
+    result = cli("quantize", MODEL, folder, "--calibrate", calib, "--dtype", "float32")
+    assert result.exit_code == 0, result.stderr
+    stored = _tensors(folder / "transformer")
+    assert sum(k.endswith(".input_scale") for k in stored) == sum(k.endswith(".weight_scale") for k in stored) > 0
+    out = tmp_path / "fox.mp4"
+    assert cli("generate", "--prompt", "an owl", *FAST, "--model", folder, "-o", out).exit_code == 0
+    assert json.loads(out.with_name(out.name + ".json").read_text())["quantization"]["activations"] == "static"
