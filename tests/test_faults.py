@@ -110,6 +110,12 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "usp_infer", *args]
 
 
+def torchrun_test_cli(nproc: int, *args: str) -> list[str]:
+    """torchrun of tests/torchrun_cli.py: the CLI with the test-only twists its environment variables ask for."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            str(ROOT / "tests" / "torchrun_cli.py"), *args]
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*"))
 
@@ -276,8 +282,8 @@ def test_batch_under_torchrun_keep_going(tmp_path):
         '{"prompt": "one"}\n{"prompt": "too much", "guidance_scale": 1e300}\n{"prompt": "three", "output": "three.npz"}\n'
         '{"prompt": "four", "output": "four.npz"}\n'
     )
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
-            "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going", "--dist-timeout", "60"]
+    args = torchrun_test_cli(2, "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going",
+                             "--dist-timeout", "60")
     job = Job(args, tmp_path, env={"USP_TEST_FAIL_WRITE": "three.npz"})
     try:
         rc = job.wait(timeout=120)
@@ -313,8 +319,7 @@ def test_batch_under_torchrun_slow_writer_and_ranks_that_disagree(tmp_path):
         (folder / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp_path / "rank1" / "out").mkdir()
     (tmp_path / "rank1" / "out" / "fox.npz").write_bytes(b"the user's")  # rank 1 alone would refuse this
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
-            "batch", "prompts.jsonl", *FAST, "--resume", "--dist-timeout", "2"]
+    args = torchrun_test_cli(2, "batch", "prompts.jsonl", *FAST, "--resume", "--dist-timeout", "2")
     job = Job(args, tmp_path, env={"USP_TEST_SLOW_WRITE_S": "3", "USP_TEST_RANK_CWD": str(tmp_path / "rank{rank}")})
     try:
         rc = job.wait(timeout=180)
@@ -344,8 +349,8 @@ def test_load_failure_on_one_rank_is_said_once(tmp_path):
         shutil.copytree(ROOT / "models" / "ltx-tiny", tmp_path / f"rank{rank}" / "model")
     weights = tmp_path / "rank1" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "torchrun_cli.py"),
-            "generate", "--model", "model", "--prompt", "a fox", *FAST, "--dist-timeout", "10", "-o", "fox.mp4"]
+    args = torchrun_test_cli(2, "generate", "--model", "model", "--prompt", "a fox", *FAST, "--dist-timeout", "10",
+                             "-o", "fox.mp4")
     job = Job(args, tmp_path, env={"USP_TEST_RANK_CWD": str(tmp_path / "rank{rank}")})
     try:
         rc = job.wait(timeout=120)
@@ -438,8 +443,8 @@ def test_decode_memory_estimate_picks_tiles(monkeypatch):
 # --- a batch writes behind: item i's files are written while item i+1 is denoised --------------------------------
 
 def _batch(tmp_path: Path, n: int) -> Path:
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "output": str(tmp_path / f"{i}.mp4")})
-                                                   + "\n" for i in range(n)))
+    lines = [{"prompt": f"p{i}", "output": str(tmp_path / f"{i}.mp4")} for i in range(n)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return tmp_path / "prompts.jsonl"
 
 

@@ -344,7 +344,8 @@ def test_bench_recipe_quantized_runs_float8_blocks(tmp_path):
 
     out = tmp_path / "r.json"
     result = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage-distilled,two-stage",
-                 "--quantize", "fp8-static,fp8", "--height", "64", "--width", "64", "--num-frames", "9", "--device", "cpu", "--dtype", "float32",
+                 "--quantize", "fp8-static,fp8", "--height", "64", "--width", "64", "--num-frames", "9",
+                 "--device", "cpu", "--dtype", "float32",
                  "--json-out", out)
     assert result.exit_code == 0, result.output
     records = json.loads(out.read_text())

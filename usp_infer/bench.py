@@ -492,7 +492,8 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
                    quantize: str = "none", cuda_graphs: bool = False) -> None:
     """`--recipe`: whole LTX-2 generations on random components (ltx2/bench_e2e.py), one process; --compile
     compiles the blocks (as generate --compile); --quantize fp8[,fp8-static] adds the same runs with float8
-    blocks (then with calibrated static input scales), --cuda-graphs the same runs with the block loops as CUDA graphs."""
+    blocks (then with calibrated static input scales), --cuda-graphs the same runs with the block loops as CUDA
+    graphs."""
     from .ltx2 import bench_e2e
     from .ltx2.recipes import check_two_stage_size
 

@@ -445,7 +445,7 @@ def quantize(
                                                    "set static input scales.")] = None,
     dtype: Annotated[str, _opt(help="The dtype generate will run in: weights are rounded to it first (and "
                                     "calibration runs in it).")] = "bfloat16",
-    device: Annotated[str, _opt(help="auto | cpu | cuda: where each weight is quantized and calibration runs.")] = "auto",
+    device: Annotated[str, _opt(help="auto | cpu | cuda: where weights are quantized and calibration runs.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
     from .families import resolve
@@ -467,7 +467,7 @@ def quantize(
 
     from .quant import check_device, write_quantized
 
-    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    where = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     requests = _calibration_requests(calibrate, model) if calibrate is not None else []
     if requests and (why := check_device(where, getattr(torch, dtype))):
         fail(2, why)
@@ -669,7 +669,8 @@ def info(
     stored = ""
     if held := t.get("_quantization"):
         inputs = held.get("activations", "per row, dynamic")
-        stored = f" (this folder holds the fp8 weights; input scales {inputs['scales'] if isinstance(inputs, dict) else inputs})"
+        inputs = inputs["scales"] if isinstance(inputs, dict) else inputs
+        stored = f" (this folder holds the fp8 weights; input scales {inputs})"
     size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"  # noqa: E731
     typer.echo(f"weights      transformer per rank: {size(bf16)} bfloat16, {size(fp8)} with --quantize fp8 "
                f"({fp8 / bf16:.0%}){stored}")

@@ -158,8 +158,8 @@ def is_quantized(model: nn.Module) -> bool:
 def calibrate(model: nn.Module, headroom: float = HEADROOM) -> Iterator[dict[str, Tensor]]:
     """Static input scales: run forwards inside; at the exit each FP8Linear that saw a nonzero input takes the
     power-of-two scale of `headroom` times the largest |input| it saw (inputs headroom to 2 x headroom times
-    larger than any calibration saw still fit below 448); one that saw no nonzero input keeps per-row scales. Yields a dict filled at the exit: layer name -> its scale. Eager only (the recording mutates the
-    module)."""
+    larger than any calibration saw still fit below 448); one that saw no nonzero input keeps per-row scales.
+    Yields a dict filled at the exit: layer name -> its scale. Eager only (the recording mutates the module)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
     for m in layers.values():
         m.observed = torch.zeros((), device=m.weight.device)
@@ -278,13 +278,14 @@ def write_quantized(src: Path, dst: Path, dtype: torch.dtype, device: torch.devi
                       metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(out, path.name))
         if scales:  # a calibration of another model: nothing may be dropped silently
-            raise ValueError(f"input scales for layers {src} has no weights for: {', '.join(sorted(scales)[:3])}")
+            raise ValueError(f"{src} has no layers {', '.join(sorted(scales)[:3])}: its input scales were "
+                             "calibrated on another model")
         if index_path.is_file():
             index = json.loads(index_path.read_text())
             (tmp / "transformer" / INDEX).write_text(json.dumps(dict(index, weight_map=weight_map), indent=2))
         config["_quantization"] = {"method": "fp8-e4m3", "weights": "per output channel, power-of-two scales",
-                                   "activations": _activations(static, layers, calibration), "rounded_to": str(dtype).removeprefix("torch."),
-                                   "layers": layers}
+                                   "activations": _activations(static, layers, calibration),
+                                   "rounded_to": str(dtype).removeprefix("torch."), "layers": layers}
         (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
         if dst.is_dir():  # an empty folder (the caller checked): replaced
             dst.rmdir()

@@ -219,8 +219,9 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
 
 def print_table(records: list[dict], echo) -> None:
     """Seconds per phase, one column per record."""
-    head = [f"{r['recipe']}{'' if r.get('quantize', 'none') == 'none' else ' ' + r['quantize']}{' graphs' if r.get('cuda_graphs') else ''} "
-            f"{r['width']}x{r['height']}x{r['num_frames']}" for r in records]
+    head = [f"{r['recipe']}{'' if r.get('quantize', 'none') == 'none' else ' ' + r['quantize']}"
+            f"{' graphs' if r.get('cuda_graphs') else ''} {r['width']}x{r['height']}x{r['num_frames']}"
+            for r in records]
     echo("phase".ljust(30) + "".join(h.rjust(max(14, len(h) + 2)) for h in head))
     for label, key in PHASES:
         cells = []
