@@ -303,3 +303,60 @@ def test_bench_steps_with_cuda_graphs_equal_plain_ones(shape, monkeypatch) -> No
     assert len(made) == 1 and made[0].captures == 1 and len(made[0].entries) == 1
     plain, replayed = plain.double(), replayed.double()
     assert (replayed - plain).norm() <= 1e-5 * plain.norm() and plain.norm() > 0
+
+
+def test_cli_cuda_graphs_sidecar_says_so_and_the_output_is_the_plain_one(tmp_path) -> None:
+    """`generate --cuda-graphs` on the GPU: the sidecar's cuda_graphs is true (false without the flag), and the
+    frames equal the plain run's (fp32). Needs diffusers (the VAE)."""
+    pytest.importorskip("diffusers")
+    import json
+
+    import numpy as np
+    from test_cli import FAST, cli
+
+    from usp_infer import graphs
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    steps = ["--steps", str(graphs.MIN_STEPS)]
+    runs = {}
+    for name, flags in (("plain", []), ("graphs", ["--cuda-graphs"])):
+        out = tmp_path / f"{name}.npz"
+        result = cli("generate", "--prompt", "a fox", *FAST, *steps, "--device", "cuda", "--dtype", "float32",
+                     *flags, "-o", out)
+        assert result.exit_code == 0, result.output
+        runs[name] = (np.load(out)["frames"].astype(np.float64),
+                      json.loads(out.with_name(out.name + ".json").read_text())["cuda_graphs"])
+    assert runs["plain"][1] is False and runs["graphs"][1] is True
+    got, expected = runs["graphs"][0], runs["plain"][0]
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+@fp8
+def test_calibrated_fp8_folder_on_the_gpu(tmp_path) -> None:
+    """`quantize --calibrate` on CUDA (bf16): the folder's static scales drive a compiled generation that stays
+    within a hair of the per-row fp8 one (powers of two round alike but below e4m3's normal range), and the
+    sidecar says static. Needs diffusers (the VAEs)."""
+    pytest.importorskip("diffusers")
+    import json
+
+    import numpy as np
+    from test_cli import ROOT, cli
+
+    model = ROOT / "models" / "ltx2-tiny"
+    size = ["--height", "64", "--width", "96", "--num-frames", "9", "--max-sequence-length", "16"]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"prompt": "a red fox in snow", "steps": 3, "height": 64, "width": 64,
+                                 "num_frames": 9, "max_sequence_length": 16}) + "\n")
+    folders = {"static": tmp_path / "static", "per-row": tmp_path / "per-row"}
+    assert cli("quantize", model, folders["static"], "--calibrate", calib, "--device", "cuda").exit_code == 0
+    assert cli("quantize", model, folders["per-row"], "--device", "cuda").exit_code == 0
+    frames = {}
+    for name, folder in folders.items():
+        out = tmp_path / f"{name}.npz"
+        result = cli("generate", "--model", folder, "--prompt", "an owl", *size, "--steps", "3", "--device", "cuda",
+                     "--compile", "-o", out)
+        assert result.exit_code == 0, result.output
+        frames[name] = np.load(out)["frames"].astype(np.float64)
+        recorded = json.loads(out.with_name(out.name + ".json").read_text())["quantization"]["activations"]
+        assert recorded == ("static" if name == "static" else "per row")
+    assert np.linalg.norm(frames["static"] - frames["per-row"]) <= 1e-2 * np.linalg.norm(frames["per-row"])
