@@ -277,14 +277,15 @@ def test_remove_stale_temps_only_touches_its_output(tmp_path):
 
 def test_batch_under_torchrun_keep_going(tmp_path):
     """Batch runs under torchrun like generate; a diverging item (all ranks agree on it) is skipped by every rank,
-    and so is one whose write fails on rank 0 while the next item denoises (said once, after that item)."""
+    and so is one whose write fails on rank 0 while the next item denoises: said once, before the next item's
+    own failure."""
     (tmp_path / "prompts.jsonl").write_text(
-        '{"prompt": "one"}\n{"prompt": "too much", "guidance_scale": 1e300}\n{"prompt": "three", "output": "three.npz"}\n'
+        '{"prompt": "one", "output": "one.npz"}\n{"prompt": "too much", "guidance_scale": 1e300}\n{"prompt": "three"}\n'
         '{"prompt": "four", "output": "four.npz"}\n'
     )
     args = torchrun_test_cli(2, "batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--keep-going",
                              "--dist-timeout", "60")
-    job = Job(args, tmp_path, env={"USP_TEST_FAIL_WRITE": "three.npz"})
+    job = Job(args, tmp_path, env={"USP_TEST_FAIL_WRITE": "one.npz"})
     try:
         rc = job.wait(timeout=120)
     finally:
@@ -292,12 +293,12 @@ def test_batch_under_torchrun_keep_going(tmp_path):
     assert rc != 0  # an item failed
     assert job.stderr.count("done: 2 ran, 0 skipped, 2 failed") == 1, job.stderr[-3000:]  # rank 0 alone reports
     errors = [line for line in job.stderr.splitlines() if line.startswith("error: line")]
-    assert errors == ["error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2; try --dtype "
-                      "float32 or lower guidance scales",
-                      "error: line 3 of prompts.jsonl: [Errno 28] No space left on device"], job.stderr[-3000:]
-    assert leftovers(tmp_path / "out") == ["0000-one-s0.mp4", "0000-one-s0.mp4.json"]
-    assert not (tmp_path / "three.npz").exists() and leftovers(tmp_path) == sorted(
-        ["four.npz", "four.npz.json", "out", "prompts.jsonl", "0000-one-s0.mp4", "0000-one-s0.mp4.json"])
+    assert errors == ["error: line 1 of prompts.jsonl: [Errno 28] No space left on device",
+                      "error: line 2 of prompts.jsonl: non-finite values in the latents at step 1/2; try --dtype "
+                      "float32 or lower guidance scales"], job.stderr[-3000:]
+    assert leftovers(tmp_path / "out") == ["0002-three-s0.mp4", "0002-three-s0.mp4.json"]
+    assert leftovers(tmp_path) == sorted(["four.npz", "four.npz.json", "out", "prompts.jsonl", "0002-three-s0.mp4",
+                                          "0002-three-s0.mp4.json"])
     side = json.loads((tmp_path / "four.npz.json").read_text())
     layout = side["parallel"]
     assert layout["world_size"] == layout["cfg"] * layout["ring"] * layout["ulysses"] == 2  # --layout auto's choice
