@@ -338,13 +338,16 @@ def test_cli_quantize_with_calibration(tmp_path):
     model = MODELS / "ltx2-tiny"
     size = {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 16}
     calib = tmp_path / "calib.jsonl"
+    taken = tmp_path / "taken.mp4"  # a line's output is never written, so one that exists does not matter
+    taken.write_bytes(b"someone's video")
     calib.write_text("\n".join(json.dumps(line) for line in (
-        {"prompt": "a red fox in snow", "steps": 3, "seed": 1, **size},
+        {"prompt": "a red fox in snow", "steps": 3, "seed": 1, "output": str(taken), **size},
         {"prompt": "waves at dusk", "steps": 2, "seed": 2, "image": str(ROOT / "tests/data/first_frame.png"), **size})))
     folder = tmp_path / "static"
     result = cli("quantize", model, folder, "--calibrate", calib, "--dtype", "float32")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.count("calibrating on generation") == 2
+    assert taken.read_bytes() == b"someone's video" and not list(tmp_path.glob("taken.mp4.*"))
     stored = _tensors(folder / "transformer")
     written = {k.removesuffix(".input_scale"): v for k, v in stored.items() if k.endswith(".input_scale")}
     assert len(written) == sum(k.endswith(".weight_scale") for k in stored) > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -505,9 +506,9 @@ def _calibration_requests(path: Path, model: Path) -> list:
 
     s = Session(model=model, device="cpu", dtype=None, parallel=ParallelConfig())
     try:
-        with tempfile.TemporaryDirectory() as nowhere:  # outputs are never written; plan_items wants some
+        with tempfile.TemporaryDirectory() as nowhere:  # nothing is written: a line's "output" does not count
             items = read_batch(path.expanduser(), {}, Path(nowhere), _request_builder(s))
-            plan_items(items, s)
+            plan_items([replace(item, output=Path(nowhere) / f"{item.index}.mp4") for item in items], s)
     except UsageError as e:
         fail(2, f"--calibrate {path}: {e}")
     return [item.request for item in items]
