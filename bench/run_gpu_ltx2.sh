@@ -15,7 +15,8 @@
 #                                              # calibrated static input scales (quantize --calibrate's), compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh dev-fastest # two-stage dev 768x512x121, compiled, plain and --cuda-graphs:
 #                                              # bf16, then fp8 with static input scales
-#   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8-static
+#   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8 with the
+#                                              # Triton row kernel inside compiled blocks, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
 #                                              # and distilled (1536x1024x121) recipes without and with them
@@ -126,8 +127,8 @@ recipes-fp8-static)  # issue 25's <= 8 s with static input scales (per-row fp8: 
 dev-fastest)  # issue 23's <= 10 s: the dev recipe with everything that cuts its host-bound stage 1
   bench e2e-768-dev-fastest 560 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --cuda-graphs --quantize fp8-static
   ;;
-step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's <= 900 ms)
-  bench ltx23-6144-fp8 200 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-static
+step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-kernel / fp8-static, eager and compiled (<= 900 ms)
+  bench ltx23-6144-fp8 320 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-kernel,fp8-static
   ;;
 recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8

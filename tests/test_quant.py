@@ -275,18 +275,20 @@ def test_ulysses_2_equals_one_process_in_fp8():
 
 @pytest.mark.parametrize("shape", ["ltx-tiny", "ltx2-tiny"])
 def test_bench_rows_beside_each_other(tmp_path, shape):
-    """bench --quantize: the model-dtype rows, then fp8 and fp8-static ones from the same launch and weights."""
+    """bench --quantize: the model-dtype rows, then fp8, fp8-kernel and fp8-static ones from the same launch and
+    weights (fp8-kernel's compiled-kernel switch is put back after)."""
     from test_bench import _bench
 
     out = tmp_path / "r.json"
     records = _bench(["--shape", shape, "--height", "64", "--width", "96", "--num-frames", "9", "--device", "cpu",
-                      "--dtype", "float32", "--warmup", "1", "--steps", "1", "--quantize", "fp8-static,fp8",
+                      "--dtype", "float32", "--warmup", "1", "--steps", "1", "--quantize", "fp8-static,fp8-kernel,fp8",
                       "--json-out", str(out)])
     assert [(r["implementation"], r["quantize"]) for r in records] == [
-        ("usp-infer", "none"), ("usp-infer-fp8", "fp8"), ("usp-infer-fp8-static", "fp8-static")]
-    assert all(r["finite"] for r in records)
-    plain, fp8, static = (r["weight_gib_per_rank"] for r in records)
-    assert fp8 < static < plain  # static adds one fp32 input scale a layer
+        ("usp-infer", "none"), ("usp-infer-fp8", "fp8"), ("usp-infer-fp8-kernel", "fp8-kernel"),
+        ("usp-infer-fp8-static", "fp8-static")]
+    assert all(r["finite"] for r in records) and quant.COMPILED_KERNEL is False
+    plain, fp8, kernel, static = (r["weight_gib_per_rank"] for r in records)
+    assert fp8 == kernel < static < plain  # static adds one fp32 input scale a layer
 
 
 # --- the command line ------------------------------------------------------------------------------------------

@@ -513,6 +513,8 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
                              "cpu" if device == "auto" else device)
         setup = Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype))
         methods = _parse_quantize(quantize, setup)
+        if "fp8-kernel" in methods:
+            raise ValueError("--recipe takes --quantize fp8 and fp8-static; fp8-kernel is a step-bench comparison")
         _check_fits_host(setup)
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -531,13 +533,13 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
 
 
 def _parse_quantize(text: str, s: Setup) -> list[str]:
-    """--quantize 'fp8,fp8-static' -> the methods timed after the model-dtype rows, in the order they can run
-    (static scales are calibrated on the fp8 model)."""
-    order = ("fp8", "fp8-static")
+    """--quantize 'fp8,fp8-kernel,fp8-static' -> the methods timed after the model-dtype rows, in the order they
+    can run (static scales are calibrated on the fp8 model)."""
+    order = ("fp8", "fp8-kernel", "fp8-static")
     given = [m for m in text.split(",") if m != "none"]
     bad = [m for m in given if m not in order]
     if bad:
-        raise ValueError(f"--quantize {text!r}: {bad[0]!r} is unknown; use none, fp8, fp8-static or a comma list")
+        raise ValueError(f"--quantize {text!r}: {bad[0]!r} is unknown; use none, {', '.join(order)} or a comma list")
     if given and (why := quant.check_device(s.device, s.dtype)):
         raise ValueError(why)
     return [m for m in order if m in given]
@@ -573,6 +575,8 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
                     quant.quantize_(model)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                # fp8-kernel: per-row scales from the Triton kernel inside compiled blocks too (quant.COMPILED_KERNEL)
+                quant.COMPILED_KERNEL = method == "fp8-kernel"
                 if method == "fp8-static":
                     _calibrate(model, s, cases[0], meshes[cases[0].layout])
                 if any(case.compiled for case in cases):  # new modules inside: compile afresh
@@ -603,6 +607,7 @@ def _run_all(s: Setup, cases: list[Case], world: int, baseline: str, seed: int, 
                     real["a2a_share"] = 1 - record["ms_per_step"] / real["ms_per_step"]
                 save(records)
         model.transformer_blocks = eager_blocks
+        quant.COMPILED_KERNEL = False
     if baseline == "diffusers":
         del model, eager_blocks, compiled_blocks
         if device.type == "cuda":

@@ -49,10 +49,12 @@ def bench_command(
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Time each one-GPU or cfg-parallel "
                                      "configuration (with --recipe: each recipe) again with the block loop replayed "
                                      "as a CUDA graph (generate --cuda-graphs), in the same launch; CUDA only."),
-    quantize: str = typer.Option("none", help="fp8 | fp8,fp8-static: after the model-dtype rows, swap the blocks' "
-                                 "linears for float8 ones (quant.py) and time every configuration again, in the "
-                                 "same launch; fp8-static first calibrates static input scales on one step (with "
-                                 "--recipe: on one eager run of each recipe), as `quantize --calibrate` does."),
+    quantize: str = typer.Option("none", help="fp8 | fp8,fp8-static | fp8,fp8-kernel,fp8-static: after the "
+                                 "model-dtype rows, swap the blocks' linears for float8 ones (quant.py) and time "
+                                 "every configuration again, in the same launch; fp8-kernel: per-row scales from the "
+                                 "Triton kernel inside compiled blocks too (not Inductor's fused ops); fp8-static "
+                                 "first calibrates static input scales on one step (with --recipe: on one eager run "
+                                 "of each recipe), as `quantize --calibrate` does."),
 ) -> None:
     """Time denoising steps of a full-size LTX transformer (random weights) on this world's GPUs.
 
