@@ -66,12 +66,12 @@ graphs)  # --cuda-graphs: the GPU tests, then plain and graphed block loops in t
   bench e2e-1536-graphs 260 --shape ltx-2.3-22b $S24 --recipe two-stage-distilled --compile --cuda-graphs
   ;;
 graphs-steps)
-  timeout -k 10 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_graphs or calibrated" \
+  timeout -k 10 270 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_graphs or calibrated" \
     >"$W/gpu-tests-graphs-all.log" 2>&1
   rc=$?; echo "$(date +%T) gpu tests: exit $rc"; tail -n 3 "$W/gpu-tests-graphs-all.log"
-  bench ltx23-1536x4-graphs 150 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
+  bench ltx23-1536x4-graphs 140 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
     --compile --cuda-graphs
-  bench ltx23-6144-graphs 200 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --cuda-graphs
+  bench ltx23-6144-graphs 170 --shape ltx-2.3-22b $S6 --warmup 2 --steps 5 --compile --cuda-graphs
   ;;
 profile-1536)
   bench ltx23-1536x4-prof 200 --shape ltx-2.3-22b --height 256 --width 384 --num-frames 121 --warmup 2 --steps 10 \
