@@ -27,7 +27,7 @@ import torch.distributed as dist
 import typer
 from torch import Tensor, nn
 
-from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig
+from .config import A2A_MODES, BRANCH_MODES, GenerateRequest, ParallelConfig, pick_device
 from .guidance import GuidanceConfig
 from . import quant
 from .layers import sdpa_attention
@@ -453,8 +453,7 @@ def run(
     try:
         _validated(shape, height, width, num_frames, branches, branch_mode, a2a_mode, baseline, warmup, steps, dtype)
         check_device(device)  # --device cuda on a CPU-only machine: one line, not torch's traceback
-        where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                             "cpu" if device == "auto" else device)
+        where = torch.device(pick_device(device))
         s = Setup(shape, height, width, num_frames, branches, branch_mode, warmup, steps, where,
                   getattr(torch, dtype), image)
         _check_fits_host(s)
@@ -509,8 +508,7 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
         if any(n.startswith("two-stage") for n in names):
             check_two_stage_size(height, width)
         _validated(shape, height, width, num_frames, 1, "batched", "direct", "none", 1, 1, dtype)
-        where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                             "cpu" if device == "auto" else device)
+        where = torch.device(pick_device(device))
         setup = Setup(shape, height, width, num_frames, 1, "batched", 0, 1, where, getattr(torch, dtype))
         methods = _parse_quantize(quantize, setup)
         if "fp8-kernel" in methods:

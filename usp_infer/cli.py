@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from .batch import Item, read_batch
-from .config import QUANTIZE_METHODS, ParallelConfig, Session
+from .config import QUANTIZE_METHODS, ParallelConfig, Session, pick_device
 from .errors import UsageError, one_line
 from .guidance import PRESETS
 from .request import build_for
@@ -468,7 +468,7 @@ def quantize(
 
     from .quant import check_device, write_quantized
 
-    where = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    where = torch.device(pick_device(device))
     requests = _calibration_requests(calibrate, model) if calibrate is not None else []
     if requests and (why := check_device(where, getattr(torch, dtype))):
         fail(2, why)

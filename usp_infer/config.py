@@ -47,6 +47,15 @@ class ParallelConfig:
 BRANCH_MODES: tuple[str, ...] = ("batched", "sequential")
 
 
+def pick_device(name: str) -> str:
+    """--device auto -> "cuda" where torch sees a GPU, else "cpu"; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_video(req) -> None:
     """What every family's request must hold: sizes the VAEs' 32x / 8x compression takes, steps, fps, branches."""
     if req.height <= 0 or req.height % 32:

@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from .batch import Item, _check_output
-from .config import GenerateRequest, ParallelConfig, Session
+from .config import GenerateRequest, ParallelConfig, Session, pick_device
 from .errors import UsageError, one_line
 from .guidance import GuidanceConfig
 
@@ -102,7 +102,7 @@ def _decode(latents: np.ndarray, meta: dict, output: Path, request: GenerateRequ
         if not s.quiet:
             typer.echo(message, err=True)
 
-    place = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else "cpu" if s.device == "auto" else s.device)
+    place = torch.device(pick_device(s.device))
     say(f"loading the VAE of {s.model} on {place} ({s.dtype})")
     start = time.perf_counter()
     vae = AutoencoderKLLTXVideo.from_pretrained(s.model / "vae", torch_dtype=getattr(torch, s.dtype)).to(place).eval()
