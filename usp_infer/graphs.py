@@ -162,11 +162,15 @@ class GraphedCall:
         return self.fn(*args)
 
 
+def possible(mesh: Any) -> bool:
+    """Whether graphs can hold the block loop on this mesh: on CUDA, with the sequence whole on every rank (where
+    Ulysses or ring split it, the loop's attentions exchange with other ranks)."""
+    return mesh.device.type == "cuda" and mesh.seq_degree == 1
+
+
 def for_stage(run_blocks: Callable[..., Any], plan: Any, steps: int) -> GraphedCall | None:
     """A transformer's block loop behind CUDA graphs for one stage of `steps` steps under `plan`, or None where
-    graphs cannot hold it (not on CUDA; the sequence split over ranks: the loop's attentions exchange with other
-    ranks) or would not pay (a stage too short to win back the capture)."""
-    mesh = plan.mesh
-    if mesh.device.type != "cuda" or mesh.seq_degree > 1 or steps < MIN_STEPS:
+    graphs cannot hold it (`possible`) or would not pay (a stage too short to win back the capture)."""
+    if not possible(plan.mesh) or steps < MIN_STEPS:
         return None
-    return GraphedCall(run_blocks, CudaGraph(mesh.device))
+    return GraphedCall(run_blocks, CudaGraph(plan.mesh.device))

@@ -19,7 +19,7 @@ from typing import NoReturn
 import typer
 
 from .batch import Item, at, check_layout, plan_items
-from .config import Session
+from .config import Session, pick_device
 from .errors import UsageError, one_line
 
 
@@ -126,7 +126,7 @@ def _run(items: list[Item], s: Session) -> None:
 
     from .parallel.dist import AgreedError, env_rank, join_world, teardown
 
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(s.device)
     s = replace(s, dtype=s.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
     records, failures, mesh = [], [], None
     try:
@@ -193,6 +193,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
     decode and write on rank 0 while the others wait without a --dist-timeout deadline."""
     import torch
 
+    from . import graphs
     from .errors import DecodeError
     from .latents import keep_latents
     from .media import (
@@ -220,7 +221,7 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
             close_progress()
             typer.echo(message, err=True)
 
-    if s.cuda_graphs and (mesh.device.type != "cuda" or mesh.seq_degree > 1):
+    if s.cuda_graphs and not graphs.possible(mesh):
         where = "on the CPU" if mesh.device.type != "cuda" else "where Ulysses or ring split the sequence"
         say(f"note: --cuda-graphs does nothing {where}; the blocks run without graphs")
 

@@ -58,6 +58,8 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
                   peaks: list[float], written: dict, write_s: float = 0.0, quantization: dict | None = None) -> dict:
     """`peaks`: each rank's peak_memory_gb, in rank order; `written`: media.fingerprint of the output;
     `quantization`: quant.describe of the transformer."""
+    from . import graphs
+
     return {
         "output": str(item.output),
         **written,
@@ -74,7 +76,7 @@ def build_sidecar(item: Item, s: Session, mesh, result, seconds: float, load_s: 
         "dtype": s.dtype,
         "compiled": s.compile,
         # asked for and possible on this layout (stages of fewer than graphs.MIN_STEPS steps run plain regardless)
-        "cuda_graphs": s.cuda_graphs and mesh.device.type == "cuda" and mesh.seq_degree == 1,
+        "cuda_graphs": s.cuda_graphs and graphs.possible(mesh),
         "quantization": quantization or {"method": "none"},
         "vae_tiling": result.vae_tiling,
         "timings": {
