@@ -272,9 +272,9 @@ def _run_items(items: list[Item], todo: list[Item], s: Session, device: str, par
             close_progress()
             typer.echo(f"error: {failures[-1]['item']}: {failures[-1]['error']}", err=True)
 
-    def settle(write=None) -> None:
-        """The outcome of the write running behind (or of `write`, run now), on every rank."""
-        item, job = pending.pop() if write is None else write
+    def settle(now: tuple | None = None) -> None:
+        """The outcome of the write running behind (or of `now`, an (item, write) run here), on every rank."""
+        item, job = pending.pop() if now is None else now
         try:
             record, shown = plan.from_main(job.result if isinstance(job, Future) else job)
         except (ValueError, RuntimeError, OSError) as e:
