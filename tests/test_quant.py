@@ -120,7 +120,8 @@ def test_calibration_headroom_and_layers_it_never_reached():
     x[2, 3] = -3.0
     with quant.calibrate(layers) as scales:
         layers["seen"](x / 2)
-        layers["seen"](x)  # the largest input comes last
+        layers["seen"](x)  # the largest input neither first nor last: a max that kept either call fails
+        layers["seen"](x / 4)
         layers["zeros"](torch.zeros(2, 16))
     assert quant.HEADROOM == 4.0 and scales.keys() == {"seen"}
     assert layers["seen"].input_scale.item() == 2.0**-5  # 4 x 3 = 12: 12 / 2^-5 = 384 <= 448 < 12 / 2^-6
@@ -274,21 +275,30 @@ def test_ulysses_2_equals_one_process_in_fp8():
 
 
 @pytest.mark.parametrize("shape", ["ltx-tiny", "ltx2-tiny"])
-def test_bench_rows_beside_each_other(tmp_path, shape):
+def test_bench_rows_beside_each_other(tmp_path, shape, monkeypatch):
     """bench --quantize: the model-dtype rows, then fp8, fp8-kernel and fp8-static ones from the same launch and
     weights (fp8-kernel's compiled-kernel switch is put back after)."""
     from test_bench import _bench
 
+    from usp_infer import bench
+
+    switch, real_case = [], bench._run_case  # the kernel switch as each case is timed (the CPU has no Triton)
+    monkeypatch.setattr(bench, "_run_case", lambda *a, **k: switch.append(quant.COMPILED_KERNEL) or real_case(*a, **k))
     out = tmp_path / "r.json"
     records = _bench(["--shape", shape, "--height", "64", "--width", "96", "--num-frames", "9", "--device", "cpu",
                       "--dtype", "float32", "--warmup", "1", "--steps", "1", "--quantize", "fp8-static,fp8-kernel,fp8",
                       "--json-out", str(out)])
+    assert switch == [False, False, True, False]
     assert [(r["implementation"], r["quantize"]) for r in records] == [
         ("usp-infer", "none"), ("usp-infer-fp8", "fp8"), ("usp-infer-fp8-kernel", "fp8-kernel"),
         ("usp-infer-fp8-static", "fp8-static")]
     assert all(r["finite"] for r in records) and quant.COMPILED_KERNEL is False
     plain, fp8, kernel, static = (r["weight_gib_per_rank"] for r in records)
     assert fp8 == kernel < static < plain  # static adds one fp32 input scale a layer
+    # fp8-kernel the last method: the switch is put back all the same
+    _bench(["--shape", shape, "--height", "64", "--width", "96", "--num-frames", "9", "--device", "cpu", "--dtype",
+            "float32", "--warmup", "1", "--steps", "1", "--quantize", "fp8-kernel", "--json-out", str(out)])
+    assert switch[-1] is True and quant.COMPILED_KERNEL is False
 
 
 # --- the command line ------------------------------------------------------------------------------------------
