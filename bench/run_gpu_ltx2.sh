@@ -17,6 +17,7 @@
 #                                              # bf16, then fp8 with static input scales
 #   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8    # the four-branch step at 6,144 tokens: bf16, fp8, fp8 with the
 #                                              # Triton row kernel inside compiled blocks, fp8-static
+#   OUT=dir bash bench/run_gpu_ltx2.sh step-fp8-big # the one-branch step at 24,576 tokens: bf16, fp8, fp8-static
 #   OUT=dir bash bench/run_gpu_ltx2.sh one-branch  # the one-branch step at 6,144 tokens
 #   OUT=dir bash bench/run_gpu_ltx2.sh graphs      # GPU tests of --cuda-graphs, then the two-stage dev (768x512x121)
 #                                              # and distilled (1536x1024x121) recipes without and with them
@@ -130,6 +131,9 @@ dev-fastest)  # issue 23's <= 10 s: the dev recipe with everything that cuts its
 step-fp8)  # the four-branch step at 6,144 tokens, bf16 / fp8 / fp8-kernel / fp8-static, eager and compiled (<= 900 ms)
   bench ltx23-6144-fp8 320 --shape ltx-2.3-22b $S6 --warmup 1 --steps 4 --compile --quantize fp8,fp8-kernel,fp8-static
   ;;
+step-fp8-big)  # the one-branch step at 24,576 tokens, bf16 / fp8 / fp8-static, eager and compiled (issue 25's >= 1.3x)
+  bench ltx23-24576-fp8 420 --shape ltx-2.3-22b $S24 --branches 1 --warmup 2 --steps 5 --compile --quantize fp8,fp8-static
+  ;;
 recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
   ;;
@@ -144,7 +148,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-fp8-static, recipes-768-fp8, dev-fastest, step-fp8, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-fp8-static, recipes-768-fp8, dev-fastest, step-fp8, step-fp8-big, one-branch or ltxv" >&2
   exit 2
   ;;
 esac

@@ -356,6 +356,12 @@ def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+# libx264's threading as PyAV sets it: "SLICE" (PyAV's default: every frame cut into one slice a thread) or "FRAME"
+# (several frames in flight; smaller files, other bytes). Slices were the faster on the 2-core box at 1536x1024
+# (bench/NOTES.md, 2026-12-05); bench/encode_threads.py compares the two where there are more cores.
+X264_THREADS = "SLICE"
+
+
 def _write_mp4(
     path: Path, frames: np.ndarray, fps: float, overwrite: bool, audio: np.ndarray | None = None, sample_rate: int | None = None
 ) -> Path:
@@ -370,6 +376,7 @@ def _write_mp4(
         with av.open(str(tmp), mode="w", format="mp4") as container:  # format: the temp name ends .tmp
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.thread_type = X264_THREADS
             if audio is not None:
                 audio_stream = container.add_stream("aac", rate=int(sample_rate))
                 audio_stream.codec_context.layout = "stereo"
