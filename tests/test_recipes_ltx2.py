@@ -22,7 +22,9 @@ from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
 from PIL import Image
 from test_cli import cli, error_line, snapshot
+from typer.testing import CliRunner
 
+from usp_infer.cli import app
 from usp_infer.ltx2 import lora, recipes
 from usp_infer.ltx2.tiny import build_upsampler, make_tiny_ltx2, write_lora
 
@@ -313,6 +315,30 @@ def test_bench_times_whole_recipes_by_phase(tmp_path):
     assert "stage 2" in result.stdout and "mp4 write" in result.stdout
     bad = cli("bench", "--shape", "ltx2-tiny", "--recipe", "two-stage", "--height", "96", "--device", "cpu")
     assert bad.exit_code == 2 and "not a multiple of 64" in bad.stderr
+
+
+def test_bench_recipe_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Each record is saved (and its column printed) as it finishes: a run that fails or is killed in its second
+    recipe leaves the first recipe's record in --json-out."""
+    from usp_infer.ltx2 import bench_e2e
+
+    real, calls = bench_e2e.run, []
+
+    def run(*args):  # each recipe runs twice (untimed, then timed): the third call is the second recipe's
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args)
+
+    monkeypatch.setattr(bench_e2e, "run", run)
+    out = tmp_path / "r.json"
+    args = ["bench", "--shape", "ltx2-tiny", "--recipe", "distilled,one-stage", "--height", "64", "--width", "64",
+            "--num-frames", "9", "--device", "cpu", "--dtype", "float32", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args)  # not test_cli's cli: that one fails on the exception raised here
+    assert result.exit_code != 0 and str(result.exception) == "killed"
+    (kept,) = json.loads(out.read_text())
+    assert kept["recipe"] == "distilled" and kept["gpu_count"] == 0 and "command" in kept
+    assert "distilled 64x64x9" in result.stdout
 
 
 def test_bench_recipe_components_compress_as_the_released_vae():

@@ -517,16 +517,20 @@ def _bench_recipes(recipe: str, shape: str, height: int, width: int, num_frames:
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    on_gpu = where.type == "cuda"
+
+    def done(records: list[dict]) -> None:  # after each record: stamped, saved, and its column said
+        records[-1].update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),
+                           torch=torch.__version__, command=_command_line())
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(records, indent=1))
+        bench_e2e.print_table(records[-1:], typer.echo)
+
     records = bench_e2e.bench_recipes(shape, names, height, width, num_frames, where, getattr(torch, dtype),
                                       seed, 1, randomize, compile=compile, quantize=tuple(methods),
-                                      cuda_graphs=cuda_graphs and where.type == "cuda")
-    on_gpu = where.type == "cuda"
-    for r in records:
-        r.update(gpu=torch.cuda.get_device_name(where) if on_gpu else None, gpu_count=int(on_gpu),
-                 torch=torch.__version__, command=_command_line())
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(records, indent=1))
+                                      cuda_graphs=cuda_graphs and where.type == "cuda", done=done)
+    typer.echo("")
     bench_e2e.print_table(records, typer.echo)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -170,12 +171,14 @@ def run(c: Components, req: LTX2Request, out_dir: Path) -> dict:
 
 def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_frames: int,
                   device: torch.device, dtype: torch.dtype, seed: int, repeat: int, randomize,
-                  compile: bool = False, quantize: tuple[str, ...] = (), cuda_graphs: bool = False) -> list[dict]:
+                  compile: bool = False, quantize: tuple[str, ...] = (), cuda_graphs: bool = False,
+                  done: Callable[[list[dict]], None] = lambda records: None) -> list[dict]:
     """Each recipe once untimed (kernels, cuDNN's choices, allocations, compilation), then `repeat` timed runs;
     one record each. quantize ("fp8", "fp8-static"): then the same again with the blocks' linears in float8 (as
     generate --quantize fp8), then with static input scales calibrated on one eager run of each recipe (as a
     folder from `quantize --calibrate`), in the same launch (a stage-2 LoRA fused into the float8 weights as
-    generate does). cuda_graphs: each recipe with plain block loops, then with CUDA graphs (--cuda-graphs)."""
+    generate does). cuda_graphs: each recipe with plain block loops, then with CUDA graphs (--cuda-graphs).
+    done(records so far) after each record, so a run cut short keeps what it measured."""
     from .. import quant
 
     cfg = arch.SHAPES[shape]
@@ -214,6 +217,7 @@ def bench_recipes(shape: str, recipes: list[str], height: int, width: int, num_f
                                     "request": {"steps": req.steps, "two_stage": req.recipe.two_stage,
                                                 "branches": list(req.guidance.branches()),
                                                 "stage2_loras": len(req.recipe.stage2_loras)}})
+                    done(records)
     return records
 
 
