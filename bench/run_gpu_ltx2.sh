@@ -50,8 +50,8 @@ fi
 S6="--height 512 --width 768 --num-frames 121"     # 6,144 video tokens, 126 audio tokens
 S24="--height 1024 --width 1536 --num-frames 121"  # 24,576 video tokens
 
-bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE (default: this checkout)
-  local name=$1 limit=$2; shift 2
+bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE (default: this checkout), cut at
+  local name=$1 limit=${LIMIT:-$2}; shift 2  # SECONDS (or $LIMIT where set: a call with less device time left)
   (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$W/$name.json" "$@") \
     >"$W/$name.log" 2>&1
   rc=$?; echo "$(date +%T) $name: exit $rc"
