@@ -357,8 +357,8 @@ def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 # libx264's threading as PyAV sets it: "SLICE" (PyAV's default: every frame cut into one slice a thread) or "FRAME"
-# (several frames in flight; smaller files, other bytes). Slices were the faster on the 2-core box at 1536x1024
-# (bench/NOTES.md, 2026-12-05); bench/encode_threads.py compares the two where there are more cores.
+# (several frames in flight; smaller files, other bytes). On a 2-core box the two were within noise (bench/NOTES.md);
+# bench/encode_threads.py compares them on a machine's own cores.
 X264_THREADS = "SLICE"
 
 
