@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import av
@@ -433,3 +434,16 @@ def test_the_finite_check_is_exact(tmp_path, bad):
         with pytest.raises(ValueError, match="NaN or inf"):
             write_video(tmp_path / "x.npz", frames, fps=24, latents=_latents())
         assert _listing(tmp_path) == []
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: libx264 runs one thread either way")
+@pytest.mark.parametrize("mode, sliced", [("SLICE", b"1"), ("FRAME", b"0")])
+def test_mp4_encoder_threads_as_set(tmp_path, monkeypatch, mode, sliced):
+    """media.X264_THREADS reaches libx264: the options string it writes into the stream says which threading ran
+    (a writer that ignored the setting would leave bench/encode_threads.py timing the default twice)."""
+    import re
+
+    monkeypatch.setattr(media, "X264_THREADS", mode)
+    frames = (np.random.default_rng(0).random((9, 128, 192, 3)) * 255).astype(np.uint8)
+    (path,) = media.write_video(tmp_path / "a.mp4", frames, fps=24)
+    assert re.findall(rb"sliced_threads=(\d)", path.read_bytes()) == [sliced]
