@@ -261,6 +261,44 @@ def test_text_encoder_leaves_the_device_and_request_is_validated(setup):
         generate(setup.ours, _request(LTX2Guidance(FULL.video, FULL.audio, stg_blocks=(5,))), progress=False)
 
 
+def test_encode_prompts_loads_gemma_where_it_encodes_and_never_moves_it(setup, monkeypatch):
+    """encode_prompts reads Gemma straight onto its device and frees it there (a 12B encoder loaded on the host,
+    copied over and copied back costs two 24 GB copies); encode_text returns an encoder to where it was."""
+    import transformers
+
+    from usp_infer.ltx2 import pipeline
+
+    loads, moves = [], []
+    real = transformers.Gemma3ForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loads.append(kwargs.get("device_map"))
+        model = real(cls, *args, **kwargs)
+        to = model.to
+        model.to = lambda *a, **k: (moves.append(torch.device(a[0])), to(*a, **k))[1]
+        return model
+
+    monkeypatch.setattr(transformers.Gemma3ForConditionalGeneration, "from_pretrained", classmethod(spy))
+    req = _request(CFG_ONLY)
+    cache = pipeline.encode_prompts(setup.folder, torch.device("cpu"), torch.float32, [req])
+    assert loads == ["cpu"] and set(moves) <= {torch.device("cpu")}
+    assert set(cache) == {(PROMPT, req.max_sequence_length), (NEGATIVE, req.max_sequence_length)}
+
+    class Away(torch.nn.Module):  # an encoder that lives elsewhere (a GPU, where a test has none): it goes back
+        device = torch.device("meta")
+
+        def to(self, device):
+            moves.append(torch.device(device))
+            return self
+
+    moves.clear()
+    c = SimpleNamespace(text_encoder=Away(), text_cache={}, device=torch.device("cpu"), tokenizer=None, connectors=None)
+    monkeypatch.setattr(pipeline, "gemma_hidden_states", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline.encode_text(c, {"cond": "x"}, 8)
+    assert moves == [torch.device("cpu"), torch.device("meta")]
+
+
 def test_branches_skip_no_op_terms():
     assert CFG_ONLY.branches() == ("cond", "uncond")
     assert FULL.branches() == ("cond", "uncond", "perturbed", "isolated")

@@ -120,15 +120,17 @@ def load_components(
     )
 
 
-def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype):
-    """(Gemma on the CPU, its tokenizer, the connectors on `device`)."""
+def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype, encoder_device: str | torch.device = "cpu"):
+    """(Gemma on `encoder_device`, its tokenizer, the connectors on `device`). Gemma's weights are read straight
+    onto `encoder_device`: no copy passes through the host's memory on the way to a GPU."""
     import transformers
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
     transformers.utils.logging.disable_progress_bar()  # --quiet means quiet; the runner says "loading"
 
-    encoder = Gemma3ForConditionalGeneration.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).eval()
+    encoder = Gemma3ForConditionalGeneration.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype,
+                                                             device_map=str(encoder_device)).eval()
     connectors = LTX2TextConnectors.from_pretrained(model_dir / "connectors", torch_dtype=dtype).eval().to(device)
     return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer"), connectors
 
@@ -165,16 +167,17 @@ def gemma_hidden_states(c: Components, prompts: list[str], max_length: int) -> t
 @torch.no_grad()
 def encode_text(c: Components, prompts: dict[str, str], max_length: int) -> dict[str, tuple]:
     """{name: (video_text, audio_text, mask)} through Gemma and the connectors, from c.text_cache where it holds
-    them. The text encoder visits the GPU only for this call, then goes back to the CPU, so the transformer
-    has the memory to itself during denoising."""
+    them. A text encoder kept on the CPU visits the GPU only for this call and goes back, so the transformer
+    has the memory to itself during denoising; one loaded on the GPU (encode_prompts) stays there."""
     missing = {p for p in prompts.values() if (p, max_length) not in c.text_cache}
     if missing:
         assert c.text_encoder is not None, "prompt not in text_cache, and no text encoder loaded"
+        home = c.text_encoder.device
         c.text_encoder.to(c.device)
         try:
             encoded = {p: gemma_hidden_states(c, [p], max_length) for p in sorted(missing)}
         finally:
-            c.text_encoder.to("cpu")
+            c.text_encoder.to(home)
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
         side = getattr(c.tokenizer, "padding_side", "left")
@@ -186,10 +189,11 @@ def encode_text(c: Components, prompts: dict[str, str], max_length: int) -> dict
 def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, requests) -> dict:
     """Load Gemma and the connectors, encode every prompt (and negative prompt) of `requests` once, free them:
     a text_cache for Components. Run before the transformer loads, the 12B text encoder never shares the GPU
-    with it (the runner does this on rank 0 alone)."""
+    with it (the runner does this on rank 0 alone). Gemma loads onto `device` and is freed there: its 24 GB
+    (bf16) never sit in the host's memory, nor cross back to it."""
     import gc
 
-    encoder, tokenizer, connectors = _load_text(Path(model_dir), torch.device(device), dtype)
+    encoder, tokenizer, connectors = _load_text(Path(model_dir), torch.device(device), dtype, encoder_device=device)
     c = Components(Path(model_dir), None, None, None, None, None, connectors, encoder, tokenizer, {},
                    torch.device(device), dtype)
     for req in requests:
