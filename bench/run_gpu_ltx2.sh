@@ -25,6 +25,8 @@
 #                                              # 4 x 1,536 and 4 x 6,144 tokens, eager and compiled
 #   OUT=dir bash bench/run_gpu_ltx2.sh profile-1536 # the two-stage dev recipe's stage-1 step (4 x 1,536 tokens),
 #                                              # compiled, with a profile: kernel time against the step's wall time
+#   OUT=dir bash bench/run_gpu_ltx2.sh text    # the text phase bench --recipe leaves out: Gemma-3 12B + connectors
+#                                              # (bench/text_encoder_gpu.py; the image's transformers), ~1 minute
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
@@ -136,6 +138,11 @@ step-fp8-big)  # the one-branch step at 24,576 tokens, bf16 / fp8 / fp8-static, 
   ;;
 recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
+  ;;
+text)
+  (timeout -k 10 "${LIMIT:-150}" python3 bench/text_encoder_gpu.py --json-out "$W/text.json") >"$W/text.log" 2>&1
+  rc=$?; echo "$(date +%T) text: exit $rc"; tail -n 6 "$W/text.log"
+  tar czf "$OUT/results.tgz" -C "$W" .
   ;;
 one-branch)
   bench ltx23-6144-1branch 110 --shape ltx-2.3-22b $S6 --branches 1 --warmup 2 --steps 5 --compile
