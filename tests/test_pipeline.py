@@ -161,3 +161,20 @@ def test_soft_image_conditioning_initial_latents_follow_ltx_video():
     want[:, :, :1] = torch.lerp(noise[:, :, :1], encoded, 0.6)
     torch.testing.assert_close(inputs.latents, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(inputs.level[0, :, 0], torch.tensor([0.4] * 6 + [1.0] * 12), rtol=1e-6, atol=1e-6)
+
+
+def test_t5_is_read_straight_onto_the_device(monkeypatch):
+    """encode_prompts reads T5 onto the device it encodes on (a host copy first would hold 9.5 GB of host
+    memory for T5-XXL and copy it once more); the prompts come back as the text cache."""
+    import transformers
+
+    from usp_infer.ltx_video import pipeline
+    from usp_infer.config import GenerateRequest
+
+    maps = []
+    real = transformers.T5EncoderModel.from_pretrained.__func__
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: (maps.append(k.get("device_map")), real(cls, *a, **k))[1]))
+    req = GenerateRequest(prompt="a fox", negative_prompt="blur", max_sequence_length=8)
+    cache = pipeline.encode_prompts(MODEL, torch.device("cpu"), torch.float32, [req])
+    assert maps == ["cpu"] and set(cache) == {("a fox", 8), ("blur", 8)}
