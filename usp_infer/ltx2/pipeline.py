@@ -121,8 +121,8 @@ def load_components(
 
 
 def _load_text(model_dir: Path, device: torch.device, dtype: torch.dtype, encoder_device: str | torch.device = "cpu"):
-    """(Gemma on `encoder_device`, its tokenizer, the connectors on `device`). Gemma's weights are read straight
-    onto `encoder_device`: no copy passes through the host's memory on the way to a GPU."""
+    """(Gemma on `encoder_device`, its tokenizer, the connectors on `device`). Gemma's weights go from the files
+    to `encoder_device`: no copy of the model is built in host memory on the way to a GPU."""
     import transformers
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
@@ -189,8 +189,8 @@ def encode_text(c: Components, prompts: dict[str, str], max_length: int) -> dict
 def encode_prompts(model_dir: Path, device: torch.device, dtype: torch.dtype, requests) -> dict:
     """Load Gemma and the connectors, encode every prompt (and negative prompt) of `requests` once, free them:
     a text_cache for Components. Run before the transformer loads, the 12B text encoder never shares the GPU
-    with it (the runner does this on rank 0 alone). Gemma loads onto `device` and is freed there: its 24 GB
-    (bf16) never sit in the host's memory, nor cross back to it."""
+    with it (the runner does this on rank 0 alone). Gemma loads onto `device` and is freed there: no host copy
+    of its 24 GB (bf16) is built first, and none is copied back."""
     import gc
 
     encoder, tokenizer, connectors = _load_text(Path(model_dir), torch.device(device), dtype, encoder_device=device)

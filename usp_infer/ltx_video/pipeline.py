@@ -79,7 +79,7 @@ def _load_text_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype
 
     # encode_prompts loads it before load_components runs: without this --quiet prints transformers' weight bar
     transformers.utils.logging.disable_progress_bar()
-    # read straight onto `device`: T5-XXL's 9.5 GB (bf16) never sit in the host's memory on the way to a GPU
+    # read straight onto `device`: no host copy of T5-XXL's 9.5 GB (bf16) is built on the way to a GPU
     encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype,
                                              device_map=str(device)).eval()
     return encoder, AutoTokenizer.from_pretrained(model_dir / "tokenizer")
