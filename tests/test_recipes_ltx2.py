@@ -146,7 +146,8 @@ def test_lora_names_follow_diffusers_conversion(tiny):
     assert any(k.startswith("diffusion_model.adaln_single") for k in keys)
 
 
-def _chain(model: Path, upsampler: Path, image=None, stage2_lora=None, stage1_lora=None):
+def _chain(model: Path, upsampler: Path, image=None, stage2_lora=None, stage1_lora=None,
+           stage2_sigmas=STAGE_2_DISTILLED_SIGMA_VALUES):
     """diffusers' two-stage chain with one generator (its docs' recipe, stage 2 with every term off)."""
     generator = torch.Generator().manual_seed(3)
     pipe = _pipe(model, image is not None)
@@ -166,8 +167,8 @@ def _chain(model: Path, upsampler: Path, image=None, stage2_lora=None, stage1_lo
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
                                                                  shift_terminal=None)
     return _call(pipe, 128, generator, image, latents=video, audio_latents=audio,
-                 noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0], sigmas=STAGE_2_DISTILLED_SIGMA_VALUES,
-                 num_inference_steps=3, output_type="np", **OFF_KW)
+                 noise_scale=stage2_sigmas[0], sigmas=list(stage2_sigmas), num_inference_steps=len(stage2_sigmas),
+                 output_type="np", **OFF_KW)
 
 
 @pytest.mark.parametrize("stage2_lora", [False, True], ids=["plain", "stage2-lora"])
@@ -188,11 +189,23 @@ def test_two_stage_equals_the_diffusers_chain(tiny, tmp_path, image, stage2_lora
 
 
 def test_two_stage_with_both_loras_equals_the_chain(tiny, tmp_path):
-    _, model, files = tiny
+    """Both LoRAs, a stage-2 schedule of our own (two steps, not the preset's three), and a VAE whose
+    scaling_factor is not 1 (every LTX-2 VAE's is, which would hide where the upsampler's de/normalisation
+    takes it): still the chain."""
+    _, tiny_model, files = tiny
+    model = tmp_path / "scaled"
+    shutil.copytree(tiny_model, model)
+    config = model / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": 0.7}))
+    sigmas = (0.85, 0.4)
     ours = _ours(tmp_path, model, "--height", "128", "--width", "128", "--steps", "2", *GUIDED, "--two-stage",
-                 "--lora", f"{files['diffusers']}:0.6", "--stage2-lora", f"{files['stage2']}:0.7")
-    video, audio = _chain(model, model / "latent_upsampler", None, (files["stage2"], 0.7), (files["diffusers"], 0.6))
+                 "--lora", f"{files['diffusers']}:0.6", "--stage2-lora", f"{files['stage2']}:0.7",
+                 "--stage2-sigmas", ",".join(map(str, sigmas)))
+    video, audio = _chain(model, model / "latent_upsampler", None, (files["stage2"], 0.7), (files["diffusers"], 0.6),
+                          stage2_sigmas=sigmas)
     _close(ours, video, audio)
+    side = json.loads((tmp_path / "o0.npz.json").read_text())
+    assert side["recipe"]["stage2"]["sigmas"] == pytest.approx(sigmas)
 
 
 def test_two_stage_moves_with_the_stage2_lora_and_the_upsampler(tiny, tmp_path):
@@ -242,6 +255,42 @@ def _other_model_lora(tmp: Path) -> Path:
     return write_lora(tmp / "ltxv.safetensors", ltxv, "diffusers")
 
 
+def _broken_loras(tmp: Path, good: Path, args: list) -> dict:
+    """The good LoRA with one module's B (or A) factor left out, or one non-square module's factors of a
+    consistent rank but for the transposed weight (B in x r, A r x out)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors, made = load_file(good), {}
+    first = sorted(k for k in tensors if k.endswith(".lora_B.weight"))[0]
+    wide = next(k for k in sorted(tensors) if k.endswith(".lora_B.weight")
+                and tensors[k].shape[0] != tensors[k.replace(".lora_B.", ".lora_A.")].shape[1])
+    out_dim, rank = tensors[wide].shape
+    in_dim = tensors[wide.replace(".lora_B.", ".lora_A.")].shape[1]
+    for name, change in (("no_b", lambda t: t.pop(first)),
+                         ("no_a", lambda t: t.pop(first.replace(".lora_B.", ".lora_A."))),
+                         ("transposed", lambda t: t.update({wide: torch.ones(in_dim, rank),
+                                                            wide.replace(".lora_B.", ".lora_A."): torch.ones(rank, out_dim)}))):
+        if "{%s}" % name in args:
+            copy = dict(tensors)
+            change(copy)
+            save_file(copy, str(tmp / f"{name}.safetensors"))
+            made[name] = tmp / f"{name}.safetensors"
+    return made
+
+
+def _broken_upsamplers(tmp: Path, model: Path, args: list) -> dict:
+    """Copies of the model's latent upsampler whose config says another channel count, scale, or axis."""
+    made = {}
+    for name, change in (("up_channels", {"in_channels": 64}), ("up_scale", {"rational_spatial_scale": 1.5}),
+                         ("up_temporal", {"spatial_upsample": False, "temporal_upsample": True})):
+        if "{%s}" % name in args:
+            shutil.copytree(model / "latent_upsampler", tmp / name)
+            config = json.loads((tmp / name / "config.json").read_text())
+            (tmp / name / "config.json").write_text(json.dumps({**config, "use_rational_resampler": True, **change}))
+            made[name] = tmp / name
+    return made
+
+
 @pytest.mark.parametrize("args, message", [
     (["--two-stage", "--model", "{nofolder}"], "has no latent_upsampler/ folder; pass --upsampler"),
     (["--two-stage", "--height", "96"], "--height 96 is not a multiple of 64, which --two-stage needs"),
@@ -250,12 +299,20 @@ def _other_model_lora(tmp: Path) -> Path:
     (["--lora", "{tmp}/missing.safetensors"], "does not exist"),
     (["--lora", "{model}/model_index.json"], "is not a safetensors file"),
     (["--sigmas", "1,0.5,0.7"], "--sigmas must be strictly decreasing, but 0.7 follows 0.5"),
+    (["--sigmas", "1,0.5,0.5"], "--sigmas must be strictly decreasing, but 0.5 follows 0.5"),
     (["--sigmas", "1.5,0.5"], "--sigmas has 1.5, outside (0, 1]"),
     (["--sigmas", "1,0"], "--sigmas has 0, outside (0, 1]"),
     (["--sigmas", "1,abc"], "is not a comma-separated list of numbers"),
     (["--sigmas", "1,0.5", "--steps", "3"], "--steps 3 disagrees with the sigma schedule's 2 steps"),
     (["--preset", "ltx-2.3-distilled", "--steps", "4"], "--steps 4 disagrees with the sigma schedule's 8 steps"),
     (["--stage2-lora", "{stage2}"], "--stage2-lora only apply with --two-stage"),
+    (["--two-stage", "--stage2-lora", "{ltxv}"], "is it a LoRA for another model?"),
+    (["--lora", "{no_b}"], "has no B (lora_B/lora_up) factor"),
+    (["--lora", "{no_a}"], "has no A (lora_A/lora_down) factor"),
+    (["--lora", "{transposed}"], "but its LoRA factors are B"),
+    (["--two-stage", "--upsampler", "{up_channels}"], "upsamples 64-channel latents, but the transformer's are"),
+    (["--two-stage", "--upsampler", "{up_scale}"], "is not a x2 spatial latent upsampler"),
+    (["--two-stage", "--upsampler", "{up_temporal}"], "is not a x2 spatial latent upsampler"),
     (["--two-stage", "--stage2-sigmas", "0.9,0.95"], "--stage2-sigmas must be strictly decreasing"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
@@ -265,7 +322,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message)
         shutil.copytree(model, nofolder)
         shutil.rmtree(nofolder / "latent_upsampler")
     ltxv = _other_model_lora(root) if "{ltxv}" in args else None
-    values = dict(tmp=tmp_path, nofolder=nofolder, ltxv=ltxv, model=model, stage2=files["stage2"])
+    values = dict(tmp=tmp_path, nofolder=nofolder, ltxv=ltxv, model=model, stage2=files["stage2"],
+                  **_broken_loras(tmp_path, files["lightricks"], args), **_broken_upsamplers(tmp_path, model, args))
     rest = [str(a).format(**values) for a in args]
     if "--model" not in rest:
         rest += ["--model", str(model)]
@@ -275,6 +333,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message)
     result = cli("generate", "--prompt", PROMPT, "--height", "64", "--width", "64", *rest, "-o", out_dir / "x.mp4")
     assert result.exit_code == 2 and message in error_line(result.stderr), result.stderr
     assert snapshot(out_dir) == before
+
+
+def test_lora_specs_from_flags_and_batch_lines(monkeypatch, tmp_path):
+    """PATH, PATH:STRENGTH and a batch line's {"path", "strength"}; '~' is the home folder; a ':' that is part of
+    the path stays there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = recipes.LoraSpec
+    assert recipes.parse_lora("--lora", {"path": "~/a.safetensors", "strength": 0.3}) == spec(str(tmp_path / "a.safetensors"), 0.3)
+    assert recipes.parse_lora("--lora", {"path": "a.safetensors"}) == spec("a.safetensors", 1.0)
+    assert recipes.parse_lora("--lora", "~/b.safetensors:0.25") == spec(str(tmp_path / "b.safetensors"), 0.25)
+    assert recipes.parse_lora("--lora", "dir:b.safetensors") == spec("dir:b.safetensors", 1.0)
+    with pytest.raises(ValueError, match="names no file"):
+        recipes.parse_lora("--lora", {"strength": 0.5})
+    with pytest.raises(ValueError, match="the strength must be a finite number"):
+        recipes.parse_lora("--lora", "b.safetensors:nan")
 
 
 def test_recipe_presets_are_plain_data():
@@ -412,26 +485,31 @@ def _expected_fp8(base: dict, files: list, name: str) -> tuple[torch.Tensor, tor
     for path, strength in files:
         tensors = load_file(path)
         key = "diffusion_model." + name.removesuffix(".weight")  # the test files' modules keep their names
-        a, b = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
-        w = w + (b * strength) @ a  # no alpha key: alpha = rank, scale 1
+        if key + ".lora_A.weight" in tensors:  # no alpha key: alpha = rank, scale 1
+            a, b, scale = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"], 1.0
+        else:
+            a, b = tensors[key + ".lora_down.weight"], tensors[key + ".lora_up.weight"]
+            scale = float(tensors[key + ".alpha"]) / a.shape[0]
+        w = w + (b * (strength * scale)) @ a
     return quantize_tensor(w)
 
 
-def test_a_lora_fuses_into_float8_weights_from_their_base_codes(tiny):
+def test_a_lora_fuses_into_float8_weights_from_their_base_codes(tiny, tmp_path):
     """Fusing into e4m3 weights: each touched weight = quantize(dequantize(base) + deltas) with its new scales,
     from the base codes whatever was fused before (the set alone decides: fusing on top of the fused codes, or
     keeping the old scales, fails); untouched layers keep their bits; taking every LoRA out gives the base back
-    and frees the copy."""
+    and frees the copy. One of the LoRAs has alpha 1 at rank 2: its delta is halved."""
     _, model, files = tiny
     transformer = _fp8_transformer(model)
     base = {k: v.clone() for k, v in transformer.state_dict().items()}
     fuser = lora.Fuser(transformer)
     assert fuser.dtype == torch.float32
     assert lora.Fuser(_fp8_transformer(model, torch.bfloat16)).dtype == torch.bfloat16  # not the scales' fp32
-    both = [(files["lightricks"], 0.8), (files["stage2"], 1.0)]
+    half = write_lora(tmp_path / "half.safetensors", model / "transformer", "kohya", seed=4, alpha=1.0)
+    both = [(files["lightricks"], 0.8), (files["stage2"], 1.0), (half, 0.9)]
     fuser.use([recipes.LoraSpec(str(p), s) for p, s in both])
     state = transformer.state_dict()
-    touched = set(lora.load(files["lightricks"]).deltas) | set(lora.load(files["stage2"]).deltas)
+    touched = set().union(*(lora.load(f).deltas for f, _ in both))
     fp8 = {n for n in touched if state[n].dtype == torch.float8_e4m3fn}
     assert fp8 and len(fuser.base) == len(fp8)
     for name in sorted(fp8):
