@@ -143,6 +143,26 @@ def test_checkpoint_rule_names_the_swapped_layers(family):
     assert by_name == swapped and swapped
 
 
+def test_weight_scales_are_per_output_channel():
+    """Rows 10^6 apart each keep e4m3's precision (one scale for the tensor would flush the small rows to 0)."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]
+    codes, scales = quant.quantize_tensor(weight)
+    assert codes.dtype == torch.float8_e4m3fn and scales.shape == (6,)
+    assert torch.equal(scales, quant.pow2_scale(weight.abs().amax(1))[0])
+    back = codes.float() * scales[:, None]
+    assert all(rel(back[i], weight[i]) < 0.04 for i in range(6))
+
+
+def test_fp8_linear_returns_the_input_dtype():
+    """bfloat16 in, bfloat16 out (the rest of the block runs in it), from the float8 product."""
+    layer = quant.FP8Linear.from_linear(nn.Linear(32, 16).to(torch.bfloat16))
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 16)
+    assert rel(out.float(), layer(x.float()).float()) < 0.02  # the same product, rounded once more
+
+
 def test_pow2_scale_edges():
     amax = torch.tensor([448.0, 14.0, torch.nextafter(torch.tensor(14.0), torch.tensor(15.0)).item(), 0.0, 1e30])
     scale, inverse = quant.pow2_scale(amax)
@@ -176,6 +196,11 @@ def test_quantized_folder_loads_as_on_the_fly(tmp_path):
     with pytest.raises(ValueError, match="already quantized"):
         quant.write_quantized(out, tmp_path / "twice", torch.float32, torch.device("cpu"))
     assert not (tmp_path / "twice").exists()
+    # input scales for layers this model lacks (a calibration of another model): refused, nothing left behind
+    scales = {"transformer_blocks.0.attn1.to_q": torch.tensor(0.5), "transformer_blocks.9.ff.proj": torch.tensor(1.0)}
+    with pytest.raises(ValueError, match="transformer_blocks.9.ff.proj: its input scales were calibrated on another"):
+        quant.write_quantized(MODELS / "ltx2-tiny", tmp_path / "other", torch.bfloat16, torch.device("cpu"), scales)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8"]
 
 
 def test_lightricks_layout_loads(tmp_path):
@@ -219,8 +244,9 @@ def test_device_check(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     message = quant.check_device(torch.device("cuda:0"), torch.bfloat16)
     assert "8.9" in message and "8.0" in message and "A100" in message and "\n" not in message
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert quant.check_device(torch.device("cuda:0"), torch.bfloat16) is None
+    for ok in ((8, 9), (9, 0), (10, 0)):  # Ada (the first with e4m3 tensor cores), Hopper, Blackwell
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, ok=ok: ok)
+        assert quant.check_device(torch.device("cuda:0"), torch.bfloat16) is None
     assert "bfloat16" in quant.check_device(torch.device("cuda:0"), torch.float32)
 
 
