@@ -131,6 +131,12 @@ def test_nine_frame_clip_at_frame_zero(setup):
     _close(_run(setup, [(setup["clip"], 0, 1.0)], 33))  # a clip is not re-compressed; it replaces latents 0-1
 
 
+def test_clip_at_the_last_frame_is_cut_to_fit_and_not_recompressed(setup):
+    """A 9-frame clip at -1: only one pixel frame is left there, so it is cut to that frame, and it stays a clip
+    (diffusers re-compresses only conditions that came as one frame): equal at crf 33."""
+    _close(_run(setup, [(setup["clip"], -1, 1.0)], 33))
+
+
 def test_clip_keyframe_and_partial_strengths_together(setup):
     """A clip at 0 at strength 0.5, an image keyframe at 0.7, the clip again as an appended keyframe."""
     _close(_run(setup, [(setup["clip"], 0, 0.5), (setup["last"], 5, 0.7), (setup["clip"], 16, 1.0)], 33,

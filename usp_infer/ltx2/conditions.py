@@ -247,7 +247,9 @@ def prepare(c, req, lay, generator, height: int, width: int, noise_scale: float 
         first = max((k - 1) * temporal + 1, 0)  # the pixel frame its latent frame starts at
         # Fit a clip into what is left of the video, in whole latent frames (8j + 1 pixel frames).
         keep = (min(frames.shape[0], req.num_frames - first) - 1) // temporal * temporal + 1
-        pixels = condition_pixels(frames[:keep], height, width, req.image_crf)
+        # An image is re-compressed at --image-crf; a clip is not, even one cut down to a single frame here
+        crf = req.image_crf if frames.shape[0] == 1 else 0
+        pixels = condition_pixels(frames[:keep], height, width, crf)
         latent = vae.encode(pixels.to(c.device, vae.dtype)).latent_dist.mode().float().cpu()
         # (1, C, F, H, W) -> (1, F*H*W, C), as pipeline.pack_video; diffusers leaves out the scaling factor here
         tokens = ((latent - mean) / std).flatten(2).transpose(1, 2)
