@@ -35,6 +35,8 @@ def files(tmp_path_factory):
     write_video(root / "clip.mp4", rng.random((21, 64, 64, 3)).astype(np.float32), fps=24.0, audio=tone,
                 audio_sample_rate=24000)
     write_video(root / "mute.mp4", rng.random((9, 64, 64, 3)).astype(np.float32), fps=24.0)
+    write_video(root / "eight.mp4", rng.random((8, 64, 64, 3)).astype(np.float32), fps=24.0)
+    write_video(root / "fast.mp4", rng.random((9, 64, 64, 3)).astype(np.float32), fps=30.0)
     return root
 
 
@@ -91,6 +93,11 @@ def test_extend_output_starts_with_the_clip_and_its_sound_continues(files, tmp_p
     assert np.sqrt(np.mean((audio[0, 2048:clip_part - 2048] - tone[2048:-2048]) ** 2)) < 0.05
     new = audio[:, clip_part:]  # then the generated sound, with no silent gap at the join
     assert new.shape[1] > 0.9 * (17 - 9) / 24 * rate and np.abs(new[:, :rate // 100]).max() > 0
+    # the new sound is the segment's from 9/24 s on: at most its 8 frames' worth (the causal audio VAE decodes
+    # a few ms short), so the clip's sound was cut to the clip and nothing is inserted or repeated at the join
+    segment = round((17 - 9) / 24 * rate)
+    assert segment - rate // 50 <= new.shape[1] <= segment
+    assert np.sqrt(np.mean(new[:, rate // 50:rate // 25] ** 2)) > 0.01  # sound, not padding, right after the join
 
 
 @pytest.mark.parametrize("stages", [[], ["--two-stage"]], ids=["one-stage", "two-stage"])
@@ -107,6 +114,35 @@ def test_extend_generates_what_the_clip_as_a_condition_generates(files, tmp_path
     extend, condition = (np.load(outs[name])["frames"] for name in ("extend", "condition"))
     assert extend.shape == condition.shape == (17, 64, 64, 3)
     np.testing.assert_array_equal(extend[9:], condition[9:])
+    assert "audio" not in np.load(outs["extend"]).files  # a clip without sound gives a silent output
+
+
+def test_extend_takes_the_clip_s_frame_rate_and_runs_without_audio(files, tmp_path):
+    """A 30 fps clip gives a 30 fps extension (fps left out); --no-audio with --extend writes frames alone."""
+    out = tmp_path / "fast.mp4"
+    result = cli("generate", "--prompt", "more", *FAST, "--extend", files / "fast.mp4", "--extend-frames", "9", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert read_video(out)[1] == 30.0 and json.loads((tmp_path / "fast.mp4.json").read_text())["request"]["fps"] == 30.0
+    quiet = tmp_path / "quiet.npz"
+    result = cli("generate", "--prompt", "more", *FAST, "--extend", files / "clip.mp4", "--extend-frames", "9",
+                 "--no-audio", "-o", quiet)
+    assert result.exit_code == 0, result.output
+    got = np.load(quiet)
+    assert got["frames"].shape[0] == 21 + 17 - 9 and "audio" not in got.files
+
+
+def test_a_condition_of_another_aspect_ratio_is_said(files):
+    """The warning compares the condition's height/width with the output's, not with its inverse."""
+    from usp_infer.ltx2.conditions import Condition, check_files
+    from usp_infer.ltx2.request import LTX2Request
+
+    def warnings(name: str, height: int, width: int) -> list[str]:
+        return check_files(LTX2Request(prompt="x", height=height, width=width, num_frames=17,
+                                       conditions=(Condition(str(files / name), 0),)))
+
+    assert warnings("wide.png", 64, 128) == []  # 96x48 onto 128x64: the same shape
+    assert warnings("a.png", 64, 128) == [f"--condition {files / 'a.png'} is 64x64; it is resized to cover 128x64 "
+                                          "and center-cropped, as --image"]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -124,6 +160,8 @@ def test_extend_generates_what_the_clip_as_a_condition_generates(files, tmp_path
     (["--audio", "{f}/voice.wav", "--no-audio"], "with --no-audio"),
     (["--extend", "{f}/clip.mp4", "--extend-frames", "10"], "--extend-frames 10 must be of the form 8k+1"),
     (["--extend", "{f}/mute.mp4", "--extend-frames", "17"], "has 9 frames, fewer than --extend-frames 17"),
+    (["--extend", "{f}/eight.mp4", "--extend-frames", "9"], "has 8 frames, fewer than --extend-frames 9"),
+    (["--extend", "{f}/clip.mp4", "--extend-frames", "9", "--image", "{f}/a.png"], "pass the image as --condition PATH@0"),
     (["--extend", "{f}/clip.mp4", "--width", "96"], "--width 96 differs from the --extend clip's 64"),
     (["--extend", "{f}/clip.mp4", "--extend-frames", "9", "--audio", "{f}/voice.wav"], "--extend with --audio"),
     (["--extend", "{f}/clip.mp4"], "--extend-frames 17 must be of the form 8k+1 and below --num-frames 17 (the new "
