@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -86,6 +87,14 @@ def test_output_kind_rejects_an_existing_file_without_suffix(tmp_path):
 )
 def test_sidecar_path(output, sidecar):
     assert sidecar_path(Path(output)) == Path(sidecar)
+
+
+@pytest.mark.parametrize("fps, rate", [(24000 / 1001, (24000, 1001)), (12.5, (25, 2))])
+def test_mp4_keeps_a_fractional_frame_rate(tmp_path, fps, rate):
+    out = tmp_path / "ntsc.mp4"
+    write_video(out, _frames(), fps=fps)
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].average_rate == Fraction(*rate)
 
 
 def test_mp4_round_trip(tmp_path):

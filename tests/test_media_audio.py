@@ -62,6 +62,8 @@ def test_mp4_has_an_aac_stereo_track_in_sync(tmp_path, audio_seconds):
     body = pcm[:, RATE // 10 : RATE // 2]
     assert 0.3 < np.abs(body).max() < 0.6
     assert not np.allclose(body[0], body[1], atol=0.05)  # left and right stay distinct
+    peaks = np.abs(np.fft.rfft(body, axis=1)).argmax(1) * RATE / body.shape[1]
+    assert list(peaks) == [440, 660]  # and in their order: left carries 440 Hz, right 660 Hz
 
 
 def test_mp4_mono_is_written_as_stereo_and_loud_audio_is_clipped(tmp_path):
@@ -99,6 +101,10 @@ def test_wav_is_as_long_as_its_video(tmp_path):
         write_video(out, frames, fps=FPS, audio=_tone(seconds), audio_sample_rate=RATE)
         with wave.open(str(out)) as f:
             assert f.getnframes() == round(17 / FPS * RATE)
+    one = tmp_path / "one.wav"  # 1/24 s at 44.1 kHz is 1,837.5 samples: rounded, not cut
+    write_video(one, frames[:1], fps=FPS, audio=_tone(0.1, rate=44100), audio_sample_rate=44100)
+    with wave.open(str(one)) as f:
+        assert f.getnframes() == 1838
     write_video(tmp_path / "raw.npz", frames, fps=FPS, audio=_tone(0.690), audio_sample_rate=RATE,
                 latents=np.zeros((8, 3, 2, 3), np.float32))
     assert np.load(tmp_path / "raw.npz")["audio"].shape[1] == round(0.690 * RATE)
