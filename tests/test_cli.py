@@ -384,6 +384,13 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
     side = json.loads(Path(names[0] + ".json").read_text())
     assert side["output_size"] == Path(names[0]).stat().st_size
     assert side["output_sha256"] == hashlib.sha256(Path(names[0]).read_bytes()).hexdigest()
+    # One byte changed in place (same size, same sidecar): not the file the sidecar describes, so redone; and
+    # --resume --overwrite still skips what is finished.
+    data = bytearray(Path(names[0]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(names[0]).write_bytes(bytes(data))
+    flipped = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", "--overwrite")
+    assert flipped.exit_code == 0 and flipped.stderr.strip().endswith("done: 1 ran, 2 skipped, 0 failed")
     other_model = model_copy(tmp_path / "elsewhere")
     config = other_model / "transformer" / "config.json"
     config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": 2, "_note": "retrained"'))
@@ -400,6 +407,13 @@ def test_batch_loads_once_names_overrides_resume(tmp_path, monkeypatch, count_lo
     without = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out")
     assert without.exit_code == 2 and "pass --overwrite to replace it, or --resume" in error_line(without.stderr)
     assert snapshot(tmp_path) == before
+    # As the refusal says: --overwrite (with --resume) redoes the item made with other settings, and only it
+    # (line 1 sets its own seed and stays; line 2's name holds the seed: a new file)
+    redone = cli("batch", "prompts.jsonl", *FAST, "--output-dir", "out", "--resume", "--overwrite", "--seed", "9")
+    assert redone.exit_code == 0 and redone.stderr.strip().endswith("done: 2 ran, 1 skipped, 0 failed")
+    assert snapshot(tmp_path)[names[0]] == before[names[0]] and Path("out/0001-waves-s9.mp4").is_file()
+    assert json.loads(Path(names[2] + ".json").read_text())["request"]["seed"] == 9
+    before = snapshot(tmp_path)
 
     # A file at an item's path without our sidecar is the user's: --resume never replaces it.
     Path(names[2] + ".json").unlink()
@@ -482,6 +496,7 @@ def test_sidecar_fields(tmp_path):
     t = side["timings"]
     assert len(t["step_s"]) == 2 and all(s > 0 for s in t["step_s"])
     assert t["total_s"] >= t["denoise_s"] + t["decode_s"] > 0 and t["model_load_s"] > 0
+    assert abs(t["denoise_s"] - sum(t["step_s"])) <= 1e-3  # every step, not the longest
     assert side["peak_memory_gb"] > 0 and side["peak_memory_of"] == "process max RSS, whole run so far"
     assert side["versions"] == {"usp_infer": usp_infer.__version__, "torch": torch.__version__,
                                 "diffusers": diffusers.__version__, "transformers": transformers.__version__}
@@ -533,7 +548,11 @@ def test_config_hash_follows_the_configs(tmp_path):
 
     first, same = run("a.npz"), run("b.npz")
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "max_shift": 2.0}))
-    assert first == same != run("c.npz")
+    second = run("c.npz")
+    assert first == same != second
+    index = model / "model_index.json"  # the folder's own top-level config counts too
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_note": "edited"}))
+    assert run("d.npz") != second
 
 
 # --- info and help ------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def _finished(item: Item, s: Session) -> bool:
     the same request, model configs and dtype, and the output on disk is the one it describes (size and sha256).
 
     No readable sidecar: the file is not ours, and is never replaced without --overwrite. A sidecar whose
-    output is missing or differs (a crash before the data reached the disk): ours, unfinished, redone.
+    output is missing or differs (a crash before the data reached the disk): ours, unfinished, redone. With
+    --overwrite, what --resume alone refuses (no sidecar of ours, other settings) is redone instead.
     """
     from .media import fingerprint, sidecar_path
     from .sidecar import config_hash
@@ -52,6 +53,8 @@ def _finished(item: Item, s: Session) -> bool:
     except (OSError, ValueError):
         record = None
     if not isinstance(record, dict):
+        if s.overwrite:
+            return False
         raise UsageError(
             f"{at(item, str(item.output))} exists but has no usp-infer sidecar, so this run did not write it; "
             "pass --overwrite to replace it, or give the line another 'output'"
@@ -63,6 +66,8 @@ def _finished(item: Item, s: Session) -> bool:
     differ += changes({"model config": record.get("model", {}).get("config_sha256"), "dtype": record.get("dtype")},
                       {"model config": config_hash(s.model), "dtype": s.dtype})
     if differ:
+        if s.overwrite:
+            return False
         raise UsageError(
             f"{at(item, str(item.output))} was made with other settings than this line asks for ({'; '.join(differ)}); "
             "pass --overwrite to redo it, or give the line another 'output'"
@@ -104,7 +109,7 @@ def _check_output(item: Item, s: Session) -> bool:
         raise UsageError(at(item, f"output directory {existing} is not writable; choose another output path"))
     present = [p for p in (item.output, sidecar_path(item.output)) if p.exists()]
     if present:
-        if s.resume and not s.overwrite and _finished(item, s):
+        if s.resume and _finished(item, s):
             return False
         if not s.overwrite and not s.resume:
             hint = "pass --overwrite to replace it" + (", or --resume to skip finished items" if s.batch else "")

@@ -330,7 +330,7 @@ def generate(
 def batch(
     file: Annotated[Path, typer.Argument(help="JSON Lines file, one generation per line.")],
     output_dir: Annotated[Path, _opt(help="Where items without an 'output' go.")] = Path("outputs"),
-    resume: Annotated[bool, _opt(help="Skip items whose output and sidecar already exist (made with the same settings).")] = False,
+    resume: Annotated[bool, _opt(help="Skip items whose output and sidecar already exist (made with the same settings); with --overwrite, redo the rest.")] = False,
     keep_going: Annotated[bool, _opt(help="Continue past a failed item; exit 1 at the end if any failed.")] = False,
     negative_prompt: NegativePrompt = None,
     height: Height = None,
