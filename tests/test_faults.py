@@ -414,11 +414,15 @@ def test_failed_decode_keeps_latents_and_decode_reproduces_the_frames(tmp_path, 
     # Same latents, same VAE, same device and dtype: the frames are the run's, bit for bit.
     assert np.array_equal(again["frames"], ref["frames"]) and np.array_equal(again["latents"], ref["latents"])
     side = json.loads((tmp_path / "fox.npz.json").read_text())
-    assert side["decoded_from"] == str(kept) and side["request"]["seed"] == 3
+    assert side["decoded_from"] == str(kept) and side["request"]["seed"] == side["seed"] == 3
     # A second decode refuses to replace the output; tiling on request still gives a video.
     assert runner.invoke(app, ["decode", str(kept)]).exit_code == 2
     tiled = runner.invoke(app, ["decode", str(kept), "-o", str(tmp_path / "tiled.mp4"), "--vae-tiling", "--quiet"])
     assert tiled.exit_code == 0 and (tmp_path / "tiled.mp4").is_file()
+    import av
+
+    with av.open(str(tmp_path / "tiled.mp4")) as container:  # at the run's frame rate (LTX-Video's 25), kept
+        assert container.streams.video[0].average_rate == 25
 
 
 def test_decode_of_a_bad_file_is_one_line(tmp_path):
@@ -426,6 +430,10 @@ def test_decode_of_a_bad_file_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["decode", str(tmp_path / "x.latents.npz")])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert "is not a .latents.npz that usp-infer kept" in result.stderr
+    with open(tmp_path / "y.latents.npz", "wb") as f:  # a numpy file of the right shape, another format
+        np.savez(f, latents=np.zeros((8, 2, 2, 3), np.float32), meta=np.array(json.dumps({"format": 99})))
+    result = CliRunner().invoke(app, ["decode", str(tmp_path / "y.latents.npz")])
+    assert result.exit_code == 2 and "is not a .latents.npz of this usp-infer (format 99)" in result.stderr
 
 
 def test_decode_memory_estimate_picks_tiles(monkeypatch):
