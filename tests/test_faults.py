@@ -29,13 +29,15 @@ FAST = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", 
 # signalled; it never runs to the end.
 LONG = ["--height", "256", "--width", "384", "--num-frames", "49", "--steps", "3000", "--max-sequence-length", "16"]
 BOUND_S = 60  # the issue's promise: every process gone within a minute of a rank's death
+# Child processes import this checkout's usp_infer, wherever (or whether) the package is installed
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 class Job:
     """A process tree (torchrun or a single process) in its own session, stderr collected as it comes."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {**ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.err = b""
         self.workers: set[int] = set()
@@ -250,7 +252,7 @@ def test_batch_resume_after_sigkill(tmp_path):
     stale = out / f".{names[-1]}.0badf00d.tmp"
     stale.write_bytes(b"half a video")
 
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     skipped = len(finished)
     assert resumed.stderr.strip().splitlines()[-1] == f"done: {len(names) - skipped} ran, {skipped} skipped, 0 failed"
