@@ -59,10 +59,13 @@ def _qkv(total: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(B, total, H, D, generator=gen).to(dtype) for _ in range(3))
 
 
-def _usp_vs_full(mesh: Mesh, total: int, a2a_mode: str, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
-    """USP attention on the shards, gathered, vs SDPA on the full sequence; each cfg rank gets its own data."""
+def _usp_vs_full(mesh: Mesh, total: int, a2a_mode: str, dtype: torch.dtype,
+                 q_scale: float = 1.0) -> tuple[float, torch.Tensor]:
+    """USP attention on the shards, gathered, vs SDPA on the full sequence; each cfg rank gets its own data.
+    q_scale: logits that many times larger (x100: beyond exp's fp32 range, which a merge must subtract first)."""
     shard = SeqShard.for_mesh(total, mesh)
     q, k, v = _qkv(total, seed=1000 * total + mesh.cfg_rank, dtype=dtype)
+    q = q * q_scale
     ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     out = USPAttention(mesh, shard, a2a_mode)(shard.split(q), shard.split(k), shard.split(v))
     assert out.shape == (B, shard.local, H, D) and out.dtype == dtype
@@ -75,6 +78,9 @@ def _attention_job(world: int) -> dict:
         mesh = init_mesh(_parallel(*layout), "cpu")
         for total in WORLD_TOTALS[world]:
             errors[layout, total] = _usp_vs_full(mesh, total, "direct", torch.float32)[0]
+        if layout[1] > 1:  # ring chunks merged by log-sum-exp: peaky logits of either sign
+            for scale in (100.0, -100.0):
+                errors[layout, "q x", scale] = _usp_vs_full(mesh, WORLD_TOTALS[world][1], "direct", torch.float32, scale)[0]
     mesh = init_mesh(_parallel(1, world // 2, 2), "cpu")
     _, direct = _usp_vs_full(mesh, 13, "direct", torch.float32)
     _, functional = _usp_vs_full(mesh, 13, "functional", torch.float32)
@@ -147,6 +153,8 @@ def _kv_sharded_job(world: int) -> dict:
             shard = SeqShard.for_mesh(total, mesh)
             gen = torch.Generator().manual_seed(total)
             q = torch.randn(B, 5, H, D, generator=gen)  # 5 query tokens, the same on every rank
+            q[0] *= 100.0  # peaky logits (beyond exp's fp32 range before the merge subtracts the max)
+            q[1] *= -100.0 if total % 2 else 1.0
             k, v = (torch.randn(B, total, H, D, generator=gen) for _ in range(2))
             ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             poisoned_k, poisoned_v = shard.split(k), shard.split(v)
@@ -224,7 +232,9 @@ def test_usp_attention_matches_full_sdpa(spawned: tuple[int, list[dict]]) -> Non
     world, results = spawned
     for rank, result in enumerate(results):
         errors = result["attention"]["errors"]
-        assert set(errors) == {(layout, total) for layout in WORLD_LAYOUTS[world] for total in WORLD_TOTALS[world]}
+        assert set(errors) == ({(layout, total) for layout in WORLD_LAYOUTS[world] for total in WORLD_TOTALS[world]}
+                               | {(layout, "q x", scale) for layout in WORLD_LAYOUTS[world] if layout[1] > 1
+                                  for scale in (100.0, -100.0)})
         bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
         assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
         assert result["attention"]["modes_equal"], "direct and functional a2a gave different attention outputs"
