@@ -32,6 +32,7 @@ TIMEOUT_S = 60.0  # a broken collective fails the test in a minute instead of ha
 # ~6e-8, so errors land near 1e-7 relative. 1e-5 leaves ~100x headroom, while a wrong key
 # chunk, a pad used as a key or a mixed-up head gives errors of order 1e-1.
 FP32_RTOL = 1e-5
+PEAKY_RTOL = 1e-4
 # bf16: the kernel rounds each chunk's partial output to bf16 (2^-8 relative) before the
 # fp32 merge, and the result is rounded once more: a few bf16 ulps, 4 of them = 1.6e-2.
 BF16_RTOL = 1.6e-2
@@ -235,8 +236,10 @@ def test_usp_attention_matches_full_sdpa(spawned: tuple[int, list[dict]]) -> Non
         assert set(errors) == ({(layout, total) for layout in WORLD_LAYOUTS[world] for total in WORLD_TOTALS[world]}
                                | {(layout, "q x", scale) for layout in WORLD_LAYOUTS[world] if layout[1] > 1
                                   for scale in (100.0, -100.0)})
-        bad = {case: err for case, err in errors.items() if not err <= FP32_RTOL}
-        assert not bad, f"rank {rank}: relative error above {FP32_RTOL}: {bad}"
+        # logits of a few hundred carry fp32's rounding x100 into the weights (1.2e-5 seen); a merge that
+        # overflows gives inf or NaN
+        bad = {case: err for case, err in errors.items() if not err <= (PEAKY_RTOL if "q x" in case else FP32_RTOL)}
+        assert not bad, f"rank {rank}: relative error above {FP32_RTOL} ({PEAKY_RTOL} for peaky logits): {bad}"
         assert result["attention"]["modes_equal"], "direct and functional a2a gave different attention outputs"
         assert result["attention"]["bf16_err"] <= BF16_RTOL
 
