@@ -160,6 +160,28 @@ def test_memory_per_rank_against_the_one_gpu_records():
     assert cm.memory_gib(ltx2(6144, B4), (1, 1, 1), weights) == pytest.approx(37.70, abs=0.1)
     assert cm.memory_gib(ltx2(24576, B4), (1, 1, 1), weights) == pytest.approx(44.32, rel=0.02)
     assert cm.memory_gib(ltx2(24576, B4), (1, 1, 4), weights) < cm.memory_gib(ltx2(24576, B4), (1, 1, 2), weights)
+    act = lambda layout: cm.memory_gib(ltx2(24576, B4), layout, weights) - weights / 2**30  # noqa: E731
+    assert act((2, 1, 1)) == pytest.approx(act((1, 1, 1)) / 2)  # a cfg split halves each rank's rows
+    assert act((1, 2, 1)) == pytest.approx(act((1, 1, 2))) == pytest.approx(act((1, 1, 1)) / 2)  # ring as Ulysses
+
+
+def test_ring_transfer_time_follows_its_bytes():
+    """The ring's exposed k/v time is the bytes exchange_bytes counts (checked against real collectives below)
+    over the P2P rate, for every ring step."""
+    costs = cm.load_costs()
+    for layout in ((1, 2, 1), (1, 4, 1), (1, 2, 2)):
+        w = ltx2(24576, B4)
+        sent = cm.exchange_bytes(w, layout)["ring_p2p"]
+        want = sent / (costs["ring_p2p_gbps"]["value"] * 1e6) * (1 - costs["ring_p2p_overlap"]["value"])
+        assert cm.predict(w, layout).parts["ring_exposed"] == pytest.approx(want, rel=2e-2), layout
+
+
+def test_the_perturbed_row_shares_the_cond_forward_only_on_its_rank():
+    from usp_infer.parallel.plan import stg_shares_forward
+
+    assert stg_shares_forward(L2, 1) and stg_shares_forward(L2, 2)  # rows 0 and 2: cfg rank 0 of 1 or 2
+    assert not stg_shares_forward(L2, 4) and not stg_shares_forward(B3, 2)  # each its own rank
+    assert not stg_shares_forward(L2, 1, "sequential") and not stg_shares_forward(B2, 1)
 
 
 def test_every_constant_says_where_it_came_from():

@@ -34,6 +34,13 @@ def _minutes(note: str) -> float:
     return float(value) / (60 if unit == "s" else 1)
 
 
+def test_durations_read_in_their_unit():
+    from usp_infer.estimate import _duration
+
+    assert (_duration(75), _duration(89), _duration(90), _duration(120), _duration(3600)) == (
+        "75 s", "89 s", "2 min", "2 min", "60 min")
+
+
 def test_parameters_come_from_the_headers():
     from safetensors.torch import load_file
 
