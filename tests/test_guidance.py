@@ -82,6 +82,10 @@ def test_schedule_selection_follows_ltx_thresholds():
     assert g.at(0.95).cfg == 1.0 and g.at(0.95).stg == 2.0
     assert g.at(0.3).stg == 1.0 and g.at(0.3).rescale == 1.0
     assert g.at(0.3).branches == ("cond", "perturbed")
+    # every field of an interval, and the preset's STG mode (LTX-Video's 0.9.8 configs: attention values)
+    assert g.at(0.99) == StepScales(8.0, 4.0, 0.5, True, (28,))
+    assert g.at(0.995) == StepScales(6.0, 4.0, 0.5, True, (22, 35, 39))
+    assert PRESETS["ltx-video-13b-0.9.8"]["stg_mode"] == "values" and PRESETS["ltx-video-13b-0.9.8"]["steps"] == 30
 
 
 def test_single_values_apply_at_every_step():

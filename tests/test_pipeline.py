@@ -178,3 +178,38 @@ def test_t5_is_read_straight_onto_the_device(monkeypatch):
     req = GenerateRequest(prompt="a fox", negative_prompt="blur", max_sequence_length=8)
     cache = pipeline.encode_prompts(MODEL, torch.device("cpu"), torch.float32, [req])
     assert maps == ["cpu"] and set(cache) == {("a fox", 8), ("blur", 8)}
+
+
+def test_guidance_rescale_equals_diffusers(tmp_path):
+    """--guidance-rescale against LTXPipeline(guidance_rescale=...): the rescale's std is over each sample's
+    every channel and token, as diffusers' rescale_noise_cfg takes it."""
+    pipe = LTXPipeline.from_pretrained(MODEL)
+    ref = pipe(**SETTINGS, **SIZE, guidance_rescale=0.7, generator=torch.Generator().manual_seed(42),
+               output_type="np").frames[0]
+    np.testing.assert_allclose(run_cli(tmp_path, "--guidance-rescale", "0.7")["frames"], ref, rtol=0, atol=ATOL)
+
+
+def test_scheduled_guidance_takes_each_step_s_own_sigma(monkeypatch):
+    """With --guidance-timesteps, step i runs the scales of sigma_i (the first threshold at or below it), not of
+    the sigma it steps to."""
+    from usp_infer.config import GenerateRequest, ParallelConfig
+    from usp_infer.guidance import GuidanceConfig
+    from usp_infer.ltx_video import pipeline
+    from usp_infer.parallel.plan import Plan
+
+    seen = []
+    real = pipeline.Denoiser.step
+
+    def spy(self, latents, t, sigma, sigma_next, scales, level=None):
+        seen.append((float(sigma), scales.cfg))
+        return real(self, latents, t, sigma, sigma_next, scales, level)
+
+    monkeypatch.setattr(pipeline.Denoiser, "step", spy)
+    g = GuidanceConfig(cfg=(4.0, 2.5, 2.0), stg=(0.0,) * 3, rescale=(0.0,) * 3, stg_blocks=((),) * 3,
+                       timesteps=(1.0, 0.9, 0.5))
+    req = GenerateRequest(prompt="a fox", height=64, width=96, num_frames=17, steps=3, max_sequence_length=16,
+                          guidance=g)
+    c = pipeline.load_components(MODEL, torch.device("cpu"), torch.float32)
+    pipeline.generate(c, req, Plan.build(ParallelConfig(), "cpu"), progress=False)
+    assert [cfg for _, cfg in seen] == [g.at(sigma).cfg for sigma, _ in seen] and seen[0] == (1.0, 4.0)
+    assert len({cfg for _, cfg in seen}) > 1  # the schedule changes within the run
