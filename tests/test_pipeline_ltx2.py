@@ -29,7 +29,7 @@ from usp_infer.ltx2.pipeline import (
 from usp_infer.ltx2.tiny import make_tiny_ltx2
 from usp_infer.media import write_video
 
-H, W, FRAMES, FPS, STEPS = 64, 64, 9, 24.0, 2
+H, W, FRAMES, FPS, STEPS = 64, 64, 9, 24.0, 3  # 3: a sigma between 1 and the terminal 0.1 shows the shift
 # Image to video at a non-square size with three latent frames (3 x 5 tokens each) and three steps: the first
 # frame's tokens are a minority, the scheduler steps frames 1-2 only, and the VAE's 32x / 8x compression,
 # patch 4 and shifted statistics all act on the image latent.
