@@ -86,6 +86,30 @@ def test_signature_keeps_host_values_and_layouts_not_device_values():
     assert signature((_fn,), cpu) == signature((_fn,), cpu) != signature((lambda: 0,), cpu)
 
 
+def test_signature_tells_apart_every_host_value_and_container():
+    """Floats by value (CPython reuses a freed float's memory, so an id would hand a new scale a stale graph),
+    dict keys, the dataclass's type; a device without an index holds every tensor of its type."""
+    from types import SimpleNamespace
+
+    @dataclasses.dataclass(frozen=True)
+    class A:
+        v: int
+
+    @dataclasses.dataclass(frozen=True)
+    class B:
+        v: int
+
+    cpu, held = torch.device("cpu"), [0.5]
+    assert signature((held[0] + 1.0,), cpu) != signature((held[0] + 2.0,), cpu)
+    one, same = held[0] + 1.0, 3.0 / 2.0 * len(held)
+    assert one is not same and signature((one,), cpu) == signature((same,), cpu)
+    assert signature(({"a": 1, "b": 2},), cpu) != signature(({"b": 1, "a": 2},), cpu)
+    assert signature((A(1),), cpu) != signature((B(1),), cpu)
+    dev = lambda d: SimpleNamespace(device=torch.device(d))  # noqa: E731  on() reads .device alone
+    assert graphs.on(dev("cuda:0"), torch.device("cuda")) and graphs.on(dev("cuda:1"), torch.device("cuda", 1))
+    assert not graphs.on(dev("cuda:1"), torch.device("cuda", 0)) and not graphs.on(dev("cpu"), torch.device("cuda"))
+
+
 def test_replays_compute_with_the_new_inputs_and_host_values_get_their_own_graph():
     call = GraphedCall(_fn, Replaying())
     gen = torch.Generator().manual_seed(0)
