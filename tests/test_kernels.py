@@ -59,6 +59,21 @@ for name, (table, rope) in cases.items():
             out[f"{name}/{tokens.start}-{magnitude}/{str(dtype)[6:]}"] = dict(ref=err(got, ref), exact=err(got, exact),
                                                                   torch_exact=err(ref, exact))
 err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+# A width that is not a power of two (48): the kernels' blocks (64) run past the row, and only their masks
+# keep those lanes from reading the next token or writing into it.
+angle = torch.rand(1, 7, 24) * 6.0
+table48 = torch.stack((angle.cos(), angle.sin()), dim=-1)  # (1, S, C/2, 2) as ltx.rope_pairs makes
+norm48 = nn.RMSNorm(48, eps=1e-6)
+with torch.no_grad():
+    norm48.weight.copy_(1 + 0.3 * torch.randn(48))
+    x48 = torch.randn(2, 7, 48)
+    got = kernels.rms_norm_rope(x48, norm48.weight, norm48.eps, table48.flatten(2), 1)
+    out["width48-rope/0/float32"] = dict(ref=err(got, ltx.apply_rope(norm48(x48), table48)))
+    big = torch.full((2, 8, 48), 7.0)  # the output a slice of a larger tensor: the token after it stays 7
+    shift48, scale48 = torch.randn(2, 1, 48), torch.randn(2, 1, 48)
+    kernels.rms_norm_modulate_(x48, shift48, scale48, 1e-6, big[:, :7])
+    plain = addcmul(shift48, nn.RMSNorm(48, eps=1e-6, elementwise_affine=False)(x48), scale48)
+    out["width48-modulate/0/float32"] = dict(ref=err(big[:, :7], plain) + float((big[:, 7] != 7).any()))
 torch_path = kernels.available
 kernels.available = lambda x: True  # the callers' fused branch, on the CPU (the interpreter runs the kernels)
 for runs in (False, True):  # modulation.norm_modulate: per-sample parameters, or per run of tokens
@@ -112,7 +127,7 @@ def errors() -> dict:
 
 
 @pytest.mark.parametrize("layout", ["split", "interleaved", "per-row-table", "modulate-rows", "modulate-runs",
-                                    "forward-ltx2", "forward-ltx-video"])
+                                    "width48-rope", "width48-modulate", "forward-ltx2", "forward-ltx-video"])
 def test_kernel_equals_the_torch_ops(errors, layout):
     cases = {key: e for key, e in errors.items() if key.startswith(layout + "/")}
     assert cases
