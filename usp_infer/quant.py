@@ -14,7 +14,8 @@ producing op under torch.compile) or with a calibrated static scale, and multipl
 Every scale is a power of two. e4m3 is a floating-point format, so a scale only moves the exponent and a power
 of two costs no precision (at most one binade at the subnormal end), while every divide becomes exact: torch
 ops, the Triton kernel and Triton's CPU interpreter produce the same e4m3 bits. Values are clamped to +-448
-before the cast (torch's cast does not saturate: past 464 it gives NaN); an all-zero row keeps a finite scale.
+before the cast (torch's CUDA cast does not saturate: past 464 it gives NaN; its CPU cast saturates, so only the GPU
+tests can see the clamp); an all-zero row keeps a finite scale.
 
 Checkpoints: `weight` e4m3 (out, in), `weight_scale` fp32 (out,) [Lightricks: ()], `input_scale` fp32 () when
 static, beside the usual `bias`: the key names of Lightricks' FP8 checkpoints, which diffusers' single-file
