@@ -52,13 +52,17 @@ fi
 S6="--height 512 --width 768 --num-frames 121"     # 6,144 video tokens, 126 audio tokens
 S24="--height 1024 --width 1536 --num-frames 121"  # 24,576 video tokens
 
-bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench` of the code in $CODE (default: this checkout), cut at
-  local name=$1 limit=${LIMIT:-$2}; shift 2  # SECONDS (or $LIMIT where set: a call with less device time left)
-  (cd "${CODE:-.}" && timeout -k 10 "$limit" python3 -m usp_infer bench --json-out "$W/$name.json" "$@") \
-    >"$W/$name.log" 2>&1
+launch() {  # launch NAME SECONDS CMD...: CMD in $CODE (default: this checkout), cut at SECONDS (or $LIMIT where
+  local name=$1 limit=${LIMIT:-$2}; shift 2  # set: a call with less device time left), its log $W/NAME.log
+  (cd "${CODE:-.}" && timeout -k 10 "$limit" "$@") >"$W/$name.log" 2>&1
   rc=$?; echo "$(date +%T) $name: exit $rc"
   tail -n 6 "$W/$name.log"
   tar czf "$OUT/results.tgz" -C "$W" .
+}
+
+bench() {  # bench NAME SECONDS ARGS...: `usp-infer bench ARGS`, its records in $W/NAME.json
+  local name=$1 limit=$2; shift 2
+  launch "$name" "$limit" python3 -m usp_infer bench --json-out "$W/$name.json" "$@"
 }
 
 case "$WHAT" in
@@ -140,9 +144,7 @@ recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
   ;;
 text)
-  (timeout -k 10 "${LIMIT:-150}" python3 bench/text_encoder_gpu.py --json-out "$W/text.json") >"$W/text.log" 2>&1
-  rc=$?; echo "$(date +%T) text: exit $rc"; tail -n 6 "$W/text.log"
-  tar czf "$OUT/results.tgz" -C "$W" .
+  launch text 150 python3 bench/text_encoder_gpu.py --json-out "$W/text.json"
   ;;
 one-branch)
   bench ltx23-6144-1branch 110 --shape ltx-2.3-22b $S6 --branches 1 --warmup 2 --steps 5 --compile
