@@ -27,6 +27,9 @@
 #                                              # compiled, with a profile: kernel time against the step's wall time
 #   OUT=dir bash bench/run_gpu_ltx2.sh text    # the text phase bench --recipe leaves out: Gemma-3 12B + connectors
 #                                              # (bench/text_encoder_gpu.py; the image's transformers), ~1 minute
+#   OUT=dir bash bench/run_gpu_ltx2.sh attention-cudnn # cuDNN's fp8 flash attention vs its bf16 SDPA, then LTX-2.3
+#                                              # forwards with it (bench/fp8_attention_cudnn.py; the cuDNN frontend's
+#                                              # wheels in .whl-attn/: 1.16.0 first, 1.32.0 if that one fails), ~5 minutes
 #   OUT=dir bash bench/run_gpu_ltx2.sh ltxv    # LTX-Video 13B at 768x512x121, t2v and i2v, eager and compiled;
 #                                              # with OLD=folder holding an older usp_infer/, that one too
 #
@@ -143,6 +146,15 @@ step-fp8-big)  # the one-branch step at 24,576 tokens, bf16 / fp8 / fp8-static, 
 recipes-768-fp8)  # two-stage dev at 768x512x121 output, bf16 then fp8 (issue 23's <= 10 s)
   bench e2e-768-fp8 420 --shape ltx-2.3-22b $S6 --recipe two-stage --compile --quantize fp8
   ;;
+attention-cudnn)  # issue 25's >= 1.3x at 24,576 tokens needs the attention (~45% of that step) faster too
+  for fe in 1.16.0 1.32.0; do  # the frontend's Python package, each version in its own folder
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/fe-$fe" \
+      .whl-attn/nvidia_cudnn_frontend-$fe-*.whl || continue
+    PYTHONPATH=/tmp/fe-$fe:$PYTHONPATH launch "attention-cudnn-$fe" 420 python3 bench/fp8_attention_cudnn.py \
+      --out "$W/attention-cudnn-$fe.json"
+    grep -q '"cudnn-fp8-kernel"' "$W/attention-cudnn-$fe.json" 2>/dev/null && break  # it ran: no second version
+  done
+  ;;
 text)
   launch text 150 python3 bench/text_encoder_gpu.py --json-out "$W/text.json"
   ;;
@@ -157,7 +169,7 @@ ltxv)
   fi
   ;;
 *)
-  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-fp8-static, recipes-768-fp8, dev-fastest, step-fp8, step-fp8-big, one-branch or ltxv" >&2
+  echo "unknown set $WHAT: use graphs, graphs-steps, profile, profile-1536, one, ab, big, i2v, ltx2-19b, recipes, recipes-1536, recipes-768, recipes-768-dev, recipes-fp8, recipes-fp8-static, recipes-768-fp8, dev-fastest, step-fp8, step-fp8-big, one-branch, text, attention-cudnn or ltxv" >&2
   exit 2
   ;;
 esac

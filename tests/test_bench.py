@@ -267,3 +267,28 @@ def test_bench_ltx2_one_process(tmp_path: Path) -> None:
         assert (r["branches"], r["text_tokens"], r["image_to_video"], r["finite"]) == (4, 1024, True, True)
     # ours: the perturbed row (STG block 1 of the tiny model's 2) starts from the cond row at block 1
     assert ours["flops_per_step"] == count(1) < pipeline["flops_per_step"] == batched["flops_per_step"] == count(0)
+
+
+def test_cudnn_fp8_attention_probe_runs_on_the_cpu(tmp_path: Path) -> None:
+    """bench/fp8_attention_cudnn.py --cpu-smoke: everything but the cuDNN graph itself (which needs a GPU) runs,
+    the model level included (it swaps the video self-attention of the package's LTX-2 model). The emulated
+    per-tensor fp8 error lands where e4m3 puts it (~2 eps), and smoothing K removes a shared key offset's cost:
+    an emulation that skipped a rounding (or a scale) would come out far below, a wrong scale far above."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, str(root / "bench/fp8_attention_cudnn.py"), "--cpu-smoke", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["failures"] == []
+    errors = result["shapes"]["self"]["rel_err"]
+    assert 0.04 < errors["randn"]["emulated-fp8"] < 0.08
+    assert errors["randn"]["sdpa-cudnn"] < 0.005
+    assert errors["k-offset"]["emulated-fp8-smooth"] < 0.6 * errors["k-offset"]["emulated-fp8"]
+    (row,) = result["model"].values()
+    assert set(row["ms"]) == {f"{w} linears, {a} attention" for w in ("bf16", "fp8") for a in ("bf16", "fp8")}
+    for label, by_sigma in row["rel_err"].items():
+        for err in by_sigma.values():
+            assert 0.001 < err["video"] < 0.1 and 0.001 < err["audio"] < 0.1, (label, err)
