@@ -141,7 +141,7 @@ BAD_INPUTS = {
     "output-kind": (lambda t: ["-o", "out.avi"], 2, ["unsupported output 'out.avi'", ".mp4"]),
     # /proc passes os.access for root and refuses only an actual write: caught before the generation, path named.
     "output-unwritable": (lambda t: ["-o", "/proc/a.mp4"], 2, ["output directory /proc is not writable", "choose another output path"]),
-    "other-family": (_other_family, 2, ["holds a WanTransformer3DModel transformer, another model family", "LTX-Video 0.9.x (LTXVideoTransformer3DModel)"]),
+    "other-family": (_other_family, 2, ["holds a WanTransformer3DModel transformer", "names an LTX-Video pipeline", "LTX-Video 0.9.x (LTXVideoTransformer3DModel)"]),
     "max-sequence-length-too-long": (lambda t: ["--max-sequence-length", "100000"], 2, ["--max-sequence-length 100000 is longer than the tokenizer", "(128); use at most 128"]),
     **({} if torch.cuda.is_available() else {
         "device-cuda-without-cuda": (lambda t: ["--device", "cuda"], 2, ["--device cuda: this torch is a CPU-only build", "use --device cpu or auto"]),

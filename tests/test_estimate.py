@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("front, model, expected", [
-    (ltx_video_request, ROOT / "models" / "ltx-tiny", "480x704x121 = 5,280 video tokens x 40 steps x 2 branches"),
-    (ltx2_request, ROOT / "models" / "ltx2-tiny", "512x768x121 = 6,144 video tokens x 30 steps x 4 branches"),
+    (ltx_video_request, ROOT / "models" / "ltx-tiny", "704x480x121 = 5,280 video tokens x 40 steps x 2 branches"),
+    (ltx2_request, ROOT / "models" / "ltx2-tiny", "768x512x121 = 6,144 video tokens x 30 steps x 4 branches"),
 ])
 def test_the_defaults_on_the_cpu_get_a_note_and_a_small_run_none(front, model, expected):
     configs = front.read_model_configs(model)
@@ -57,6 +57,6 @@ def test_generate_says_it_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "encode_prompts", stop)
     result = cli("generate", "--prompt", "a fox", "--device", "cpu", "-o", tmp_path / "a.mp4")
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("note: on the CPU 480x704x121 = 5,280 video tokens x 40 steps") and lines[1].startswith("loading")
+    assert lines[0].startswith("note: on the CPU 704x480x121 = 5,280 video tokens x 40 steps") and lines[1].startswith("loading")
     quick = cli("generate", "--prompt", "a fox", *FAST, "--device", "cpu", "-o", tmp_path / "b.mp4")
     assert "note:" not in quick.stderr

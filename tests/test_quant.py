@@ -341,7 +341,7 @@ def test_cli_generate_quantize_and_info(tmp_path):
     assert json.loads(plain.with_name(plain.name + ".json").read_text())["quantization"]["method"] == "none"
 
     folder = tmp_path / "ltx-tiny-fp8"
-    assert cli("quantize", MODEL, folder, "--dtype", "float32").exit_code == 0
+    assert cli("quantize", "ltx-tiny", folder, "--dtype", "float32").exit_code == 0  # a bundled model by name
     again = tmp_path / "again.npz"
     assert cli("generate", "--prompt", "a fox", *FAST, "--model", folder, "-o", again).exit_code == 0
     sidecar = json.loads(again.with_name(again.name + ".json").read_text())
@@ -357,7 +357,8 @@ def test_cli_generate_quantize_and_info(tmp_path):
     before = snapshot(tmp_path)
     for args, words in ((["generate", "--prompt", "a", "--quantize", "int4", "-o", tmp_path / "x.mp4"], "int4"),
                         (["quantize", MODEL, folder], "not an empty directory"),
-                        (["quantize", folder, tmp_path / "twice"], "already quantized")):
+                        (["quantize", folder, tmp_path / "twice"], "already quantized"),
+                        (["quantize", tmp_path / "nope", tmp_path / "n"], "MODEL " + str(tmp_path / "nope"))):
         result = cli(*args)
         assert result.exit_code == 2 and words in error_line(result.stderr), result.stderr
     assert snapshot(tmp_path) == before

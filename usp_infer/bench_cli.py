@@ -21,7 +21,8 @@ def bench_command(
     branch_mode: str = typer.Option("batched", help="batched (one forward) | sequential (one per branch)."),
     ulysses_degree: Optional[int] = typer.Option(None, help="Ulysses degree [default: world / (cfg x ring)]."),
     ring_degree: int = typer.Option(1, help="Ring-attention degree."),
-    cfg_parallel: int = typer.Option(1, help="Spread the branches over this many rank groups."),
+    cfg_parallel: int = typer.Option(1, "--cfg-parallel", "--cfg-degree",
+                                     help="Spread the branches over this many rank groups."),
     layouts: Optional[str] = typer.Option(None, "--layouts", help="Several layouts in one launch: 'all' (every "
                                           "one that fits the world) or 'CxRxU,...', e.g. 1x1x4,1x2x2."),
     a2a_mode: str = typer.Option("direct", help="direct | functional | both (ratios from the same launch)."),

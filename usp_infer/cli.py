@@ -90,15 +90,15 @@ def _root(
 # options default to None = "not given", so a preset (and, in batch, a line's own value) can fill them.
 _opt = typer.Option
 NegativePrompt = Annotated[Optional[str], _opt(help="What to steer away from (CFG's unconditional branch).")]
-Height = Annotated[Optional[int], _opt(help="Pixels, a multiple of 32 [default: 480].")]
-Width = Annotated[Optional[int], _opt(help="Pixels, a multiple of 32 [default: 704].")]
+Height = Annotated[Optional[int], _opt(help="Pixels, a multiple of 32 [default: 480; LTX-2: 512].")]
+Width = Annotated[Optional[int], _opt(help="Pixels, a multiple of 32 [default: 704; LTX-2: 768].")]
 NumFrames = Annotated[Optional[int], _opt(help="Frames, of the form 8k+1 [default: 121].")]
-Fps = Annotated[Optional[float], _opt(help="Frame rate of the mp4 and of the RoPE time scale [default: 25].")]
-Steps = Annotated[Optional[int], _opt("--steps", "--num-inference-steps", help="Denoising steps [default: 40, or the preset's].")]
+Fps = Annotated[Optional[float], _opt(help="Frame rate of the mp4 and of the RoPE time scale [default: 25; LTX-2: 24].")]
+Steps = Annotated[Optional[int], _opt("--steps", "--num-inference-steps", help="Denoising steps [default: 40, or the preset's or recipe's].")]
 Seed = Annotated[Optional[int], _opt(help="Random seed; the same seed gives the same video on any layout [default: 0].")]
-GuidanceScale = Annotated[Optional[str], _opt(help="CFG scale, or a per-interval list '1,1,6,8' [default: 3].")]
+GuidanceScale = Annotated[Optional[str], _opt(help="CFG scale, or a per-interval list '1,1,6,8' [default: 3; LTX-2: the model's recipe].")]
 StgScale = Annotated[Optional[str], _opt(help="Spatio-temporal guidance scale (or list) [default: 0 = off].")]
-StgBlocks = Annotated[Optional[str], _opt(help="Blocks STG perturbs: '19', '11,25', or per interval '11,25;22;28'.")]
+StgBlocks = Annotated[Optional[str], _opt(help="Blocks STG perturbs: '19', '11,25', or per interval '11,25;22;28' [default: 19; LTX-2: the model's recipe].")]
 StgMode = Annotated[Optional[str], _opt(help="values | skip | residual | block [default: values].")]
 GuidanceRescale = Annotated[Optional[str], _opt(help="Rescale r in [0,1] (or list) [default: 0 = off].")]
 CfgStar = Annotated[Optional[bool], _opt("--cfg-star/--no-cfg-star", help="CFG-star: rescale the uncond prediction.")]
@@ -106,7 +106,7 @@ GuidanceTimesteps = Annotated[Optional[str], _opt(help="Descending sigma thresho
 Preset = Annotated[Optional[str], _opt(help=f"Named defaults: {', '.join(PRESETS)}; LTX-2: ltx-2, ltx-2.3, ltx-2-distilled, ltx-2.3-distilled.")]
 ImageOpt = Annotated[Optional[str], _opt("--image", help="PNG/JPEG conditioning the first frame (image-to-video).")]
 ImageStrength = Annotated[Optional[float], _opt(help="How firmly the image holds, in [0,1] [default: 1].")]
-MaxSequenceLength = Annotated[Optional[int], _opt(help="T5 tokens [default: 128].")]
+MaxSequenceLength = Annotated[Optional[int], _opt(help="Text tokens (T5, Gemma) [default: 128; LTX-2: 1024].")]
 DecodeTimestep = Annotated[Optional[float], _opt(help="VAE decode timestep [default: 0.05].")]
 DecodeNoiseScale = Annotated[Optional[float], _opt(help="VAE decode noise scale [default: 0.025].")]
 Branches = Annotated[Optional[str], _opt(help="batched (one forward) | sequential (less memory) [default: batched].")]
@@ -132,8 +132,8 @@ Sigmas = Annotated[Optional[str], _opt(help="LTX-2: run this sigma list as given
 TwoStage = Annotated[Optional[bool], _opt("--two-stage", help="LTX-2: stage 1 at half --height/--width, the x2 latent upsampler, a short stage 2 at full size.")]
 Upsampler = Annotated[Optional[str], _opt(help="LTX-2 --two-stage: the LTX2LatentUpsamplerModel folder [default: MODEL/latent_upsampler].")]
 Stage2Sigmas = Annotated[Optional[str], _opt(help="LTX-2 --two-stage: stage 2's sigmas; it re-noises to the first [default: 0.909375,0.725,0.421875].")]
-Lora = Annotated[Optional[list[str]], _opt("--lora", help="LTX-2: PATH[:STRENGTH] of a LoRA (Lightricks or diffusers keys), fused for both stages; repeatable.")]
-Stage2Lora = Annotated[Optional[list[str]], _opt("--stage2-lora", help="LTX-2 --two-stage: PATH[:STRENGTH] of a LoRA for stage 2 only (the distilled LoRA); repeatable.")]
+Lora = Annotated[Optional[list[str]], _opt("--lora", metavar="PATH[:STRENGTH]", help="LTX-2: PATH[:STRENGTH] of a LoRA (Lightricks or diffusers keys), fused for both stages; repeatable.")]
+Stage2Lora = Annotated[Optional[list[str]], _opt("--stage2-lora", metavar="PATH[:STRENGTH]", help="LTX-2 --two-stage: PATH[:STRENGTH] of a LoRA for stage 2 only (the distilled LoRA); repeatable.")]
 Model = Annotated[Path, _opt(help="Diffusers-format LTX folder, or a bundled tiny model by name (ltx-tiny, "
                              "ltx2-tiny) from any directory; default: ltx-tiny.")]
 UlyssesDegree = Annotated[Optional[int], _opt(help="Ulysses (all-to-all) degree [default: world / (cfg x ring)].")]
@@ -440,7 +440,7 @@ def make_tiny(
     "  usp-infer quantize models/ltx-2.3 models/ltx-2.3-fp8-static --calibrate calib.jsonl",
 ))
 def quantize(
-    model: Annotated[Path, typer.Argument(help="Diffusers-format LTX folder.")],
+    model: Annotated[Path, typer.Argument(help="Diffusers-format LTX folder, or a bundled tiny model by name.")],
     output: Annotated[Path, typer.Argument(help="Folder to create (absent, or an empty directory).")],
     calibrate: Annotated[Optional[Path], _opt(help="A batch file (JSON Lines, as `batch` reads) whose generations "
                                                    "set static input scales.")] = None,
@@ -451,11 +451,11 @@ def quantize(
 ) -> None:
     from .families import resolve
 
-    model, output = model.expanduser(), output.expanduser()
+    model, output = model_path(model), output.expanduser()
     try:
         family, _ = resolve(model)
     except ValueError as e:
-        fail(2, str(e))
+        fail(2, str(e).replace("--model ", "MODEL ", 1))  # the folder is quantize's first argument, not a flag
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(2, f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16")
     if device not in ("auto", "cpu", "cuda"):
@@ -598,8 +598,10 @@ def info(
     width: Width = None,
     num_frames: NumFrames = None,
     json_summary: bool = _opt(False, "--json", help="Print JSON instead of text."),
-    lora: Lora = None,
-    stage2_lora: Stage2Lora = None,
+    lora: Annotated[Optional[list[str]], _opt("--lora", metavar="PATH[:STRENGTH]", help=(
+        "LTX-2: a LoRA to check against this model and list as a run would apply it; repeatable."))] = None,
+    stage2_lora: Annotated[Optional[list[str]], _opt("--stage2-lora", metavar="PATH[:STRENGTH]", help=(
+        "LTX-2: the same for a stage-2 LoRA of --two-stage; repeatable."))] = None,
 ) -> None:
     from .families import resolve
     from .parallel import costmodel
@@ -632,7 +634,7 @@ def info(
         "transformer_weights_per_rank_gib": {"bfloat16": bf16 / 2**30, "fp8": fp8 / 2**30,
                                              "quantized": bool(t.get("_quantization"))},
         "frames": "8k+1 (e.g. 9, 17, 25, 49, 97, 121, 161, 257)",
-        "height_width": "multiples of 32 (e.g. 480x704, 512x768, 704x1216)",
+        "height_width": "multiples of 32 (width x height e.g. 704x480, 768x512, 1216x704)",
         "tokens": "((frames-1)/8+1) * (height/32) * (width/32)" + (", plus ~25 audio tokens a second" if family.audio else ""),
         "configs": configs,
     }

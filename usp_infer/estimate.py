@@ -1,9 +1,11 @@
-"""A rough figure for a run on the CPU, said before it starts: the defaults are GPU-sized (480x704x121 at
-40 steps is minutes even on the tiny model), and nothing else warns. No torch: safetensors headers and JSON.
+"""A rough figure for a run on the CPU, said before it starts: the defaults are GPU-sized (704x480x121 at
+40 steps is half a minute even on the tiny model, hours on a real one), and nothing else warns. No torch:
+safetensors headers and JSON.
 
 Denoising cost per step and branch ~ 2 x parameters x tokens (the linear layers) + 4 x layers x tokens^2 x
-width (attention scores and values); a CPU does a few GFLOP/s of that in fp32 (measured here: 1.6-1.8 on two
-busy cores, the tiny models at their default sizes), so the figure takes 5 and says it is rough.
+width (attention scores and values); by that count a 2-core box did 18-32 GFLOP/s in fp32 (the tiny models at
+their default sizes: ltx-tiny 19.2 s for 40 steps of 2 branches, ltx2-tiny 1.2 s a step of 4), so the figure
+takes 20 and says it is rough.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import math
 import struct
 from pathlib import Path
 
-CPU_FLOPS = 5e9  # fp32 FLOP/s a small CPU sustains on these shapes (rough)
-WORTH_SAYING_S = 60.0  # below this a run is short enough to need no warning
+CPU_FLOPS = 20e9  # fp32 FLOP/s a small CPU sustains on these shapes (rough)
+WORTH_SAYING_S = 20.0  # below this a run is short enough to need no warning
 
 
 def parameters(folder: Path) -> int:
@@ -37,8 +39,8 @@ def branch_count(guidance, most: int) -> int:
 
 
 def cpu_note(model: Path, configs: dict, requests: list, most_branches: int) -> str | None:
-    """One line (tokens, steps, branches, a rough time) when the run's denoising looks longer than a minute on
-    the CPU; None otherwise. No memory figure: the CPU's attention works in blocks, and the decode's need
+    """One line (tokens, steps, branches, a rough time) when the run's denoising looks longer than 20 s on the
+    CPU; None otherwise. No memory figure: the CPU's attention works in blocks, and the decode's need
     depends on the VAE (LTX-Video's path estimates it and tiles when it would not fit)."""
     t = configs["transformer"]
     params = parameters(model / "transformer")
@@ -54,7 +56,7 @@ def cpu_note(model: Path, configs: dict, requests: list, most_branches: int) -> 
     if seconds < WORTH_SAYING_S or shown is None:
         return None
     req, tokens, branches = shown
-    what = (f"{req.height}x{req.width}x{req.num_frames} = {tokens:,} video tokens x {req.steps} steps x {branches} "
+    what = (f"{req.width}x{req.height}x{req.num_frames} = {tokens:,} video tokens x {req.steps} steps x {branches} "
             f"branches" + (f" (and {len(requests) - 1} more items)" if len(requests) > 1 else ""))
     return (f"note: on the CPU {what}: roughly {_duration(seconds)} of denoising; "
             "the defaults are GPU-sized, e.g. --height 64 --width 96 --num-frames 9 --steps 4 is seconds")

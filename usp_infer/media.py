@@ -369,7 +369,7 @@ def _write_mp4(
 
     count, height, width, _ = frames.shape
     if height % 2 or width % 2:
-        raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
+        raise ValueError(f"H.264 yuv420p needs even height and width, got {width}x{height} (width x height)")
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     with _atomic_file(path, overwrite) as tmp:

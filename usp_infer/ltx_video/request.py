@@ -25,7 +25,8 @@ def _check_family(model_dir: Path) -> None:
         return  # missing or unreadable: the component checks below say so
     if found is not None and found not in SUPPORTED_TRANSFORMERS:
         supported = ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_TRANSFORMERS.items())
-        raise ValueError(f"--model {model_dir} holds a {found} transformer, another model family; supported: {supported}")
+        raise ValueError(f"--model {model_dir} holds a {found} transformer, but its model_index.json names an "
+                         f"LTX-Video pipeline, which runs {supported}; is the folder a mix of two models?")
 
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
