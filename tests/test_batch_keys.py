@@ -31,6 +31,31 @@ def test_right_kinds_pass():
     assert wrong_kinds(good) == []
 
 
+def test_the_json_forms_each_key_has_pass():
+    """What the flags' own parsers take from a line: a fractional frame rate, lists of LoRAs and of stage-2
+    sigmas, conditions as objects or as the flag's PATH@FRAME text, a sound file's path."""
+    good = {"fps": 23.976, "lora": ["a.safetensors:0.8", "b.safetensors"], "stage2_lora": ["c.safetensors"],
+            "stage2_sigmas": [0.909375, 0.725, 0.421875], "sigmas": "1,0.5", "condition": ["a.png@0"],
+            "conditions": ["a.png@0", {"path": "b.png", "frame": 8}], "audio": "voice.wav", "stg_blocks": [11, 25]}
+    assert wrong_kinds(good) == []
+
+
+def test_a_lines_json_values_build_what_the_flags_text_builds():
+    """A batch line's number, list or number list reaches the request as the flag's text form does."""
+    from usp_infer.ltx_video.request import request_from_flags
+    from usp_infer.request import parse_blocks, parse_floats
+
+    assert parse_floats("--stg-scale", [1, 2.5]) == parse_floats("--stg-scale", "1,2.5") == (1.0, 2.5)
+    assert parse_floats("--guidance-scale", 3) == (3.0,)
+    assert parse_blocks(19) == parse_blocks("19") == ((19,),)
+    assert parse_blocks([11, 25]) == parse_blocks("11,25") == ((11, 25),)
+    as_json = request_from_flags({"prompt": "x", "stg_scale": [1, 2], "guidance_timesteps": [1.0, 0.5],
+                                  "stg_blocks": 1})
+    as_text = request_from_flags({"prompt": "x", "stg_scale": "1,2", "guidance_timesteps": "1.0,0.5",
+                                  "stg_blocks": "1"})
+    assert as_json.guidance == as_text.guidance and as_json.guidance.stg_blocks == ((1,),)
+
+
 def test_bad_lines_are_all_refused_before_anything_loads(tmp_path, monkeypatch):
     from usp_infer.ltx_video import pipeline
 

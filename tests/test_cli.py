@@ -91,6 +91,22 @@ def _configs_disagree(tmp: Path) -> list:
     return ["--model", model]
 
 
+def _edited(component: str, **changes):
+    """A copy of the model whose component config.json has `changes`."""
+    def make(tmp: Path) -> list:
+        model = model_copy(tmp)
+        path = model / component / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        return ["--model", model]
+    return make
+
+
+def _no_tokenizer(tmp: Path) -> list:
+    model = model_copy(tmp)
+    shutil.rmtree(model / "tokenizer")
+    return ["--model", model]
+
+
 def _not_an_image(tmp: Path) -> list:
     (tmp / "notes.png").write_text("not pixels")
     return ["--image", "notes.png"]
@@ -123,6 +139,11 @@ BAD_INPUTS = {
     "truncated-safetensors": (_truncated, 1, ["transformer/diffusion_pytorch_model.safetensors is truncated or corrupted", "copy or download it again"]),
     "corrupted-safetensors": (_garbled_header, 1, ["vae/diffusion_pytorch_model.safetensors is truncated or corrupted"]),
     "configs-disagree": (_configs_disagree, 2, ["configs disagree", "vae latent_channels 16 vs transformer in_channels 8", "matching checkpoint"]),
+    "out-channels-disagree": (_edited("transformer", out_channels=16), 2, ["configs disagree", "in_channels 8 / out_channels 16"]),
+    "caption-channels-disagree": (_edited("text_encoder", d_model=64), 2, ["configs disagree", "text_encoder d_model 64 vs transformer caption_channels 48"]),
+    "temporal-patch": (_edited("transformer", patch_size_t=2), 2, ["transformer patch sizes other than 1 are not supported"]),
+    "no-tokenizer": (_no_tokenizer, 2, ["has no tokenizer/ folder", "diffusers-format LTX pipeline"]),
+    "stg-block-out-of-range": (lambda t: ["--stg-scale", "1", "--stg-blocks", "2"], 2, ["--stg-blocks 2 is out of range: the model has 2 blocks (0..1)"]),
     "image-missing": (lambda t: ["--image", "nope.png"], 2, ["--image nope.png does not exist", "PNG or JPEG"]),
     "image-not-an-image": (_not_an_image, 2, ["--image notes.png is not a readable PNG or JPEG image"]),
     "frames-not-8k+1": (lambda t: ["--num-frames", "10"], 2, ["--num-frames 10 is not of the form 8k+1; try 9"]),

@@ -113,6 +113,11 @@ def test_info_names_the_family():
     ([LTX2, "--fps", "60", "--num-frames", "1"], "gives no audio token"),
     ([LTX2, "--guidance-scale", "1,2"], "--guidance-scale takes one value for LTX-2 models"),
     ([LTX2, "--stg-blocks", "5"], "--stg-blocks 5 is out of range: the model has 2 blocks"),
+    ([LTX2, "--stg-blocks", "2"], "--stg-blocks 2 is out of range: the model has 2 blocks (0..1)"),
+    ([LTX2, "--audio-stg-scale", "nan"], "--audio-stg-scale nan is invalid; use a finite value >= 0"),
+    ([LTX2, "--modality-scale", "-1"], "--modality-scale -1.0 is invalid; use a finite value >= 0"),
+    ([LTX2, "--image-strength", "0.5"], "--image-strength is a flag of ltx-video models"),
+    ([LTXV, "--audio", "{tmp}/voice.wav"], "--audio is a flag of ltx-2 models"),
     ([LTX2, "--preset", "ltx-video-2b"], "--preset 'ltx-video-2b' is not an LTX-2 preset"),
     ([LTXV, "-o", "{tmp}/a.wav"], "ltx-video models make no audio"),
     ([LTX2, "--no-audio", "-o", "{tmp}/a.wav"], "is audio only, but --no-audio skips the audio"),
@@ -123,6 +128,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     before = snapshot(tmp_path)
     result = cli("generate", "--model", model, "--prompt", PROMPT, "-o", tmp_path / "x.mp4", *rest)
     assert result.exit_code == 2 and message in error_line(result.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_batch_lines_with_the_other_familys_keys_name_its_flags(tmp_path):
+    """A line's key is named as the flag a user would drop: "conditions" is --condition, "audio" --no-audio
+    (false) or --audio (a sound file)."""
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"prompt": "x", "conditions": [{"path": "a.png"}]}) + "\n"
+                     + json.dumps({"prompt": "y", "audio": False}) + "\n"
+                     + json.dumps({"prompt": "z", "audio": "voice.wav"}) + "\n")
+    before = snapshot(tmp_path)
+    result = cli("batch", lines, "--model", LTXV, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2
+    line = error_line(result.stderr)
+    assert f"line 1 of {lines}: --condition is a flag of ltx-2 models, but {LTXV} is an ltx-video model" in line
+    assert f"line 2 of {lines}: --no-audio is a flag of ltx-2 models" in line
+    assert f"line 3 of {lines}: --audio is a flag of ltx-2 models" in line
     assert snapshot(tmp_path) == before
 
 
@@ -174,6 +196,55 @@ def test_recipe_follows_the_weights_version():
     configs["transformer"]["cross_attn_mod"] = False
     assert version_preset(configs) == "ltx-2"
     assert (build_request({"prompt": "x"}, configs).steps, build_request({"prompt": "x"}, configs).guidance.stg_blocks) == (40, (29,))
+
+
+def test_request_edges_and_the_steps_alias():
+    """--image-crf takes 0..51 both ends included; a batch line's num_inference_steps is --steps."""
+    from usp_infer.ltx2.request import LTX2Request, build_request, read_model_configs
+
+    assert LTX2Request(prompt="x", image_crf=51).image_crf == 51 and LTX2Request(prompt="x", image_crf=0).image_crf == 0
+    with pytest.raises(ValueError, match="--image-crf 52 must be in 0..51"):
+        LTX2Request(prompt="x", image_crf=52)
+    configs = read_model_configs(LTX2)
+    assert build_request({"prompt": "x", "num_inference_steps": 3}, configs).steps == 3
+
+
+def _folder_with(tmp_path: Path, component: str, file: str, change) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(LTX2, folder)
+    path = folder / component / file
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return folder
+
+
+def test_folder_checks_name_what_does_not_fit(tmp_path):
+    """read_model_configs refuses a folder whose parts disagree, before any weights load."""
+    from usp_infer.ltx2.request import read_model_configs
+
+    folder = _folder_with(tmp_path, "vae", "config.json", lambda c: c.update(latent_channels=64))
+    with pytest.raises(ValueError, match="configs disagree .*: vae latent_channels 64 vs transformer in_channels"):
+        read_model_configs(folder)
+    shutil.rmtree(folder)
+    folder = _folder_with(tmp_path, ".", "model_index.json", lambda c: c.update(vocoder=["diffusers", "HifiGAN"]))
+    with pytest.raises(ValueError, match="vocoder class 'HifiGAN' is not an LTX-2 vocoder"):
+        read_model_configs(folder)
+
+
+def test_family_comes_from_every_pipeline_class_it_runs(tmp_path):
+    """model_index.json's _class_name picks the family, for the image-to-video pipelines' folders too; a file that
+    is JSON but not an object is one line."""
+    from usp_infer.families import family_of
+
+    for found, family in (("LTXPipeline", "ltx-video"), ("LTXImageToVideoPipeline", "ltx-video"),
+                          ("LTXConditionPipeline", "ltx-video"), ("LTX2Pipeline", "ltx-2"),
+                          ("LTX2ImageToVideoPipeline", "ltx-2")):
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": found}))
+        assert family_of(tmp_path).name == family, found
+    (tmp_path / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="model_index.json is not a JSON object"):
+        family_of(tmp_path)
 
 
 def test_bundled_tiny_models_are_named_from_anywhere(tmp_path, monkeypatch):

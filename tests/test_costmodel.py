@@ -153,6 +153,33 @@ def test_the_familys_workload_names_the_first_stg_block():
         assert ("perturbed" in work.branches) == (expected is not None)
 
 
+def test_ltx2_workload_follows_the_weights_and_the_clip_length():
+    """LTX-2.0-style weights (no perturbable attention) run no STG row, as the pipeline runs them; the audio stream
+    is 25 tokens a second of the clip; a Ulysses degree must divide the audio heads as well as the video heads."""
+    from usp_infer.ltx2 import request as front
+
+    configs = {"transformer": {"num_layers": 48, "num_attention_heads": 32, "audio_num_attention_heads": 24,
+                               "cross_attn_mod": True, "perturbed_attn": True},
+               "audio_vae": {"sample_rate": 16000, "mel_hop_length": 160}}
+    request = front.build_request({"prompt": "x", "num_frames": 121, "fps": 24}, configs)
+    work = front.workload(request, configs)
+    assert work.branches == L2 and work.audio.tokens == 126  # round(121 / 24 * 25)
+    assert front.attention_heads(configs) == 8
+    configs["transformer"]["perturbed_attn"] = False
+    work = front.workload(request, configs)
+    assert "perturbed" not in work.branches and work.stg_first_block is None
+
+
+def test_ltx_video_workload_has_the_first_steps_branches():
+    """A guidance schedule: the layout is chosen for the first step's branches (sigma 1), here cond alone."""
+    from usp_infer.ltx_video import request as front
+
+    configs = front.read_model_configs(ROOT / "models" / "ltx-tiny")
+    request = front.build_request({"prompt": "x", "height": 64, "width": 96, "num_frames": 9, "guidance_scale": "1,6",
+                                   "guidance_timesteps": "1.0,0.5"}, configs)
+    assert front.workload(request, configs).branches == ("cond",)
+
+
 def test_memory_per_rank_against_the_one_gpu_records():
     """LTX-2.3 bf16 (18.99 B parameters): 37.70 GiB eager at 6,144 tokens (the calibration) and 44.32 at 24,576
     (2026-12-01 records, not fitted); sharding the tokens only shrinks the activations."""

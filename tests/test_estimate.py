@@ -60,3 +60,39 @@ def test_generate_says_it_before_loading(tmp_path, monkeypatch):
     assert lines[0].startswith("note: on the CPU 704x480x121 = 5,280 video tokens x 40 steps") and lines[1].startswith("loading")
     quick = cli("generate", "--prompt", "a fox", *FAST, "--device", "cpu", "-o", tmp_path / "b.mp4")
     assert "note:" not in quick.stderr
+
+
+@pytest.mark.parametrize("front, model, measured_s", [
+    (ltx_video_request, ROOT / "models" / "ltx-tiny", 19.2),  # 40 steps of 2 branches (the module's docstring)
+    (ltx2_request, ROOT / "models" / "ltx2-tiny", 36.0),  # 30 steps of 4 branches at 1.2 s a step
+])
+def test_the_figure_is_near_what_a_two_core_box_took(front, model, measured_s):
+    configs = front.read_model_configs(model)
+    note = cpu_note(model, configs, [front.build_request({"prompt": "a fox"}, configs)], front.MAX_BRANCHES)
+    assert measured_s / 2 <= 60 * _minutes(note) <= measured_s * 2
+
+
+def test_a_batch_note_counts_every_item_and_shows_the_first():
+    model = ROOT / "models" / "ltx-tiny"
+    configs = ltx_video_request.read_model_configs(model)
+    big = ltx_video_request.build_request({"prompt": "a fox"}, configs)
+    small = ltx_video_request.build_request({"prompt": "a fox", "height": 64, "width": 96, "num_frames": 9,
+                                             "steps": 4}, configs)
+    one = cpu_note(model, configs, [big], 3)
+    both = cpu_note(model, configs, [big, small], 3)
+    assert both.startswith("note: on the CPU 704x480x121 = 5,280 video tokens x 40 steps x 2 branches "
+                           "(and 1 more item): roughly ")
+    assert cpu_note(model, configs, [small, big], 3).startswith("note: on the CPU 96x64x9 = 12 video tokens")
+    assert _minutes(cpu_note(model, configs, [big, big], 3)) == pytest.approx(2 * _minutes(one), abs=1 / 60)
+
+
+def test_branches_are_the_first_steps():
+    """LTX-2: the guidance's own list (the distilled recipe runs one); LTX-Video: the schedule's at sigma 1."""
+    from usp_infer.estimate import branch_count
+
+    configs = ltx2_request.read_model_configs(ROOT / "models" / "ltx2-tiny")
+    distilled = ltx2_request.build_request({"prompt": "x", "preset": "ltx-2.3-distilled"}, configs)
+    assert branch_count(distilled.guidance, ltx2_request.MAX_BRANCHES) == 1
+    scheduled = ltx_video_request.request_from_flags({"prompt": "x", "guidance_scale": "1,6",
+                                                       "guidance_timesteps": "1.0,0.5"})
+    assert branch_count(scheduled.guidance, ltx_video_request.MAX_BRANCHES) == 1  # cfg 1 at sigma 1: cond alone

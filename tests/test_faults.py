@@ -438,6 +438,46 @@ def test_decode_of_a_bad_file_is_one_line(tmp_path):
     assert result.exit_code == 2 and "is not a .latents.npz of this usp-infer (format 99)" in result.stderr
 
 
+def test_decode_takes_its_model_and_dtype_and_refuses_other_configs(tmp_path, monkeypatch):
+    """A rerun that fails alike keeps its latents again; `decode --model M --dtype D` decodes with M and D (the
+    sidecar says so); a model whose configs differ from the run's is refused before anything is written."""
+    import shutil
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("not enough memory")
+
+    runner = CliRunner()
+    monkeypatch.setattr(pipeline, "decode_latents", out_of_memory)
+    kept = tmp_path / "fox.npz.latents.npz"
+    for _ in range(2):
+        failed = runner.invoke(app, ["generate", "--prompt", "a fox", *FAST, "-o", str(tmp_path / "fox.npz")])
+        assert failed.exit_code == 1 and f"the final latents are kept in {kept}" in failed.stderr, failed.stderr
+    monkeypatch.undo()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "models" / "ltx-tiny", copy)
+    out = tmp_path / "a.npz"
+    decoded = runner.invoke(app, ["decode", str(kept), "--model", str(copy), "--dtype", "bfloat16", "-o", str(out),
+                                  "--quiet"])
+    assert decoded.exit_code == 0, decoded.output
+    side = json.loads((tmp_path / "a.npz.json").read_text())
+    assert side["model"]["path"] == str(copy.resolve()) and side["dtype"] == "bfloat16"
+
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 3.0}))
+    refused = runner.invoke(app, ["decode", str(kept), "--model", str(copy), "-o", str(tmp_path / "b.npz")])
+    assert refused.exit_code == 2 and "was made with other model configs than" in refused.stderr
+    assert not (tmp_path / "b.npz").exists()
+
+
+def test_decode_of_a_numpy_file_without_its_meta_is_one_line(tmp_path):
+    with open(tmp_path / "z.latents.npz", "wb") as f:
+        np.savez(f, latents=np.zeros((8, 2, 2, 3), np.float32))
+    result = CliRunner().invoke(app, ["decode", str(tmp_path / "z.latents.npz")])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert "is not a .latents.npz that usp-infer kept" in result.stderr
+
+
 def test_decode_memory_estimate_picks_tiles(monkeypatch):
     """1024x1024x257 on a CPU with little free memory decodes in tiles instead of running out of memory."""
     import torch

@@ -121,6 +121,58 @@ def test_preset_then_flags_override():
         build_request({"prompt": "x", "preset": "nope"})
 
 
+def test_an_empty_schedule_clears_the_presets_and_steps_has_its_diffusers_name():
+    """--guidance-timesteps "" (or a batch line's "") drops a preset's schedule, for single values in its place;
+    a batch line's num_inference_steps (diffusers' name) is --steps."""
+    r = build_request({"prompt": "x", "preset": "ltx-video-13b-0.9.8", "guidance_timesteps": "", "guidance_scale": "3",
+                       "stg_scale": "1", "guidance_rescale": "0.7", "stg_blocks": "19"})
+    assert r.guidance.timesteps == () and r.guidance.at(1.0).cfg == 3.0 and r.steps == 30
+    assert build_request({"prompt": "x", "num_inference_steps": 7}).steps == 7
+    assert build_request({"prompt": "x", "preset": "ltx-video-13b-0.9.8", "cfg_star": False}).guidance.cfg_star is False
+
+
+def test_a_lines_image_path_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert build_request({"prompt": "x", "image": "~/first.png"}).image == str(tmp_path / "first.png")
+
+
+def test_stg_blocks_take_an_empty_interval_and_refuse_a_negative_block():
+    """The 13B preset's sets written as a flag (its first interval perturbs nothing), and what is refused."""
+    from usp_infer.request import parse_blocks
+
+    assert parse_blocks(";11,25,35,39;28") == ((), (11, 25, 35, 39), (28,))
+    assert parse_blocks("11, 25,") == ((11, 25),)
+    r = build_request({"prompt": "x", "stg_scale": "0,1", "guidance_timesteps": "1.0,0.5", "stg_blocks": ";1"})
+    assert r.guidance.stg_blocks == ((), (1,)) and r.guidance.at(1.0).branches == ("uncond", "cond")
+    with pytest.raises(UsageError, match="--stg-blocks '11,-1' has a negative block index"):
+        parse_blocks("11,-1")
+    with pytest.raises(UsageError, match="--stg-blocks '11,x' must be block indices"):
+        parse_blocks("11,x")
+
+
+def test_ltx2_branches_run_for_a_term_either_modality_turns_on():
+    """LTX-2: a branch runs when the video's or the audio's scale makes its term count; STG needs blocks."""
+    from usp_infer.ltx2.request import LTX2Guidance, ModalityGuidance
+
+    off = ModalityGuidance()
+    assert LTX2Guidance(off, off, (1,)).branches() == ("cond",)
+    assert LTX2Guidance(ModalityGuidance(cfg=3.0), off, (1,)).branches() == ("cond", "uncond")
+    assert LTX2Guidance(off, ModalityGuidance(cfg=3.0), (1,)).branches() == ("cond", "uncond")
+    assert LTX2Guidance(off, ModalityGuidance(stg=1.0), (1,)).branches() == ("cond", "perturbed")
+    assert LTX2Guidance(ModalityGuidance(stg=1.0), off, ()).branches() == ("cond",)  # no block to perturb
+    assert LTX2Guidance(off, ModalityGuidance(modality=2.0), (1,)).branches() == ("cond", "isolated")
+    assert LTX2Guidance(ModalityGuidance(modality=2.0), off, (1,)).branches() == ("cond", "isolated")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_ltx2_guidance_refuses_what_is_not_a_finite_scale(value):
+    from usp_infer.ltx2.request import ModalityGuidance
+
+    for name in ("cfg", "stg", "modality", "rescale"):
+        with pytest.raises(ValueError, match=f"guidance {name} {value} is invalid"):
+            ModalityGuidance(**{name: value})
+
+
 def test_rescale_with_cfg_only_follows_diffusers():
     """Decision: rescale applies whenever --guidance-rescale is not 0, with or without STG, as diffusers' LTX
     pipelines apply guidance_rescale (LTX-Video's own pipeline rescales only inside its STG branch; a

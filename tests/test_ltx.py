@@ -369,3 +369,27 @@ def test_load_errors(saved_tiny, tmp_path):
 
     half = load_transformer(good, "cpu", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in half.parameters())
+
+
+def test_two_weight_files_without_an_index_are_refused(saved_tiny, tmp_path):
+    """Two *.safetensors and no index: which is the model is unknown (a stale copy beside the new one), so neither
+    loads; the error names both."""
+    ref, _ = saved_tiny
+    state = ref.state_dict()
+    _write_folder(tmp_path / "two", dict(ref.config), state)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "two" / "old.safetensors")
+    with pytest.raises(ValueError, match=r"holds \['diffusion_pytorch_model.safetensors', 'old.safetensors'\] but no "
+                                         r"diffusion_pytorch_model.safetensors.index.json: keep one file"):
+        load_transformer(tmp_path / "two", "cpu", torch.float32)
+
+
+def test_text_pads_are_cut_only_when_every_row_keeps_a_token():
+    from usp_infer.layers import drop_trailing_pads
+
+    text = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    cut, cut_mask = drop_trailing_pads(text, mask)
+    assert torch.equal(cut, text[:, :3]) and torch.equal(cut_mask, mask[:, :3])
+    mask[1] = 0  # a row that keeps nothing attends evenly over all its pads: nothing may be cut
+    same, same_mask = drop_trailing_pads(text, mask)
+    assert same is text and same_mask is mask

@@ -45,6 +45,19 @@ def test_ops_over_runs_equal_the_per_token_ops(monkeypatch, compiling):
     assert addcmul(shift, x.bfloat16(), scale).dtype == torch.float32  # promoted as torch.addcmul does
 
 
+def test_runs_as_either_operand_and_the_result_dtype_is_torch_addcmuls():
+    """A per-run vector as a (with a per-token c) or as c alone; the result takes the widest operand's dtype, c's
+    included, as torch.addcmul does."""
+    torch.manual_seed(0)
+    index = _i2v_index()
+    rows = torch.randn(3, 8)
+    vec, per_token = token_runs(index).gather(rows), rows[index]  # (B, R, 8) per run, (B, S, 8) per token
+    x, y = torch.randn(2, 19, 8), torch.randn(2, 19, 8)
+    assert torch.equal(addcmul(vec, x, y), torch.addcmul(per_token, x, y))
+    low = addcmul(x.bfloat16(), y.bfloat16(), vec)
+    assert low.dtype == torch.float32 and torch.equal(low, torch.addcmul(x.bfloat16(), y.bfloat16(), per_token))
+
+
 def _spy_runs(monkeypatch) -> list:
     seen = []
     real = modulation.addcmul

@@ -431,6 +431,29 @@ def test_cli_quantize_with_calibration(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_calibration_covers_every_generation_it_is_given():
+    """A layer's static scale covers the largest input over all the generations it is given: that of two equals
+    the larger of each one's own (one taken from the first alone would saturate the other's larger inputs)."""
+    from usp_infer.calibrate import input_scales
+    from usp_infer.families import resolve
+
+    model = MODELS / "ltx2-tiny"
+    family, configs = resolve(model)
+    size = {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 16, "steps": 2}
+    first = family.requests().build_request({"prompt": "a red fox in snow", "seed": 1, **size}, configs)
+    second = family.requests().build_request({"prompt": "waves at dusk", "seed": 2, "guidance_scale": "9",
+                                              "stg_scale": "3", **size}, configs)
+
+    def scales(requests):
+        return input_scales(model, requests, family, torch.device("cpu"), torch.float32, lambda message: None,
+                            progress=False)
+
+    a, b, both = scales([first]), scales([second]), scales([first, second])
+    assert both.keys() == a.keys() == b.keys()
+    assert any(b[k] > a[k] for k in a) and any(a[k] > b[k] for k in a)  # each has layers where it sees more
+    assert all(torch.equal(both[k], torch.maximum(a[k], b[k])) for k in both)
+
+
 def test_cli_quantize_with_calibration_ltx_video(tmp_path):
     """The same for an LTX-Video folder (its pipeline takes the calibration's generations too)."""
     from test_cli import FAST, MODEL, cli

@@ -1,5 +1,5 @@
 """A rough figure for a run on the CPU, said before it starts: the defaults are GPU-sized (704x480x121 at
-40 steps is half a minute even on the tiny model, hours on a real one), and nothing else warns. No torch:
+40 steps is half a minute even on the tiny model, about a day on LTX-Video 2B), and nothing else warns. No torch:
 safetensors headers and JSON.
 
 Denoising cost per step and branch ~ 2 x parameters x tokens (the linear layers) + 4 x layers x tokens^2 x
@@ -57,7 +57,7 @@ def cpu_note(model: Path, configs: dict, requests: list, most_branches: int) -> 
         return None
     req, tokens, branches = shown
     what = (f"{req.width}x{req.height}x{req.num_frames} = {tokens:,} video tokens x {req.steps} steps x {branches} "
-            f"branches" + (f" (and {len(requests) - 1} more items)" if len(requests) > 1 else ""))
+            f"branches" + (f" (and {len(requests) - 1} more item{'s' if len(requests) > 2 else ''})" if len(requests) > 1 else ""))
     return (f"note: on the CPU {what}: roughly {_duration(seconds)} of denoising; "
             "the defaults are GPU-sized, e.g. --height 64 --width 96 --num-frames 9 --steps 4 is seconds")
 

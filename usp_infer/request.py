@@ -41,7 +41,9 @@ def build_for(options: dict, family: Family, configs: dict, model: object) -> ob
     given = {k for k, v in options.items() if v is not None}
     foreign = family.foreign_flag(given)
     if foreign is not None:
-        named = {"audio": "--no-audio", "no_audio": "--no-audio", "audio_input": "--audio", "conditions": "--condition"}
+        # a batch line's "audio" is a sound file (--audio) or false (--no-audio)
+        audio = "--audio" if isinstance(options.get("audio"), str) else "--no-audio"
+        named = {"audio": audio, "no_audio": "--no-audio", "audio_input": "--audio", "conditions": "--condition"}
         flag = named.get(foreign, "--" + foreign.replace("_", "-"))
         owner = next(f.name for f in FAMILIES if foreign in f.flags)
         raise UsageError(f"{flag} is a flag of {owner} models, but {model} is an {family.name} model; "

@@ -226,6 +226,8 @@ def build_request(options: dict, configs: dict) -> LTX2Request:
                 values = parse_floats(f"--{flag.replace('_', '-')}", o.pop(flag))
                 if len(values) != 1:
                     raise UsageError(f"--{flag.replace('_', '-')} takes one value for LTX-2 models (no schedules)")
+                if not math.isfinite(values[0]) or values[0] < 0:
+                    raise UsageError(f"--{flag.replace('_', '-')} {values[0]} is invalid; use a finite value >= 0")
                 given[field_name] = values[0]
         return replace(base, **given)
 
