@@ -377,7 +377,7 @@ def bench_shape(run: Run, name: str, B: int, Sq: int, Sk: int, H: int, D: int) -
             q8, k8, v8 = to_e4m3(q, scales[0]), to_e4m3(k, scales[1]), to_e4m3(v, scales[2])
             packed = fp8.scales(*scales)
             for i, plan in enumerate(fp8.names):
-                entry["plans_ms"][plan] = run.attempt(f"{name}/cudnn-fp8/plan {i}", lambda: run.time_ms(
+                entry["plans_ms"][f"{i}: {plan}"] = run.attempt(f"{name}/cudnn-fp8/plan {i}", lambda: run.time_ms(
                     lambda: fp8.kernel(q8, k8, v8, packed, i)))
             timed = [(t, i) for i, t in enumerate(entry["plans_ms"].values()) if t]
             if timed:
