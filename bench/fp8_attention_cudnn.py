@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the model level imports usp_infer (torch alone)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # usp_infer imports with torch alone
+
+from usp_infer.quant import E4M3_MAX, pow2_scale, to_e4m3  # noqa: E402 - the package's own power-of-two scales
 
 SMOKE = "--cpu-smoke" in sys.argv
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-P_SCALE = 448.0  # P <= 1 (exp of the logit minus the running max): 448 is e4m3's largest value
+P_SCALE = E4M3_MAX  # P <= 1 (exp of the logit minus the running max): 448 is e4m3's largest value
 # name: (B, Sq, Sk, H, D)
 SHAPES = {
     "self-24576": (1, 24576, 24576, 32, 128),
@@ -160,14 +161,10 @@ def make_inputs(kind, B, Sq, Sk, H, D, device, seed):
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 
-def tensor_scale(t: torch.Tensor) -> torch.Tensor:
-    """The power of two at or below 448 / amax(t), as a () fp32 tensor on t's device (no host sync)."""
-    amax = t.abs().amax().float().clamp_min(1e-12)
-    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
-
-
-def to_e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (t.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+def tensor_scale(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) of t as one tensor, () fp32 on t's device (no host sync): quant.pow2_scale of its amax,
+    the least power of two with amax / scale <= 448."""
+    return pow2_scale(t.abs().amax())
 
 
 def smoothed(k: torch.Tensor) -> torch.Tensor:
@@ -181,8 +178,8 @@ def emulate(q, k, v, smooth: bool = False):
     (exp of the logit minus the row max) rounded at scale 448, O rounded at V's scale. The flash kernel rounds P
     against a running max per key block; this rounds it against the final one (the best case)."""
     k = smoothed(k) if smooth else k
-    sq, sk, sv = tensor_scale(q), tensor_scale(k), tensor_scale(v)
-    qd, kd, vd = (to_e4m3(t, s).float() / s for t, s in ((q, sq), (k, sk), (v, sv)))
+    (sq, iq), (sk, ik), (sv, iv) = tensor_scale(q), tensor_scale(k), tensor_scale(v)
+    qd, kd, vd = (to_e4m3(t, i).float() * s for t, s, i in ((q, sq, iq), (k, sk, ik), (v, sv, iv)))
     B, Sq, H, D = q.shape
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     heads = max(1, min(H, int(4e9 // (B * Sq * k.shape[1] * 4 * 3))))
@@ -193,7 +190,7 @@ def emulate(q, k, v, smooth: bool = False):
         denominator = p.sum(-1, keepdim=True)
         p = (p * P_SCALE).to(E4M3).float() / P_SCALE
         out[:, :, hs] = (torch.einsum("bhqk,bkhd->bqhd", p / denominator, vd[:, :, hs]))
-    return to_e4m3(out, sv).float() / sv
+    return to_e4m3(out, iv).float() * sv
 
 
 class CudnnFp8:
@@ -251,10 +248,11 @@ class CudnnFp8:
         except Exception:  # noqa: BLE001
             return f"plan {i}"
 
-    def scales(self, sq, sk, sv) -> list[torch.Tensor]:
-        """The graph's six scalars for Q, K, V quantized at scales sq, sk, sv (O at sv)."""
+    def scales(self, q: tuple, k: tuple, v: tuple) -> list[torch.Tensor]:
+        """The graph's six scalars for Q, K, V quantized at their (scale, 1 / scale) pairs (O at V's)."""
         one = lambda x: x.reshape(1, 1, 1, 1).float()  # noqa: E731
-        return [one(1 / sq), one(1 / sk), one(1 / sv), *self.p_scales, one(sv)]
+        # descale x: a code times it is the value (the scale); scale o: O times it is its code (V's inverse)
+        return [one(q[0]), one(k[0]), one(v[0]), *self.p_scales, one(v[1])]
 
     def kernel(self, q8, k8, v8, scales, plan: int | None = None) -> torch.Tensor:
         """O (B, Sq, H, D) in e4m3 at scale_o; scales: `scales()`."""
@@ -271,8 +269,8 @@ class CudnnFp8:
         `smooth`: K less its mean first (`smoothed`)."""
         k = smoothed(k) if smooth else k
         sq, sk, sv = static or (tensor_scale(q), tensor_scale(k), tensor_scale(v))
-        q8, k8, v8 = to_e4m3(q, sq), to_e4m3(k, sk), to_e4m3(v, sv)
-        return (self.kernel(q8, k8, v8, self.scales(sq, sk, sv)).float() / sv).to(q.dtype)
+        q8, k8, v8 = to_e4m3(q, sq[1]), to_e4m3(k, sk[1]), to_e4m3(v, sv[1])
+        return (self.kernel(q8, k8, v8, self.scales(sq, sk, sv)).float() * sv[0]).to(q.dtype)
 
 
 class Fp8Attention:
@@ -374,7 +372,7 @@ def bench_shape(run: Run, name: str, B: int, Sq: int, Sk: int, H: int, D: int) -
         if fp8 is not None:
             entry["plans"] = fp8.names
             scales = (tensor_scale(q), tensor_scale(k), tensor_scale(v))
-            q8, k8, v8 = to_e4m3(q, scales[0]), to_e4m3(k, scales[1]), to_e4m3(v, scales[2])
+            q8, k8, v8 = (to_e4m3(t, pair[1]) for t, pair in zip((q, k, v), scales))
             packed = fp8.scales(*scales)
             for i, plan in enumerate(fp8.names):
                 entry["plans_ms"][f"{i}: {plan}"] = run.attempt(f"{name}/cudnn-fp8/plan {i}", lambda: run.time_ms(

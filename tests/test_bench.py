@@ -292,3 +292,34 @@ def test_cudnn_fp8_attention_probe_runs_on_the_cpu(tmp_path: Path) -> None:
     for label, by_sigma in row["rel_err"].items():
         for err in by_sigma.values():
             assert 0.001 < err["video"] < 0.1 and 0.001 < err["audio"] < 0.1, (label, err)
+
+
+def test_cudnn_fp8_attention_scales_follow_cudnns_meaning() -> None:
+    """The probe's bf16 -> bf16 call around cuDNN's sdpa_fp8, with the graph replaced by what cuDNN documents it
+    computes (a code times its descale is the value; O times scale_o is O's code): the result is attention within
+    fp8's error. Swapping a scale for its inverse (descale vs scale, or O's scale) is off by orders of magnitude."""
+    import importlib.util
+    import math
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fp8_attention_cudnn", root / "bench/fp8_attention_cudnn.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    class Graph(probe.CudnnFp8):
+        def __init__(self) -> None:  # no cuDNN: only what call() and scales() read
+            self.p_scales = [torch.full((1, 1, 1, 1), x) for x in (1 / probe.P_SCALE, probe.P_SCALE)]
+
+        def kernel(self, q8, k8, v8, scales, plan=None):
+            dq, dk, dv, ds, ss, so = (x.item() for x in scales)
+            assert ds * ss == pytest.approx(1.0)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q8.float() * dq, k8.float() * dk) / math.sqrt(q8.shape[-1])
+            out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v8.float() * dv)
+            return (out * so).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 32, generator=gen).bfloat16() * m for m in (0.5, 3.0, 7.0))  # scales != 1
+    ref = probe.reference(q, k, v)
+    for smooth in (False, True):
+        err = probe.rel_err(Graph().call(q, k, v, smooth=smooth), ref)
+        assert 0.005 < err < 0.1, (smooth, err)
