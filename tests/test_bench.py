@@ -170,6 +170,7 @@ def test_bench_two_processes_gloo(tmp_path: Path) -> None:
     (["--shape", "ltx-video-7b"], "--shape 'ltx-video-7b' is unknown"),
     (["--height", "100"], "--height 100 is not a positive multiple of 32"),
     (["--layouts", "1x2x1"], "cfg 1 x ring 2 x ulysses 1 = 2 but the world size is 1"),
+    (["--cfg-degree", "2"], "cfg 2 x ring 1 x ulysses 1 = 2 but the world size is 1"),  # generate's alias
     (["--layouts", "1x1x3"], "--ulysses-degree 3 does not divide 4 attention heads"),
     (["--layouts", "2-2"], "'2-2' is not CxRxU"),
     (["--a2a-mode", "fast"], "--a2a-mode 'fast' is unknown"),
